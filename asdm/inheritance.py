@@ -1,0 +1,251 @@
+"""Tuning-free feature inheritance (A-SDM §V).
+
+A unit's output is ``identity(x) + F(x)``. On a *full* step every chosen unit computes ``F``
+and, when a later step will inherit, stores it; on an *inheriting* step it computes only
+``identity(x)`` (the 1x1 skip conv of a ResBlock where channels change, plain ``x`` for an
+attention unit) and adds the stored ``F``. Everything outside the chosen units always runs.
+
+Sampling modes: ``Pn`` is a full step then n-1 inheriting steps, repeating; ``Pn†`` is the same
+with the last ``tail`` steps all full. Step 0 of a run is always full. Steps are sampler steps
+of the schedule being sampled (see ``compat.install_sampling_hooks`` for how each host reports
+them), so multi-call samplers, CFG and cond/uncond splitting do not shift the pattern.
+
+Stored features are keyed by unit and by conditioning chunk, and live in a per-run
+``RunState`` that is dropped when the run ends or fails, or a new run starts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from . import compat
+from .topology import PRESETS, Topology, TopologyError, Unit, describe, parse_unit_spec
+
+log = logging.getLogger("A-SDM")
+
+
+class InheritanceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    period: int  # n of Pn
+    tail: int    # k of Pn†: the last k steps are full
+
+    def __post_init__(self):
+        if not isinstance(self.period, int) or self.period < 1:
+            raise InheritanceError(f"period must be an integer >= 1 (got {self.period!r}); 1 means every step is full")
+        if not isinstance(self.tail, int) or self.tail < 0:
+            raise InheritanceError(f"final_full_steps must be an integer >= 0 (got {self.tail!r})")
+
+    def is_full(self, step: int, total: int | None) -> bool:
+        if total is not None and step >= total - self.tail:
+            return True
+        return step % self.period == 0
+
+    def stores(self, step: int, total: int | None) -> bool:
+        """A full step stores its features only when the next step inherits them."""
+        return self.is_full(step, total) and not self.is_full(step + 1, total)
+
+    def pattern(self, total: int) -> str:
+        """'F' for full, 'I' for inheriting, per step: the refresh pattern a run follows."""
+        return "".join("F" if self.is_full(s, total) else "I" for s in range(total))
+
+
+@dataclass
+class RunState:
+    """Everything one sampling run holds; dropped as a whole when the run ends."""
+    total: int | None
+    step: int = 0
+    features: dict = field(default_factory=dict)   # unit path -> {"whole": (keys, F), "chunks": {key: F}}
+    calls: list = field(default_factory=list)      # (step, mode) per model call, for reports and tests
+    fallbacks: int = 0                             # inheriting calls that had to compute fully
+    shape: tuple | None = None                     # (shape, dtype, device) of the model input
+
+
+@dataclass
+class CallContext:
+    mode: str                 # "full", "store" or "inherit"
+    keys: tuple               # one key per conditioning chunk in the batch, in batch order
+    run: RunState
+
+
+class InheritanceHolder:
+    """Shared by the unit forwards and the sampling hooks of one patched MODEL.
+
+    ModelPatcher.clone() deep-copies model_options, where our wrappers live; the holder must
+    stay one object so the object-patched unit forwards and the wrappers agree.
+    """
+
+    def __init__(self, units: list[Unit], schedule: Schedule, label: str):
+        self.units = units
+        self.schedule = schedule
+        self.label = label
+        self.run: RunState | None = None
+        self.call: CallContext | None = None
+        self.last_run: RunState | None = None  # kept without features, for reports and tests
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # -- run lifecycle (driven by compat) -----------------------------------------------------
+    def start_run(self, total: int | None) -> RunState:
+        self.run = RunState(total=total)
+        return self.run
+
+    def end_run(self, run: RunState) -> None:
+        run.features.clear()
+        if self.run is run:
+            self.run = None
+        self.last_run = run
+        n = len({s for s, m in run.calls})
+        inh = len({s for s, m in run.calls if m == "inherit"})
+        if n:
+            log.info("A-SDM feature inheritance (%s): %d of %d sampler steps inherited %d units%s",
+                     self.label, inh, n, len(self.units),
+                     f"; {run.fallbacks} calls computed fully for lack of stored features" if run.fallbacks else "")
+
+    # -- per model call ---------------------------------------------------------------------
+    def begin_call(self, run: RunState | None, x: torch.Tensor, keys: tuple) -> CallContext | None:
+        if run is None:
+            return None
+        sig = (tuple(x.shape[1:]), x.dtype, x.device)
+        if run.shape != sig:  # new resolution/dtype/device: nothing stored can be reused
+            run.features.clear()
+            run.shape = sig
+        step, total = run.step, run.total
+        if not self.schedule.is_full(step, total):
+            mode = "inherit"
+        elif self.schedule.stores(step, total):
+            mode = "store"
+        else:
+            mode = "full"
+            run.features.clear()  # no later step needs what is stored
+        run.calls.append((step, mode))
+        return CallContext(mode, keys, run)
+
+    # -- unit forwards ----------------------------------------------------------------------
+    def unit_forward(self, module: torch.nn.Module, unit: Unit, inner):
+        """The forward that replaces ``module.forward`` (object patch); ``inner`` is the one
+        it replaces (the class's forward, or an earlier patch)."""
+        path = unit.path
+        if unit.kind == "R":
+            identity = module.skip_connection
+            last = module.out_layers[-1]  # ResBlock returns skip_connection(x) + out_layers[-1](...)
+        else:
+            identity = None               # SpatialTransformer returns x + F(x)
+            last = None
+        holder = self
+
+        def forward(x, *args, **kwargs):
+            call = holder.call
+            if call is None:
+                return inner(x, *args, **kwargs)
+            if call.mode == "inherit":
+                f = _lookup(call, path, x)
+                if f is not None:
+                    return (x if identity is None else identity(x)) + f
+                call.run.fallbacks += 1
+                return inner(x, *args, **kwargs)
+            if call.mode == "full":
+                return inner(x, *args, **kwargs)
+            # store: keep F exactly as the unit computed it
+            if last is None:
+                out = inner(x, *args, **kwargs)
+                f = out - x
+            else:
+                captured = []
+                handle = last.register_forward_hook(lambda m, i, o: captured.append(o))
+                try:
+                    out = inner(x, *args, **kwargs)
+                finally:
+                    handle.remove()
+                f = captured[-1]
+            _save(call, path, f)
+            return out
+
+        return forward
+
+
+def _save(call: CallContext, path: str, f: torch.Tensor) -> None:
+    # Per chunk (so a step whose cond and uncond run in separate calls is fully stored), plus
+    # the whole call's tensor for the common case where the next calls batch the same chunks.
+    entry = call.run.features.setdefault(path, {"whole": None, "chunks": {}})
+    entry["whole"] = (call.keys, f)
+    n = f.shape[0] // len(call.keys)
+    for i, k in enumerate(call.keys):
+        entry["chunks"][k] = f[i * n:(i + 1) * n]
+
+
+def _lookup(call: CallContext, path: str, x: torch.Tensor) -> torch.Tensor | None:
+    entry = call.run.features.get(path)
+    if entry is None:
+        return None
+    keys, f = entry["whole"]
+    if keys != call.keys:
+        parts = [entry["chunks"].get(k) for k in call.keys]
+        if any(p is None for p in parts):
+            return None
+        f = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if f.shape[0] != x.shape[0] or f.shape[2:] != x.shape[2:] or f.device != x.device or f.dtype != x.dtype:
+        return None
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying it to a MODEL
+# ---------------------------------------------------------------------------------------------
+
+def resolve_units(topo: Topology, preset: str, units: str) -> tuple[list[Unit], list[str]]:
+    """Unit set for a preset name (or 'custom') plus an optional extra spec.
+
+    Returns the units and the preset tokens this UNet does not have (to report)."""
+    skipped: list[str] = []
+    chosen: list[Unit] = []
+    if preset != "custom":
+        if preset not in PRESETS:
+            raise InheritanceError(
+                f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or 'custom'")
+        spec = PRESETS[preset][0]
+        for tok in (t.strip() for t in spec.split(",")):
+            hit = parse_unit_spec(tok, topo, strict=False)
+            if not hit:
+                skipped.append(tok)
+            chosen += hit
+    if units.strip():
+        chosen += parse_unit_spec(units, topo, strict=True)
+    names = {u.name for u in chosen}
+    return [u for u in topo.units if u.name in names], skipped
+
+
+def apply_inheritance(model, preset: str, units: str, period: int, tail: int):
+    """Returns a clone of ``model`` (a ComfyUI ModelPatcher) with feature inheritance."""
+    schedule = Schedule(period, tail)
+    unet = getattr(model.model, "diffusion_model", None)
+    if unet is None:
+        raise InheritanceError("this MODEL has no diffusion_model; connect an SD1.x/SD2.x-family MODEL")
+    try:
+        topo = describe(unet)
+        chosen, skipped = resolve_units(topo, preset, units)
+    except TopologyError as e:
+        raise InheritanceError(str(e)) from None
+    if skipped:
+        log.warning("A-SDM feature inheritance: preset %s names %s, which this UNet does not have; "
+                    "inheriting the rest", preset, ", ".join(skipped))
+    m = model.clone()
+    if not chosen or period == 1:
+        log.info("A-SDM feature inheritance: %s, so the MODEL is returned unchanged",
+                 "empty unit set" if not chosen else "period 1 (every step full)")
+        return m
+    label = f"{preset if preset != 'custom' else 'custom'} P{period}" + (f"† last {tail}" if tail else "")
+    holder = InheritanceHolder(chosen, schedule, label)
+    for u in chosen:
+        module = unet.get_submodule(u.path)
+        key = f"diffusion_model.{u.path}.forward"
+        inner = m.object_patches.get(key, module.forward)
+        m.add_object_patch(key, holder.unit_forward(module, u, inner))
+    compat.install_sampling_hooks(m, holder)
+    return m

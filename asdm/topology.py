@@ -1,0 +1,233 @@
+"""The paper's block / layer / unit names, mapped to module paths of a ComfyUI ``UNetModel``.
+
+Tiers (A-SDM §III-B):
+
+* **block**: ``dn0..dnL-1`` (dn0 = highest resolution), ``mid``, ``up0..upL-1`` (up0 = lowest
+  resolution, so ``up{L-1-k}`` mirrors ``dn{k}``). SD1.x/2.x have L = 4; BK-SDM Tiny has 3.
+* **layer**: ``dn1.0``, ``up2.2``... Down/upsamplers belong to their block but are not layers.
+* **unit**: ``R`` (ResNet unit, ``ResBlock``) or ``A`` (attention unit, ``SpatialTransformer``):
+  ``dn0.1.A``, ``up3.0.R``; the middle block has ``mid.R0``, ``mid.A``, ``mid.R1``.
+
+Everything else in the pack speaks in these names; this is the only module that knows that
+``dn1.0.R`` is ``input_blocks.4.0`` in SD1.5.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str   # "dn1.0.R", "mid.A"
+    path: str   # module path inside the UNet: "input_blocks.4.0"
+    kind: str   # "R" or "A"
+    block: str  # "dn1", "mid"
+
+
+@dataclass
+class Topology:
+    units: list[Unit]
+    blocks: list[str]          # in forward order: dn0.., mid, up0..
+    layers: dict[str, int]     # block -> number of layers (mid: 1)
+
+    def by_name(self) -> dict[str, Unit]:
+        return {u.name: u for u in self.units}
+
+    def unit_names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+
+class TopologyError(ValueError):
+    pass
+
+
+def _is_kind(module: torch.nn.Module, cls_name: str) -> bool:
+    # Match by class name so this works for every host version's module classes (and for
+    # video/temporal subclasses, which we reject separately).
+    return type(module).__name__ == cls_name
+
+
+def _unit_kind(module: torch.nn.Module) -> str | None:
+    if _is_kind(module, "ResBlock"):
+        return "R"
+    if _is_kind(module, "SpatialTransformer"):
+        return "A"
+    return None
+
+
+def _is_resample(module: torch.nn.Module) -> bool:
+    return type(module).__name__ in ("Downsample", "Upsample")
+
+
+def describe(unet: torch.nn.Module) -> Topology:
+    """Names every unit of an SD-style UNet (SD1.x, SD2.x, BK-SDM layouts, assembled mixes)."""
+    for attr in ("input_blocks", "output_blocks"):
+        if not hasattr(unet, attr):
+            raise TopologyError(
+                f"this MODEL's diffusion model is a {type(unet).__name__}, not an SD-style UNet "
+                "(no input_blocks/output_blocks); A-SDM works on SD1.x/SD2.x-family UNets")
+    units: list[Unit] = []
+    layers: dict[str, int] = {}
+
+    # Down path: input_blocks[0] is conv_in; a block whose first module is a Downsample closes
+    # a level.
+    down_levels: list[list[tuple[int, torch.nn.Module]]] = [[]]
+    for idx, seq in enumerate(unet.input_blocks):
+        if idx == 0:
+            continue
+        mods = list(seq)
+        if _is_resample(mods[0]):
+            down_levels.append([])
+            continue
+        down_levels[-1].append((idx, seq))
+    n_levels = len(down_levels)
+    for lvl, entries in enumerate(down_levels):
+        block = f"dn{lvl}"
+        layers[block] = len(entries)
+        for li, (idx, seq) in enumerate(entries):
+            units += _layer_units(seq, f"{block}.{li}", f"input_blocks.{idx}", block)
+
+    mid = getattr(unet, "middle_block", None)
+    mid_blocks = []
+    if mid is not None and len(mid) > 0:
+        layers["mid"] = 1
+        r = 0
+        for j, m in enumerate(mid):
+            kind = _unit_kind(m)
+            if kind is None:
+                raise TopologyError(f"unexpected module {type(m).__name__} in the middle block")
+            name = f"mid.R{r}" if kind == "R" else "mid.A"
+            r += kind == "R"
+            units.append(Unit(name, f"middle_block.{j}", kind, "mid"))
+        mid_blocks = ["mid"]
+
+    # Up path: a layer that ends with an Upsample closes a level (the last level has none).
+    up_levels: list[list[tuple[int, torch.nn.Module]]] = [[]]
+    for idx, seq in enumerate(unet.output_blocks):
+        up_levels[-1].append((idx, seq))
+        if _is_resample(list(seq)[-1]) and idx != len(unet.output_blocks) - 1:
+            up_levels.append([])
+    if len(up_levels) != n_levels:
+        raise TopologyError(
+            f"down path has {n_levels} levels but up path has {len(up_levels)}; not an SD-style UNet")
+    for lvl, entries in enumerate(up_levels):
+        block = f"up{lvl}"
+        layers[block] = len(entries)
+        for li, (idx, seq) in enumerate(entries):
+            units += _layer_units(seq, f"{block}.{li}", f"output_blocks.{idx}", block)
+
+    blocks = [f"dn{i}" for i in range(n_levels)] + mid_blocks + [f"up{i}" for i in range(n_levels)]
+    return Topology(units=units, blocks=blocks, layers=layers)
+
+
+def _layer_units(seq, prefix: str, path: str, block: str) -> list[Unit]:
+    out = []
+    for j, m in enumerate(seq):
+        kind = _unit_kind(m)
+        if kind is None:
+            if _is_resample(m):
+                continue
+            raise TopologyError(
+                f"unexpected module {type(m).__name__} at {path}.{j}; A-SDM works on SD-style "
+                "UNets (ResBlock + SpatialTransformer layers)")
+        out.append(Unit(f"{prefix}.{kind}", f"{path}.{j}", kind, block))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit sets: a short grammar over the names above.
+#
+#   spec   := token ("," token)*
+#   token  := a unit name, layer name or block name, with "*" as a wildcard:
+#             "dn0"        every unit of dn0
+#             "dn1.1"      both units of layer dn1.1
+#             "up3.*.A"    the A units of every up3 layer
+#             "dn*.*.R"    every R unit of every down block
+#             "mid", "mid.A", "mid.R0"
+#
+# A token matches a unit when it matches the unit's whole name, or the name's prefix up to a
+# dot ("dn1.1" covers "dn1.1.R" and "dn1.1.A").
+# ---------------------------------------------------------------------------------------------
+
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9*]+(\.[A-Za-z0-9*]+){0,2}$")
+
+
+def _token_matches(token: str, name: str) -> bool:
+    return fnmatch.fnmatchcase(name, token) or fnmatch.fnmatchcase(name, token + ".*")
+
+
+def parse_unit_spec(spec: str, topo: Topology, *, strict: bool = True) -> list[Unit]:
+    """Resolves a comma-separated unit spec to the units it names, in forward order.
+
+    ``strict``: a token that names nothing in this UNet is an error (user input); presets
+    pass ``strict=False`` and report what they skip.
+    """
+    tokens = [t.strip() for t in spec.replace(";", ",").split(",") if t.strip()]
+    chosen: set[str] = set()
+    for tok in tokens:
+        if not _TOKEN_RE.match(tok):
+            raise TopologyError(
+                f"malformed unit token {tok!r}: write block[.layer[.unit]], e.g. 'dn0', 'dn1.1', "
+                f"'up3.*.A', 'mid.R0'. {valid_names_hint(topo)}")
+        hits = [u.name for u in topo.units if _token_matches(tok, u.name)]
+        if not hits and strict:
+            raise TopologyError(f"unit token {tok!r} names no unit of this UNet. {valid_names_hint(topo)}")
+        chosen.update(hits)
+    return [u for u in topo.units if u.name in chosen]
+
+
+def valid_names_hint(topo: Topology) -> str:
+    parts = []
+    for b in topo.blocks:
+        if b == "mid":
+            parts.append("mid (" + ", ".join(u.name for u in topo.units if u.block == "mid") + ")")
+        else:
+            kinds = sorted({u.kind for u in topo.units if u.block == b})
+            parts.append(f"{b}.0-{topo.layers[b] - 1} ({'/'.join(kinds)})")
+    return "Valid names here: " + "; ".join(parts) + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure presets (paper Fig. 10, as DESIGN.md reads it): the units that inherit on
+# inheriting steps. Written for the SD layout; on other layouts tokens that name nothing are
+# skipped (and reported by the caller).
+# ---------------------------------------------------------------------------------------------
+
+_LI1 = "dn0.1, dn1.1, dn2.1, dn3.1, up0.1, up1.1, up2.1, up3.1"
+_EX2 = "dn2, dn3, mid, up0, up1"
+_DE2 = "dn1, dn2, dn3"
+_DE3 = "dn0, dn1, dn2, dn3, mid"
+_EX1 = "dn3, mid, up0"
+
+PRESETS: dict[str, tuple[str, str]] = {
+    # name: (unit spec, description)
+    "LI1": (_LI1, "layer-level: 2nd layer of every down block, middle layer of every up block"),
+    "LI2": ("dn0.1, dn1.1, dn2.1, up1.1, up2.1, up3.1", "LI1 without the deepest block pair (dn3, up0)"),
+    "LI3": ("dn0.1, dn1.1, up2.1, up3.1", "LI1 in the shallow blocks only"),
+    "AI": ("dn*.*.A, up*.*.A", "every attention unit in down and up blocks"),
+    "RI": ("dn*.*.R, up*.*.R", "every ResNet unit in down and up blocks"),
+    "IN1": ("dn0, up3", "inner loop: shallowest pair inherited"),
+    "IN2": ("dn0, dn1, up2, up3", "inner loop: two shallow pairs inherited"),
+    "IN3": ("dn0, dn1, dn2, up1, up2, up3", "inner loop: three shallow pairs inherited"),
+    "EX1": (_EX1, "external loop: deepest pair and mid inherited"),
+    "EX2": (_EX2, "external loop: two deep pairs and mid inherited"),
+    "EX3": ("dn1, dn2, dn3, mid, up0, up1, up2", "external loop: all but the shallowest pair inherited"),
+    "DE1": ("dn2, dn3", "decoder loop: deep encoder inherited"),
+    "DE2": (_DE2, "decoder loop: encoder below dn0 inherited"),
+    "DE3": (_DE3, "decoder loop: whole encoder and mid inherited"),
+    "EN1": ("up0, up1", "encoder loop: deep decoder inherited"),
+    "EN2": ("up0, up1, up2", "encoder loop: decoder above up3 inherited"),
+    "EN3": ("mid, up0, up1, up2, up3", "encoder loop: mid and whole decoder inherited"),
+    "CO1": (f"{_DE3}, {_EX2}", "DE3 and EX2 together"),
+    "CO2": (f"{_DE2}, {_EX1}", "DE2 and EX1 together"),
+    "CO3": ("dn*, mid, up0, up1, up2", "everything except the units of up3"),
+    "CO4": (f"dn*.*.A, up*.*.A, {_EX2}", "external loop where only R units compute"),
+    "CO5": (f"dn*.*.R, up*.*.R, {_EX2}", "only shallow A units compute"),
+    "CO6": ("dn*, mid, up0, up1, up2, up3.*.R", "only the A units of up3 compute"),
+}
+
+PRESET_NAMES = list(PRESETS)

@@ -1,0 +1,49 @@
+"""Node: A-SDM Feature Inheritance (tuning-free, A-SDM §V)."""
+from ..asdm.inheritance import InheritanceError, apply_inheritance
+from ..asdm.topology import PRESETS
+
+
+class FeatureInheritance:
+    CATEGORY = "A-SDM/acceleration"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The MODEL with feature inheritance; connect it to any sampler.",)
+    FUNCTION = "patch"
+    DESCRIPTION = (
+        "Speeds up sampling without training (A-SDM §V): on a full step the chosen units store "
+        "their residual-branch output; on the following inheriting steps they compute only their "
+        "identity path and reuse it. Pn = one full step then n-1 inheriting steps; with "
+        "final_full_steps = k the last k steps are all full (Pn†). Periods count sampler steps, "
+        "so multi-call samplers (heun, dpm_2, uni_pc) and CFG keep the pattern. Stacks with LoRA, "
+        "FreeU, ToMe and the other A-SDM nodes.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        presets = list(PRESETS) + ["custom"]
+        preset_help = "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items())
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD1.x/SD2.x-family MODEL (SD, BK-SDM, assembled UNets)."}),
+            "preset": (presets, {"default": "CO6", "tooltip":
+                "Which units inherit on inheriting steps (paper Fig. 10). 'custom' uses only the "
+                "units field. " + preset_help}),
+            "units": ("STRING", {"default": "", "multiline": False, "tooltip":
+                "Extra units to inherit, added to the preset (with preset = custom: the whole set). "
+                "Comma-separated names: a block ('dn0', 'mid', 'up3'), a layer ('dn1.1'), or a unit "
+                "('up3.0.R', 'mid.A'); '*' is a wildcard ('up3.*.A', 'dn*.*.R'). dn0 and up3 are the "
+                "highest resolution; R = ResNet unit, A = attention unit."}),
+            "period": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip":
+                "n of Pn: one full step, then n-1 inheriting steps, repeating. 1 = every step full "
+                "(the MODEL is unchanged)."}),
+            "final_full_steps": ("INT", {"default": 10, "min": 0, "max": 10000, "tooltip":
+                "k of Pn†: the last k sampler steps are all full (the paper uses 10 of 50). 0 = plain Pn."}),
+        }}
+
+    def patch(self, model, preset, units, period, final_full_steps):
+        try:
+            return (apply_inheritance(model, preset, units, period, final_full_steps),)
+        except InheritanceError as e:
+            raise ValueError(f"A-SDM Feature Inheritance: {e}") from None
+
+
+NODE_CLASS_MAPPINGS = {"ASDMFeatureInheritance": FeatureInheritance}
+NODE_DISPLAY_NAME_MAPPINGS = {"ASDMFeatureInheritance": "A-SDM Feature Inheritance"}
