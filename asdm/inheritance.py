@@ -248,4 +248,6 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: int):
         inner = m.object_patches.get(key, module.forward)
         m.add_object_patch(key, holder.unit_forward(module, u, inner))
     compat.install_sampling_hooks(m, holder)
+    # Reachable for reports and tests; ComfyUI copies transformer_options into every call.
+    m.model_options["transformer_options"]["asdm_inheritance"] = holder
     return m

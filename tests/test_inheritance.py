@@ -1,0 +1,203 @@
+"""Feature inheritance on a real ComfyUI: exactness, step patterns, state lifetime, stacking."""
+import gc
+
+import pytest
+import torch
+
+from conftest import engine, holder_of, ksample, unload_all
+
+inh = engine("inheritance")
+compat = engine("compat")
+
+
+def patch(N, model, preset="LI1", units="", period=2, tail=0):
+    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail)[0]
+
+
+# Relative tolerance for comparisons that differ only by float summation order (batched vs
+# split UNet calls take different BLAS paths; x + (out - x) re-rounds an attention unit's
+# output). Measured differences are ~1e-6; inheritance itself changes outputs by >1e-3.
+REL_TOL = 1e-4
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_period_one_and_empty_set_are_bit_exact(N, tiny, conds):
+    base = ksample(tiny, conds)
+    assert torch.equal(ksample(patch(N, tiny, "CO6", period=1), conds), base)
+    assert torch.equal(ksample(patch(N, tiny, "custom", "", period=5), conds), base)
+
+
+def test_patched_units_on_full_steps_are_bit_exact(N, tiny, conds):
+    # every step full (tail covers the run): the patched forwards run, and must change nothing
+    p = patch(N, tiny, "CO6", period=5, tail=100)
+    assert torch.equal(ksample(p, conds), ksample(tiny, conds))
+    assert {m for _, m in holder_of(p).last_run.calls} == {"full"}
+
+
+def test_inheritance_changes_output(N, tiny, conds):
+    base = ksample(tiny, conds)
+    out = ksample(patch(N, tiny, "LI1", period=2), conds)
+    assert rel_err(out, base) > 1e-3
+
+
+def _apply(model, x, t, ctx):
+    return model.model.apply_model(x, t, c_crossattn=ctx)
+
+
+def test_inherited_residual_at_same_input_equals_full_compute(N, tiny):
+    import comfy.model_management as mm
+    p = patch(N, tiny, "CO3", period=2)
+    holder = holder_of(p)
+    mm.load_models_gpu([p])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    x2 = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 77, 64, generator=g)
+    t = torch.tensor([5.0, 5.0])
+    keys = ((1, 0), (0, 0))
+    run = holder.start_run(total=10)
+    try:
+        holder.call = holder.begin_call(run, x, keys)          # step 0: full, stores
+        full = _apply(p, x, t, ctx)
+        run.step = 1
+        holder.call = holder.begin_call(run, x, keys)          # step 1: inherits
+        assert holder.call.mode == "inherit"
+        inherited = _apply(p, x, t, ctx)
+        other = _apply(p, x2, t, ctx)                          # inherits features of x
+    finally:
+        holder.call = None
+        holder.end_run(run)
+    assert rel_err(inherited, full) < 1e-5
+    holder.call = None
+    assert rel_err(other, _apply(p, x2, t, ctx)) > 1e-3       # and the inherited path is really used
+    unload_all()
+
+
+def test_cond_uncond_split_matches_batched(N, tiny, conds):
+    batched = patch(N, tiny, "LI1", period=2)
+    out_b = ksample(batched, conds)
+    split = patch(N, tiny, "LI1", period=2)
+    split.add_object_patch("memory_required", lambda *a, **k: 1e30)  # forces one call per chunk
+    out_s = ksample(split, conds)
+    calls_b, calls_s = holder_of(batched).last_run.calls, holder_of(split).last_run.calls
+    assert len(calls_s) == 2 * len(calls_b)               # really split
+    assert sorted(set(calls_s)) == sorted(set(calls_b))   # same step modes
+    assert rel_err(out_s, out_b) < REL_TOL
+    assert rel_err(out_b, ksample(tiny, conds)) > 1e-3
+
+
+def _expected_calls(sampler, steps):
+    if sampler in ("euler", "uni_pc"):
+        return [1] * steps
+    return [2] * (steps - 1) + [1]   # heun, dpmpp_2s_ancestral: the last step is one Euler call
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2s_ancestral", "uni_pc"])
+@pytest.mark.parametrize("period,tail", [(2, 0), (5, 4)])
+def test_refresh_pattern_counts_sampler_steps(N, tiny, conds, sampler, period, tail):
+    steps = 12
+    p = patch(N, tiny, "LI1", period=period, tail=tail)
+    ksample(p, conds, sampler=sampler, steps=steps, size=8)
+    calls = holder_of(p).last_run.calls
+    expected = inh.Schedule(period, tail).pattern(steps)
+    assert expected == ("FI" * 6 if period == 2 else "FIIIIFIIFFFF")
+    per_step = [[m for s, m in calls if s == i] for i in range(steps)]
+    assert [len(c) for c in per_step] == _expected_calls(sampler, steps)
+    got = "".join("I" if c[0] == "inherit" else "F" for c in per_step)
+    assert got == expected
+    assert all(len(set(c)) == 1 for c in per_step)  # every call of a step agrees
+
+
+def test_runs_with_other_sizes_use_no_stale_features(N, tiny, conds):
+    p = patch(N, tiny, "CO6", period=3)
+    ksample(p, conds, size=16)
+    out_small = ksample(p, conds, size=8)
+    out_batch = ksample(p, conds, size=16, batch=2)
+    assert torch.equal(out_small, ksample(patch(N, tiny, "CO6", period=3), conds, size=8))
+    assert torch.equal(out_batch, ksample(patch(N, tiny, "CO6", period=3), conds, size=16, batch=2))
+    gc.collect()
+    h = holder_of(p)
+    assert h.run is None and h.last_run.features == {}
+
+
+def test_run_that_raises_leaves_no_state(N, tiny, conds):
+    import comfy.sample
+    p = patch(N, tiny, "CO6", period=3)
+    pos, neg = conds
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def boom(step, *_):
+        if step == 4:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        comfy.sample.sample(p, noise, 10, 5.0, "euler", "normal", pos, neg,
+                            torch.zeros(1, 4, 16, 16), callback=boom, seed=0)
+    gc.collect()
+    h = holder_of(p)
+    assert h.run is None and h.last_run is not None and h.last_run.features == {}
+    assert not any(id(h) in v for v in compat._legacy_runs.values())
+    assert torch.equal(ksample(p, conds), ksample(patch(N, tiny, "CO6", period=3), conds))
+
+
+def test_lora_patch_still_applies_and_unpatch_restores_weights(N, tiny, conds):
+    unet = tiny.model.diffusion_model
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    p = patch(N, tiny, "LI1", period=2)
+    key = "diffusion_model.input_blocks.4.0.in_layers.2.weight"   # dn1.0.R: computed every step
+    key2 = "diffusion_model.input_blocks.5.0.in_layers.2.weight"  # dn1.1.R: inherited under LI1
+    lora = p.clone()
+    for k in (key, key2):
+        w = tiny.model.state_dict()[k]
+        lora.add_patches({k: (0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)),)}, 1.0)
+    out_p, out_l = ksample(p, conds), ksample(lora, conds)
+    assert rel_err(out_l, out_p) > 1e-3
+    unload_all()
+    after = tiny.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for path in ("input_blocks.5.0", "input_blocks.5.1", "output_blocks.4.0"):
+        m = unet.get_submodule(path)
+        assert getattr(m.forward, "__func__", None) is type(m).forward
+
+
+@pytest.mark.parametrize("order", ["asdm_first", "asdm_last"])
+def test_stacks_with_freeu_and_tome(N, tiny, conds, order):
+    def others(m):
+        m = N["FreeU"]().patch(m, 1.1, 1.2, 0.9, 0.2)[0]
+        return N["TomePatchModel"]().patch(m, 0.3)[0]
+    if order == "asdm_first":
+        stacked = others(patch(N, tiny, "LI1", period=2))
+    else:
+        stacked = patch(N, others(tiny), "LI1", period=2)
+    out = ksample(stacked, conds)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ksample(others(tiny), conds)) > 1e-3   # inheritance active in the stack
+    assert holder_of(stacked).last_run.calls[1][1] == "inherit"
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(preset="LI9"), "unknown preset 'LI9'"),
+    (dict(preset="custom", units="dn0, dn9.1"), "'dn9.1' names no unit"),
+    (dict(preset="custom", units="dn0..A"), "malformed unit token 'dn0..A'"),
+    (dict(period=0), "period must be an integer >= 1"),
+    (dict(tail=-1), "final_full_steps must be an integer >= 0"),
+])
+def test_bad_input_is_a_clear_node_error(N, tiny, kwargs, needle):
+    with pytest.raises(ValueError) as e:
+        patch(N, tiny, **kwargs)
+    msg = str(e.value)
+    assert msg.startswith("A-SDM Feature Inheritance:") and needle in msg
+    if "unit" in needle:
+        assert "Valid names here:" in msg and "dn0.0-1 (A/R)" in msg
+
+
+def test_non_unet_model_is_a_clear_node_error(N, tiny):
+    m = tiny.clone()
+    m.model = type(tiny.model).__new__(type(tiny.model))
+    torch.nn.Module.__init__(m.model)
+    m.model.diffusion_model = torch.nn.Linear(4, 4)   # e.g. a transformer-style diffusion model
+    with pytest.raises(ValueError, match="not an SD-style UNet"):
+        patch(N, m)
