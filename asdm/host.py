@@ -89,18 +89,41 @@ class WorkflowError(RuntimeError):
     pass
 
 
-def run_prompt(prompt: dict) -> list:
-    """Validates and executes an API-format prompt; returns the executor's messages."""
-    boot()
-    valid = compat.validate_prompt(prompt)
-    if not valid[0]:
-        raise WorkflowError(f"prompt did not validate: {valid[1]} {valid[3]}")
-    server = _Server()
-    executor = compat.make_executor(server)
-    compat.execute(executor, prompt, str(uuid.uuid4()), valid[2])
-    errors = [d for e, d in executor.status_messages if e == "execution_error"]
-    if errors:
-        d = errors[0]
-        raise WorkflowError(f"{d['node_type']} (node {d['node_id']}): {d['exception_type']}: "
-                            f"{d['exception_message']}")
-    return executor.status_messages
+class Runner:
+    """One PromptExecutor for several prompts: like a ComfyUI server, it caches the outputs of
+    nodes whose inputs did not change (the checkpoint loader, the text encoders)."""
+
+    def __init__(self):
+        boot()
+        self.server = _Server()
+        self.executor = compat.make_executor(self.server)
+
+    def run(self, prompt: dict) -> list:
+        """Validates and executes an API-format prompt; returns the executor's messages."""
+        valid = compat.validate_prompt(prompt)
+        if not valid[0]:
+            raise WorkflowError(f"prompt did not validate: {valid[1]} {valid[3]}")
+        compat.execute(self.executor, prompt, str(uuid.uuid4()), valid[2])
+        errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
+        if errors:
+            d = errors[0]
+            raise WorkflowError(f"{d['node_type']} (node {d['node_id']}): {d['exception_type']}: "
+                                f"{d['exception_message']}")
+        return self.executor.status_messages
+
+
+def load_api_workflow(name: str) -> dict:
+    import json
+    with open(os.path.join(REPO_ROOT, "workflows", "api", name)) as f:
+        return json.load(f)
+
+
+def random_sd15_checkpoint() -> str:
+    """The project-made SD1.5-topology checkpoint (random weights), registered with ComfyUI's
+    checkpoints folder; generated once into a cache outside the clone."""
+    from .testmodels import sd15_checkpoint
+    cache = os.environ.get("ASDM_MODEL_CACHE", os.path.expanduser("~/.cache/asdm-comfyui/models"))
+    name = "asdm-random-sd15-v1.safetensors"
+    sd15_checkpoint(os.path.join(cache, "checkpoints", name), seed=0)
+    add_model_folder("checkpoints", os.path.join(cache, "checkpoints"))
+    return name

@@ -60,6 +60,7 @@ def conditioning(context_dim: int, seed: int, batch: int = 1, tokens: int = 77):
     return [[torch.randn(batch, tokens, context_dim, generator=g), {}]]
 
 
+@torch.no_grad()  # ComfyUI's CLIP constructor writes into its own parameters
 def sd15_checkpoint(path: str, seed: int = 0) -> str:
     """Writes a full SD1.5-topology checkpoint (UNet + CLIP-L + VAE, random, fp16) that the
     stock CheckpointLoaderSimple loads. Reused when present."""

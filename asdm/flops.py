@@ -1,0 +1,73 @@
+"""FLOPs per unit, counted on one real forward of the UNet: the bound that speed is compared to.
+
+Counts the multiply-adds of convolutions, linear layers and attention matmuls (2 FLOPs each);
+norms and pointwise ops are left out (they are a few percent and memory-bound)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .topology import Topology
+
+
+def _conv_flops(m, inp, out):
+    w = m.weight
+    return 2 * out.numel() * (w.shape[1] * w[0, 0].numel())  # per output: Cin/groups * kh * kw MACs
+
+
+def _linear_flops(m, inp, out):
+    return 2 * out.numel() * m.in_features
+
+
+def _attn_flops(m, args, kwargs, out):
+    x = args[0]
+    context = kwargs.get("context", args[1] if len(args) > 1 else None)
+    m_tokens = (context if context is not None else x).shape[1]
+    inner = m.to_q.out_features
+    return 4 * x.shape[0] * x.shape[1] * m_tokens * inner  # QK^T and attn @ V
+
+
+def count(unet: torch.nn.Module, run_forward) -> dict[str, int]:
+    """FLOPs per module path (leaf ops and attention), from one call of ``run_forward()``."""
+    flops: dict[str, int] = defaultdict(int)
+    handles = []
+    for path, m in unet.named_modules():
+        kind = type(m).__name__
+        if isinstance(m, torch.nn.Conv2d):
+            fn = _conv_flops
+        elif isinstance(m, torch.nn.Linear):
+            fn = _linear_flops
+        elif kind == "CrossAttention":
+            handles.append(m.register_forward_hook(
+                lambda mod, a, k, o, p=path: flops.__setitem__(p + ".attn", flops[p + ".attn"] + _attn_flops(mod, a, k, o)),
+                with_kwargs=True))
+            continue
+        else:
+            continue
+        handles.append(m.register_forward_hook(
+            lambda mod, a, o, p=path, fn=fn: flops.__setitem__(p, flops[p] + fn(mod, a, o))))
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(flops)
+
+
+def residual_flops(topo: Topology, flops: dict[str, int]) -> dict[str, int]:
+    """FLOPs of each unit's residual branch F (what inheriting it skips): everything under the
+    unit except a ResBlock's skip connection."""
+    out = {}
+    for u in topo.units:
+        pre = u.path + "."
+        skip = u.path + ".skip_connection"
+        out[u.name] = sum(v for k, v in flops.items() if k.startswith(pre) and not k.startswith(skip))
+    return out
+
+
+def speedup_bound(total: int, skipped: int, pattern: str) -> float:
+    """Whole-run FLOP ratio plain / inheriting for a refresh pattern of 'F'/'I' steps."""
+    cost = sum(total if s == "F" else total - skipped for s in pattern)
+    return len(pattern) * total / cost
