@@ -47,6 +47,7 @@ def has_sampler_wrappers() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def install_sampling_hooks(model, holder) -> None:
+    install_step_tracking(model, holder)
     prev = model.model_options.get("model_function_wrapper")
 
     def unet_wrapper(apply_model, args):
@@ -62,6 +63,10 @@ def install_sampling_hooks(model, holder) -> None:
 
     model.set_model_unet_function_wrapper(unet_wrapper)
 
+
+def install_step_tracking(model, holder) -> None:
+    """Lets ``current_run(holder)`` tell the run and sampler step of a model call. ``holder``
+    has ``start_run(total) -> run`` (a run has ``.step``), ``end_run(run)`` and ``.run``."""
     pe = _patcher_extension()
     if pe is not None:
         def outer_sample(executor, *args, **kwargs):
@@ -202,3 +207,66 @@ def make_executor(server):
 
 def execute(executor, prompt: dict, prompt_id: str, outputs: list) -> None:
     _run(executor.execute(prompt, prompt_id, {}, outputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a MODEL from a model config and ldm weights (as the host's own UNet loader does)
+# ---------------------------------------------------------------------------------------------
+
+def model_from_config(model_config, sd: dict, prediction: str = "eps", check=None):
+    """ModelPatcher for ``model_config`` with the weights ``sd`` (ldm keys, no prefix).
+    ``check(unet, sd)`` runs on the built UNet before the weights are loaded."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    dtypes = model_config.supported_inference_dtypes
+    unet_dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=dtypes)
+    model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, load_device, dtypes))
+    mt = comfy.model_base.ModelType
+    kind = {"eps": mt.EPS, "v": mt.V_PREDICTION, "v_prediction": mt.V_PREDICTION}[prediction]
+    model_config.model_type = lambda *a, **k: kind   # the weights cannot tell eps from v
+    model = model_config.get_model(sd, "")
+    if check is not None:
+        check(model.diffusion_model, sd)
+    model = model.to(offload_device)
+    model.load_model_weights(dict(sd), "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def unet_state_dict(patcher) -> dict:
+    """The UNet weights as this MODEL applies them (its own weight patches baked in, as the
+    host's save nodes do). Loading it through the model manager first unpatches any loaded
+    clone that shares these weights (a LoRA'd copy of the same checkpoint elsewhere)."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher])
+    return {k: v.detach().to(mm.unet_offload_device()).clone()
+            for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+def load_models(patchers: list) -> None:
+    """Loads (and patches) models through the host's model manager, offloading others as needed."""
+    import comfy.model_management as mm
+    mm.load_models_gpu(patchers)
+
+
+def unet_folder() -> str:
+    """The models folder key for UNets: 'diffusion_models' on current ComfyUI, 'unet' before."""
+    import folder_paths
+    return "diffusion_models" if "diffusion_models" in folder_paths.folder_names_and_paths else "unet"
+
+
+def copy_outer_wrappers(dst, sources: list) -> None:
+    """Current ComfyUI runs only the sampled MODEL's sampler-level wrappers; a switch MODEL
+    carries its other MODELs' ones (their feature inheritance step tracking) too. The early
+    host has no such wrappers: its step tracking reads the sampler frames instead."""
+    pe = _patcher_extension()
+    if pe is None:
+        return
+    for src in sources:
+        wrappers = src.model_options.get("transformer_options", {}).get("wrappers", {})
+        for key, fns in wrappers.get(pe.WrappersMP.OUTER_SAMPLE, {}).items():
+            for fn in fns:
+                dst.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, key, fn)

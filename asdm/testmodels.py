@@ -22,6 +22,8 @@ SD15_UNET = {
 
 # Same layout, narrow: 4 levels, 2 layers per down block, 3 per up block, A units where SD has them.
 TINY_UNET = dict(SD15_UNET, model_channels=32, context_dim=64)
+# The same narrow UNet with SD1's text context (768), for the nodes that check the family.
+TINY_SD1 = dict(TINY_UNET, context_dim=768)
 
 
 def fill_(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,10 @@ class Topology:
     units: list[Unit]
     blocks: list[str]          # in forward order: dn0.., mid, up0..
     layers: dict[str, int]     # block -> number of layers (mid: 1)
+    # block -> module paths of its entries in forward order: its layers, then a down block's
+    # downsampler (an up block's upsampler sits inside its last layer). Also the stem parts
+    # "in" (conv_in), "time" (time embedding) and "out" (final norm + conv).
+    entries: dict[str, list[str]] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}
@@ -76,19 +80,26 @@ def describe(unet: torch.nn.Module) -> Topology:
     # Down path: input_blocks[0] is conv_in; a block whose first module is a Downsample closes
     # a level.
     down_levels: list[list[tuple[int, torch.nn.Module]]] = [[]]
+    entries: dict[str, list[str]] = {"in": ["input_blocks.0"], "time": ["time_embed"], "out": ["out"]}
+    if getattr(unet, "label_emb", None) is not None:
+        entries["time"].append("label_emb")
+    samplers: dict[int, str] = {}
     for idx, seq in enumerate(unet.input_blocks):
         if idx == 0:
             continue
         mods = list(seq)
         if _is_resample(mods[0]):
+            samplers[len(down_levels) - 1] = f"input_blocks.{idx}"
             down_levels.append([])
             continue
         down_levels[-1].append((idx, seq))
     n_levels = len(down_levels)
-    for lvl, entries in enumerate(down_levels):
+    for lvl, level in enumerate(down_levels):
         block = f"dn{lvl}"
-        layers[block] = len(entries)
-        for li, (idx, seq) in enumerate(entries):
+        layers[block] = len(level)
+        entries[block] = [f"input_blocks.{idx}" for idx, _ in level] + (
+            [samplers[lvl]] if lvl in samplers else [])
+        for li, (idx, seq) in enumerate(level):
             units += _layer_units(seq, f"{block}.{li}", f"input_blocks.{idx}", block)
 
     mid = getattr(unet, "middle_block", None)
@@ -104,6 +115,7 @@ def describe(unet: torch.nn.Module) -> Topology:
             r += kind == "R"
             units.append(Unit(name, f"middle_block.{j}", kind, "mid"))
         mid_blocks = ["mid"]
+        entries["mid"] = ["middle_block"]
 
     # Up path: a layer that ends with an Upsample closes a level (the last level has none).
     up_levels: list[list[tuple[int, torch.nn.Module]]] = [[]]
@@ -114,14 +126,15 @@ def describe(unet: torch.nn.Module) -> Topology:
     if len(up_levels) != n_levels:
         raise TopologyError(
             f"down path has {n_levels} levels but up path has {len(up_levels)}; not an SD-style UNet")
-    for lvl, entries in enumerate(up_levels):
+    for lvl, level in enumerate(up_levels):
         block = f"up{lvl}"
-        layers[block] = len(entries)
-        for li, (idx, seq) in enumerate(entries):
+        layers[block] = len(level)
+        entries[block] = [f"output_blocks.{idx}" for idx, _ in level]
+        for li, (idx, seq) in enumerate(level):
             units += _layer_units(seq, f"{block}.{li}", f"output_blocks.{idx}", block)
 
     blocks = [f"dn{i}" for i in range(n_levels)] + mid_blocks + [f"up{i}" for i in range(n_levels)]
-    return Topology(units=units, blocks=blocks, layers=layers)
+    return Topology(units=units, blocks=blocks, layers=layers, entries=entries)
 
 
 def _layer_units(seq, prefix: str, path: str, block: str) -> list[Unit]:

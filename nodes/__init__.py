@@ -1,7 +1,7 @@
 """Thin ComfyUI node classes, one module per capability; the work is done in ../asdm."""
-from . import inheritance
+from . import compressed, inheritance, switch
 
-_MODULES = (inheritance,)
+_MODULES = (inheritance, compressed, switch)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

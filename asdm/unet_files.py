@@ -1,0 +1,296 @@
+"""Loading SD-family UNets of any block layout from safetensors (BK-SDM §3.1, A-SDM §IV).
+
+Two layouts are read:
+
+* **diffusers** (``conv_in.weight``, ``down_blocks.0.resnets.0...``): BK-SDM Base / Small /
+  Tiny, v1 and v2, their ``-2m`` retrains, Segmind's small/tiny SD. The block layout is
+  inferred from the keys (layers per block, attention per layer, middle block or none, number
+  of levels), because the ``config.json`` of a block-removed UNet may still describe the
+  teacher, and the host's own diffusers path only matches a fixed list of configs.
+* **ldm / ComfyUI** (``input_blocks.0.0.weight``, optionally under ``model.diffusion_model.``):
+  the host's ``detect_unet_config`` reads any layer-count mix already.
+
+Either way the result is ldm keys plus a ComfyUI ``unet_config``; the MODEL is built from the
+SD1.x (context 768) or SD2.x (context 1024, linear projections) model class, so it works with
+the CLIP and VAE of that family. Every key must be used and every parameter filled: a file
+that does not fit is an error, never a silently half-loaded model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+
+import torch
+
+from . import compat
+
+
+class UNetFileError(ValueError):
+    pass
+
+
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+ASDM_FORMAT = "asdm-unet-v1"   # metadata "asdm.format" of UNets this pack saves
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def read_safetensors(path: str) -> tuple[dict, dict]:
+    """(state dict, metadata) of a safetensors file; pickles and unreadable files are errors."""
+    name = os.path.basename(path)
+    if path.lower().endswith(PICKLE_EXTENSIONS):
+        raise UNetFileError(
+            f"{name} is a pickle checkpoint; A-SDM loads safetensors only, because a pickle can "
+            "run code when it is opened. Convert it once with a trusted tool (e.g. "
+            "safetensors.torch.save_file) and load the .safetensors file")
+    if not os.path.isfile(path):
+        raise UNetFileError(f"{path} does not exist")
+    import safetensors
+    import safetensors.torch
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = safetensors.torch.load_file(path)
+    except Exception as e:  # SafetensorError, OSError, ...: say which file and what to do
+        raise UNetFileError(
+            f"could not read {name} as safetensors ({type(e).__name__}: {e}); the file is "
+            "corrupt, truncated or not a safetensors file — re-download or re-save it") from None
+    return sd, meta
+
+
+def layout_of(sd: dict) -> str:
+    if any(k.startswith(p + "input_blocks.0.0.weight") or k == p + "input_blocks.0.0.weight"
+           for k in sd for p in ("",) + LDM_PREFIXES):
+        return "ldm"
+    if "conv_in.weight" in sd and any(k.startswith("down_blocks.") for k in sd):
+        return "diffusers"
+    hint = _what_is_it(sd)
+    raise UNetFileError(
+        "this file holds no SD-style UNet (no 'input_blocks.*' or 'conv_in' + 'down_blocks.*' "
+        f"keys){hint}; choose a UNet file (diffusers 'unet/diffusion_pytorch_model.safetensors' "
+        "or a ComfyUI/ldm UNet)")
+
+
+def _what_is_it(sd: dict) -> str:
+    keys = list(sd)[:2000]
+    if any("lora_" in k or ".lora." in k for k in keys):
+        return "; it looks like a LoRA"
+    if any(k.startswith(("encoder.", "decoder.", "first_stage_model.")) for k in keys):
+        return "; it looks like a VAE"
+    if any("text_model" in k or k.startswith(("cond_stage_model.", "transformer.")) for k in keys):
+        return "; it looks like a text encoder"
+    return ""
+
+
+def to_ldm(sd: dict) -> dict:
+    """ldm-layout UNet keys (no prefix) from either layout."""
+    if layout_of(sd) == "diffusers":
+        return diffusers_to_ldm(sd)
+    for p in LDM_PREFIXES:
+        if p + "input_blocks.0.0.weight" in sd:
+            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    return dict(sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers -> ldm, with the layout read from the keys
+# ---------------------------------------------------------------------------------------------
+
+_DIFF_RE = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)$")
+_MID_RE = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.*)$")
+_TB_RE = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+def _resnet_map() -> dict:
+    import comfy.utils
+    return {d: l for l, d in comfy.utils.UNET_MAP_RESNET.items()}  # diffusers suffix -> ldm
+
+
+def _basic_map() -> dict:
+    import comfy.utils
+    return {d: l for l, d in comfy.utils.UNET_MAP_BASIC}
+
+
+def diffusers_to_ldm(sd: dict) -> dict:
+    parts: dict = defaultdict(dict)   # (side, block, kind, index) -> {suffix: tensor}
+    mid: dict = defaultdict(dict)
+    out, unknown = {}, []
+    basic = _basic_map()
+    for k, v in sd.items():
+        if m := _DIFF_RE.match(k):
+            side, b, kind, i, rest = m.groups()
+            parts[(side, int(b), kind, int(i))][rest] = v
+        elif m := _MID_RE.match(k):
+            mid[(m.group(1), int(m.group(2)))][m.group(3)] = v
+        elif k in basic:
+            out[basic[k]] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise UNetFileError(f"{len(unknown)} keys are not part of a diffusers UNet, e.g. {unknown[:4]}")
+
+    def count(side, b, kind):
+        return len({i for (s, bb, kk, i) in parts if (s, bb, kk) == (side, b, kind)})
+
+    n_down = 1 + max(b for (s, b, _, _) in parts if s == "down")
+    n_up = 1 + max(b for (s, b, _, _) in parts if s == "up")
+    if n_down != n_up:
+        raise UNetFileError(f"the UNet has {n_down} down blocks but {n_up} up blocks; an SD-style "
+                            "UNet has one up block per down block")
+    down_layers = [count("down", b, "resnets") for b in range(n_down)]
+    up_layers = [count("up", b, "resnets") for b in range(n_up)]
+    for b in range(n_down):
+        ub = n_down - 1 - b
+        if up_layers[ub] != down_layers[b] + 1:
+            raise UNetFileError(
+                f"down_blocks.{b} has {down_layers[b]} layers but up_blocks.{ub} has {up_layers[ub]}; "
+                "each up block needs one layer more than its mirrored down block (one per skip "
+                "connection), and ComfyUI's UNet cannot hold other layouts")
+        has_ds = count("down", b, "downsamplers") > 0
+        has_us = count("up", b, "upsamplers") > 0
+        if has_ds != (b < n_down - 1) or has_us != (b < n_up - 1):
+            raise UNetFileError(f"down/up sampler layout of block {b} is not SD-style (every level "
+                                "but the deepest halves the resolution)")
+
+    resnet = _resnet_map()
+
+    def put_resnet(src: dict, dst: str, where: str):
+        for suf, v in src.items():
+            if suf not in resnet:
+                raise UNetFileError(f"unexpected ResNet key {where}.{suf}")
+            out[f"{dst}.{resnet[suf]}"] = v
+
+    def put_attn(src: dict, dst: str):
+        for suf, v in src.items():
+            out[f"{dst}.{suf}"] = v      # attention keys are the same in both layouts
+
+    def put_sampler(src: dict, dst: str, down: bool):
+        for suf, v in src.items():
+            out[f"{dst}.{'op' if down else 'conv'}.{suf.split('.', 1)[1]}"] = v
+
+    n = 1
+    for b in range(n_down):
+        for i in range(down_layers[b]):
+            put_resnet(parts[("down", b, "resnets", i)], f"input_blocks.{n}.0", f"down_blocks.{b}.resnets.{i}")
+            if ("down", b, "attentions", i) in parts:
+                put_attn(parts[("down", b, "attentions", i)], f"input_blocks.{n}.1")
+            n += 1
+        if ("down", b, "downsamplers", 0) in parts:
+            put_sampler(parts[("down", b, "downsamplers", 0)], f"input_blocks.{n}.0", True)
+            n += 1
+    if mid:
+        put_resnet(mid[("resnets", 0)], "middle_block.0", "mid_block.resnets.0")
+        j = 1
+        if ("attentions", 0) in mid:
+            put_attn(mid[("attentions", 0)], "middle_block.1")
+            j = 2
+        put_resnet(mid[("resnets", 1)], f"middle_block.{j}", "mid_block.resnets.1")
+    n = 0
+    for b in range(n_up):
+        for i in range(up_layers[b]):
+            put_resnet(parts[("up", b, "resnets", i)], f"output_blocks.{n}.0", f"up_blocks.{b}.resnets.{i}")
+            c = 1
+            if ("up", b, "attentions", i) in parts:
+                put_attn(parts[("up", b, "attentions", i)], f"output_blocks.{n}.1")
+                c = 2
+            if i == up_layers[b] - 1 and ("up", b, "upsamplers", 0) in parts:
+                put_sampler(parts[("up", b, "upsamplers", 0)], f"output_blocks.{n}.{c}", False)
+            n += 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Family and MODEL
+# ---------------------------------------------------------------------------------------------
+
+def unet_config(sd_ldm: dict) -> dict:
+    import comfy.model_detection
+    try:
+        cfg = comfy.model_detection.detect_unet_config(sd_ldm, "")
+    except (KeyError, IndexError) as e:
+        raise UNetFileError(f"the UNet keys are incomplete (missing {e}); the file is damaged or "
+                            "not an SD-style UNet") from None
+    return cfg
+
+
+def family_of(cfg: dict) -> str:
+    """'SD1' or 'SD2' from a unet_config; anything else is an error naming what it is."""
+    ctx, linear = cfg.get("context_dim"), cfg.get("use_linear_in_transformer")
+    if cfg.get("adm_in_channels") or ctx == 2048:
+        raise UNetFileError("this is an SDXL-style UNet (context 2048 / class embedding); A-SDM's "
+                            "UNet nodes handle SD1.x and SD2.x-family UNets")
+    if cfg.get("in_channels", 4) != 4 or cfg.get("out_channels", 4) != 4:
+        raise UNetFileError(f"this UNet has {cfg.get('in_channels')} input channels; only plain "
+                            "text-to-image UNets (4 latent channels) are supported")
+    if ctx == 768 and not linear:
+        return "SD1"
+    if ctx == 1024 and linear:
+        return "SD2"
+    raise UNetFileError(f"unknown UNet family: context dim {ctx}, linear projections {linear}; "
+                        "expected SD1.x (768, conv projections) or SD2.x (1024, linear)")
+
+
+def _heads_check(cfg: dict, family: str, config: dict | None):
+    """Head counts are not in the weights; the family fixes them (SD1: 8 heads, SD2: 64-wide
+    heads). A diffusers config.json that says otherwise names a UNet this loader cannot
+    reproduce exactly, so it is refused rather than loaded wrong."""
+    if not config or "attention_head_dim" not in config:
+        return
+    mc, mult = cfg["model_channels"], cfg["channel_mult"]
+    heads = config.get("num_attention_heads") or config["attention_head_dim"]
+    heads = heads if isinstance(heads, (list, tuple)) else [heads] * len(mult)
+    want = [8] * len(mult) if family == "SD1" else [mc * m // 64 for m in mult]
+    if list(heads)[:len(mult)] != want:
+        raise UNetFileError(f"config.json gives attention heads {list(heads)}, but an {family}-family "
+                            f"UNet of this width has {want}; this head layout is not supported")
+
+
+def build_model(sd_ldm: dict, prediction: str = "eps", config: dict | None = None):
+    """A ComfyUI MODEL (ModelPatcher) holding exactly these weights."""
+    import comfy.supported_models as sm
+    cfg = unet_config(sd_ldm)
+    family = family_of(cfg)
+    _heads_check(cfg, family, config)
+    model_config = (sm.SD15 if family == "SD1" else sm.SD20)(cfg)
+    patcher = compat.model_from_config(model_config, sd_ldm, prediction, _check_keys)
+    return patcher
+
+
+def _check_keys(unet: torch.nn.Module, sd_ldm: dict):
+    own = unet.state_dict()
+    missing = [k for k in own if k not in sd_ldm]
+    extra = [k for k in sd_ldm if k not in own]
+    if missing or extra:
+        raise UNetFileError(
+            f"the weights do not fit the UNet their keys describe: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}); the file is "
+            "damaged or mixes layouts")
+    bad = [k for k, v in own.items() if v.shape != sd_ldm[k].shape]
+    if bad:
+        k = bad[0]
+        raise UNetFileError(f"{len(bad)} weights have the wrong shape, e.g. {k}: file "
+                            f"{tuple(sd_ldm[k].shape)}, expected {tuple(own[k].shape)}")
+
+
+def load_unet(path: str, prediction: str = "eps"):
+    """A MODEL from a UNet safetensors file in either layout (a diffusers config.json beside it
+    is read for its head layout only)."""
+    sd, meta = read_safetensors(path)
+    config = None
+    cfg_path = os.path.join(os.path.dirname(path), "config.json")
+    if layout_of(sd) == "diffusers" and os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            config = json.load(f)
+    if meta.get("asdm.prediction") and prediction == "auto":
+        prediction = meta["asdm.prediction"]
+    return build_model(to_ldm(sd), "eps" if prediction == "auto" else prediction, config)
+
+
+def count_parameters(cfg_or_model) -> int:
+    unet = cfg_or_model.model.diffusion_model if hasattr(cfg_or_model, "model") else cfg_or_model
+    return sum(p.numel() for p in unet.parameters())

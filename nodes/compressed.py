@@ -1,0 +1,133 @@
+"""Nodes: A-SDM Load Compressed UNet, A-SDM Assemble UNet, A-SDM Save UNet (A-SDM §IV-A,
+BK-SDM §3.1)."""
+import os
+
+from ..asdm import compat
+from ..asdm.assembly import RECIPES, AssemblyError, assemble, save_unet
+from ..asdm.topology import TopologyError
+from ..asdm.unet_files import PICKLE_EXTENSIONS, UNetFileError, load_unet
+
+
+def _unet_files():
+    import folder_paths
+    names = folder_paths.get_filename_list(compat.unet_folder())
+    return [n for n in names if n.lower().endswith((".safetensors",) + PICKLE_EXTENSIONS)]
+
+
+class LoadCompressedUNet:
+    CATEGORY = "A-SDM/models"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The UNet as a MODEL; use it with the SD1.x or SD2.x CLIP and VAE of its family.",)
+    FUNCTION = "load"
+    DESCRIPTION = (
+        "Loads a block-removed or assembled SD UNet from the UNet models folder: BK-SDM Base / "
+        "Small / Tiny (v1 and v2, -2m retrains), Segmind small/tiny SD, A-SDM assembled UNets, or "
+        "any other layer-count mix. Reads diffusers files (unet/diffusion_pytorch_model."
+        "safetensors, with or without its config.json) and single-file ComfyUI/ldm UNets; the "
+        "layout is read from the weights themselves. safetensors only.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (_unet_files(), {"tooltip":
+                "A UNet file in ComfyUI's UNet folder (models/unet or models/diffusion_models). For a "
+                "diffusers download, pick unet/diffusion_pytorch_model.safetensors inside its folder."}),
+            "prediction": (["auto", "eps", "v"], {"default": "auto", "tooltip":
+                "What the UNet predicts. auto: what an A-SDM saved file records, else eps (BK-SDM v1 "
+                "and v2-base are eps). Choose v for UNets distilled from a 768-v SD2 model."}),
+        }}
+
+    def load(self, unet_name, prediction):
+        import folder_paths
+        path = folder_paths.get_full_path(compat.unet_folder(), unet_name)
+        if path is None:
+            raise ValueError(f"A-SDM Load Compressed UNet: {unet_name} is not in the UNet models folder")
+        try:
+            return (load_unet(path, prediction),)
+        except UNetFileError as e:
+            raise ValueError(f"A-SDM Load Compressed UNet: {unet_name}: {e}") from None
+
+
+class AssembleUNet:
+    CATEGORY = "A-SDM/models"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The assembled UNet as a MODEL: each block's weights from the source the recipe names.",)
+    FUNCTION = "assemble"
+    DESCRIPTION = (
+        "Model assembly (A-SDM §IV-A): builds a new UNet from the blocks of an original UNet (A) "
+        "and a compressed one (B, e.g. BK-SDM Base). M1/M2/M3 are the paper's recipes (M2, the "
+        "best: Base's shallow blocks dn0, dn1, up2, up3 with SD's deep part). The result is what "
+        "A-SDM distils further; save it with A-SDM Save UNet.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        recipes = list(RECIPES) + ["custom"]
+        return {"required": {
+            "original": ("MODEL", {"tooltip": "Source A: the original UNet (e.g. SD1.5)."}),
+            "compressed": ("MODEL", {"tooltip":
+                "Source B: the compressed UNet of the same family and levels (e.g. BK-SDM Base or Small)."}),
+            "recipe": (recipes, {"default": "M2", "tooltip": "Which blocks come from B. " + "; ".join(
+                f"{k}: {v[1]}" for k, v in RECIPES.items()) + "; custom: the custom_recipe field."}),
+            "custom_recipe": ("STRING", {"default": "dn0=B, up3=B", "tooltip":
+                "Used when recipe = custom. part=A|B pairs: part is a block (dn0..dn3, mid, up0..up3), "
+                "a stem part (in = conv_in, time = time embedding, out = final conv) or * (all parts "
+                "not named). Unnamed parts come from A; in follows dn0, out the last up block, time "
+                "follows mid. A level's up block must have one layer more than its down block."}),
+        }}
+
+    def assemble(self, original, compressed, recipe, custom_recipe):
+        spec = custom_recipe if recipe == "custom" else RECIPES[recipe][0] if recipe in RECIPES else None
+        if spec is None:
+            raise ValueError(f"A-SDM Assemble UNet: unknown recipe {recipe!r}; one of {', '.join(RECIPES)}, custom")
+        try:
+            return (assemble(original, compressed, spec),)
+        except (AssemblyError, TopologyError) as e:
+            raise ValueError(f"A-SDM Assemble UNet: {e}") from None
+
+
+class SaveUNet:
+    CATEGORY = "A-SDM/models"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    DESCRIPTION = (
+        "Saves a MODEL's UNet to output/<prefix>_NNNNN_.safetensors in ComfyUI's UNet layout, with "
+        "its layout and assembly recipe in the metadata. Move it to models/unet to load it with A-SDM "
+        "Load Compressed UNet (or, for SD-width UNets, ComfyUI's own UNet loader). Weight patches "
+        "(LoRA) are baked in; A-SDM patch nodes (feature inheritance, ME-CondConv) are not weights "
+        "and are refused.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The UNet to save (an assembled or loaded compressed UNet)."}),
+            "filename_prefix": ("STRING", {"default": "unet/asdm", "tooltip":
+                "File name prefix inside ComfyUI's output folder; a counter is appended."}),
+        }}
+
+    def save(self, model, filename_prefix):
+        import folder_paths
+        if model.object_patches:
+            raise ValueError(
+                f"A-SDM Save UNet: this MODEL carries {len(model.object_patches)} object patches (e.g. "
+                "A-SDM Feature Inheritance or ME-CondConv); they are not weights and would be lost. "
+                "Connect the MODEL from before those nodes")
+        out_dir = folder_paths.get_output_directory()
+        full, name, counter, sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
+        save_unet(model, path)
+        return {"ui": {"text": [os.path.relpath(path, out_dir)]}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "ASDMLoadCompressedUNet": LoadCompressedUNet,
+    "ASDMAssembleUNet": AssembleUNet,
+    "ASDMSaveUNet": SaveUNet,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ASDMLoadCompressedUNet": "A-SDM Load Compressed UNet",
+    "ASDMAssembleUNet": "A-SDM Assemble UNet",
+    "ASDMSaveUNet": "A-SDM Save UNet",
+}
