@@ -95,11 +95,11 @@ def test_lora_on_one_model_acts_only_in_its_range(N, models, conds768):
                       (0.2 * torch.randn(w.shape, generator=torch.Generator().manual_seed(4)),)}, 1.0)
 
     def trace(model):
-        xs = []
+        xs = []  # the denoised prediction of each step: the output of that step's model
         pos, neg = conds768
         noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
         comfy.sample.sample(model, noise, STEPS, 5.0, "euler", "normal", pos, neg, torch.zeros(1, 4, 16, 16),
-                            callback=lambda i, x0, x, total: xs.append(x.clone()), seed=7)
+                            callback=lambda i, x0, x, total: xs.append(x0.clone()), seed=7)
         return xs
 
     plain = trace(switch(N, [base, sd], [BOUNDARY, -1]))
