@@ -118,12 +118,115 @@ def load_api_workflow(name: str) -> dict:
         return json.load(f)
 
 
+def _cache() -> str:
+    return os.environ.get("ASDM_MODEL_CACHE", os.path.expanduser("~/.cache/asdm-comfyui/models"))
+
+
+def random_bksdm_unet(layout: str = "base") -> str:
+    """A project-made BK-SDM UNet of the real width (random weights, fp16, ldm layout), in
+    ComfyUI's UNet folder; generated once into the cache outside the clone."""
+    import torch
+    from .assembly import compress, save_unet
+    from .testmodels import SD15_UNET, fill_, sd_model
+    folder = os.path.join(_cache(), "unet")
+    name = f"asdm-random-bk-sdm-{layout}-v1.safetensors"
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        student = compress(sd_model(SD15_UNET, seed=0), layout)
+        fill_(student.model.diffusion_model, seed=11)
+        save_unet(student, path + ".tmp", dtype=torch.float16)
+        os.replace(path + ".tmp", path)
+    add_model_folder(compat.unet_folder(), folder)
+    return name
+
+
 def random_sd15_checkpoint() -> str:
     """The project-made SD1.5-topology checkpoint (random weights), registered with ComfyUI's
     checkpoints folder; generated once into a cache outside the clone."""
     from .testmodels import sd15_checkpoint
-    cache = os.environ.get("ASDM_MODEL_CACHE", os.path.expanduser("~/.cache/asdm-comfyui/models"))
+    cache = _cache()
     name = "asdm-random-sd15-v1.safetensors"
     sd15_checkpoint(os.path.join(cache, "checkpoints", name), seed=0)
     add_model_folder("checkpoints", os.path.join(cache, "checkpoints"))
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# UI-format graphs from API-format prompts: the example graphs in workflows/ are generated
+# from their API twins with the host's own node definitions, so the two cannot drift apart.
+# ---------------------------------------------------------------------------------------------
+
+_WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+_SEED_INPUTS = ("seed", "noise_seed")   # the front end adds a "control after generate" value
+
+
+def _input_specs(cls) -> list[tuple[str, object]]:
+    spec = cls.INPUT_TYPES()
+    return [(k, v[0]) for sec in ("required", "optional") for k, v in spec.get(sec, {}).items()]
+
+
+def is_widget(kind) -> bool:
+    return isinstance(kind, list) or kind in _WIDGET_TYPES
+
+
+def widget_values(cls, inputs: dict) -> list:
+    out = []
+    for name, kind in _input_specs(cls):
+        if is_widget(kind) and name in inputs:
+            out.append(inputs[name])
+            if name in _SEED_INPUTS:
+                out.append("fixed")
+    return out
+
+
+def api_to_ui(api: dict) -> dict:
+    """A graph ComfyUI's front end opens, laid out in columns by dependency depth; a node's
+    "_meta": {"title": ...} becomes its title."""
+    import nodes
+    titles = {k: v["_meta"]["title"] for k, v in api.items() if "title" in v.get("_meta", {})}
+    depth: dict = {}
+
+    def d(nid):
+        if nid not in depth:
+            srcs = [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list)]
+            depth[nid] = 1 + max((d(s) for s in srcs), default=-1)
+        return depth[nid]
+
+    for nid in api:
+        d(nid)
+    links, ui_nodes, rows = [], {}, {}
+    for nid in sorted(api, key=int):
+        cls = nodes.NODE_CLASS_MAPPINGS[api[nid]["class_type"]]
+        col = depth[nid]
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        n = {"id": int(nid), "type": api[nid]["class_type"], "pos": [40 + 420 * col, 60 + 300 * row],
+             "size": [360, 240], "flags": {}, "order": 0, "mode": 0, "inputs": [],
+             "outputs": [{"name": nm, "type": t, "links": [], "slot_index": i}
+                         for i, (nm, t) in enumerate(zip(names, cls.RETURN_TYPES))],
+             "properties": {"Node name for S&R": api[nid]["class_type"]},
+             "widgets_values": widget_values(cls, api[nid]["inputs"])}
+        if nid in titles:
+            n["title"] = titles[nid]
+        ui_nodes[nid] = n
+    for nid in sorted(api, key=int):
+        cls = nodes.NODE_CLASS_MAPPINGS[api[nid]["class_type"]]
+        slot = 0
+        for name, kind in _input_specs(cls):
+            if is_widget(kind):
+                continue
+            v = api[nid]["inputs"].get(name)
+            link = None
+            if isinstance(v, list):
+                link = len(links) + 1
+                links.append([link, int(v[0]), v[1], int(nid), slot, kind])
+                ui_nodes[v[0]]["outputs"][v[1]]["links"].append(link)
+            ui_nodes[nid]["inputs"].append({"name": name, "type": kind, "link": link})
+            slot += 1
+    for order, nid in enumerate(sorted(api, key=lambda k: (depth[k], int(k)))):
+        ui_nodes[nid]["order"] = order
+    return {"last_node_id": max(int(k) for k in api), "last_link_id": len(links),
+            "nodes": list(ui_nodes.values()), "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
