@@ -242,7 +242,7 @@ def unet_state_dict(patcher) -> dict:
     clone that shares these weights (a LoRA'd copy of the same checkpoint elsewhere)."""
     import comfy.model_management as mm
     mm.load_models_gpu([patcher])
-    return {k: v.detach().to(mm.unet_offload_device()).clone()
+    return {k: v.detach().to(mm.unet_offload_device())   # read-only use: no copy on the CPU
             for k, v in patcher.model.diffusion_model.state_dict().items()}
 
 
