@@ -1,0 +1,89 @@
+"""Node: A-SDM ME-CondConv (multi-expert conditional convolution, A-SDM §IV-B)."""
+import logging
+import os
+
+from ..asdm.condconv import (DEFAULT_UNITS, INIT_MODES, CondConvError, apply_condconv, load_experts,
+                             make_experts, select_convs)
+from ..asdm.topology import TopologyError
+
+FOLDER = "asdm_condconv"   # models/asdm_condconv: trained experts (from the A-SDM trainer)
+log = logging.getLogger("A-SDM")
+
+
+def _register_folder():
+    import folder_paths
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = (
+            [os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
+
+
+def _expert_files():
+    import folder_paths
+    _register_folder()
+    return ["none"] + folder_paths.get_filename_list(FOLDER)
+
+
+class MECondConv:
+    CATEGORY = "A-SDM/models"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The MODEL with ME-CondConv in the chosen ResNet units.",)
+    FUNCTION = "patch"
+    DESCRIPTION = (
+        "ME-CondConv (A-SDM §IV-B): each chosen 3x3 convolution becomes N experts mixed per sample "
+        "by an input-dependent router (CondConv); expert 1 is the original weight. Adds capacity to "
+        "compressed UNets (BK-SDM Small/Tiny) at almost no time cost. Load trained experts from "
+        "models/asdm_condconv (made by the A-SDM trainer), or start new ones: identity (output "
+        "unchanged, the start for distillation), paper (random experts) or cross-layer (experts "
+        "from the teacher block's layers). Stacks with LoRA and the other A-SDM nodes.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD-family MODEL, typically BK-SDM Small or Tiny."}),
+            "weights": (_expert_files(), {"default": "none", "tooltip":
+                "Trained experts (.safetensors in models/asdm_condconv). When a file is chosen it "
+                "defines the convs and the number of experts, and units / experts / init / seed "
+                "are not used. none: new experts from the fields below."}),
+            "units": ("STRING", {"default": DEFAULT_UNITS, "tooltip":
+                "Which ResNet units get ME-CondConv (both 3x3 convs of each), in the unit grammar of "
+                "A-SDM Feature Inheritance: 'dn*.*.R, up*.*.R' = every R unit of the down and up "
+                "blocks (paper Tab. II); 'dn0, up3' = the shallowest blocks."}),
+            "experts": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
+                "Number of experts N per conv (the paper uses 2). 1 = the plain conv (MODEL unchanged)."}),
+            "init": (list(INIT_MODES), {"default": "identity", "tooltip":
+                "New experts: identity = other experts zero, output exactly unchanged (start for "
+                "distillation); paper = other experts random (changes the output until trained); "
+                "cross-layer = other experts from the teacher block's same-role convs (connect teacher)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+                "Seed for random experts and router (paper, cross-layer)."}),
+        }, "optional": {
+            "teacher": ("MODEL", {"tooltip": "For init cross-layer: the UNet the student was compressed from (e.g. SD1.5)."}),
+        }}
+
+    def patch(self, model, weights, units, experts, init, seed, teacher=None):
+        import folder_paths
+        unet = getattr(model.model, "diffusion_model", None)
+        try:
+            if weights != "none":
+                path = folder_paths.get_full_path(FOLDER, weights)
+                if path is None:
+                    raise CondConvError(f"{weights} is not in models/{FOLDER}")
+                me = load_experts(path, unet)
+            else:
+                if experts == 1:
+                    log.info("A-SDM ME-CondConv: 1 expert is the plain convolution; MODEL unchanged")
+                    return (model.clone(),)
+                if teacher is not None and init != "cross-layer":
+                    raise CondConvError(f"a teacher is connected but init is {init!r}; the teacher is "
+                                        "used only by init cross-layer — choose it or disconnect the teacher")
+                paths = select_convs(unet, units)
+                tu = teacher.model.diffusion_model if teacher is not None else None
+                me = make_experts(unet, paths, experts, init, seed, tu)
+            return (apply_condconv(model, me),)
+        except (CondConvError, TopologyError) as e:
+            raise ValueError(f"A-SDM ME-CondConv: {e}") from None
+
+
+NODE_CLASS_MAPPINGS = {"ASDMMECondConv": MECondConv}
+NODE_DISPLAY_NAME_MAPPINGS = {"ASDMMECondConv": "A-SDM ME-CondConv"}
