@@ -57,16 +57,19 @@ def me_conv(x, conv, me: MEExperts):
     w0 = conv.weight.to(device=x.device, dtype=x.dtype)
     b0 = (conv.bias.to(device=x.device, dtype=x.dtype) if conv.bias is not None
           else torch.zeros(w0.shape[0], dtype=x.dtype, device=x.device))
-    experts = torch.cat([w0[None], me.experts.to(x.dtype)])            # [N, O, I, k, k]
-    biases = torch.cat([b0[None], me.expert_bias.to(x.dtype)])         # [N, O]
+    experts, biases = me.experts.to(x.dtype).flatten(1), me.expert_bias.to(x.dtype)   # experts 1..N-1
     r = torch.sigmoid(F.linear(x.mean((2, 3)), me.router.weight.to(x.dtype), me.router.bias.to(x.dtype)))  # [B, N]
     kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     if bool((r == r[:1]).all()):   # one kernel for the whole batch: a plain convolution
-        k = torch.einsum("n,nf->f", r[0], experts.flatten(1)).view_as(w0)
-        return F.conv2d(x, k, r[0] @ biases, **kw)
+        r0 = r[:1]
+        k = torch.addmm(r0[:, :1] * w0.reshape(1, -1), r0[:, 1:], experts).view_as(w0)
+        return F.conv2d(x, k, torch.addmm(r0[:, :1] * b0[None], r0[:, 1:], biases)[0], **kw)
+    # Per-sample kernels (sum_n r_bn W_n, one GEMM over the experts, expert 0 without a copy),
+    # then one grouped convolution with the batch as groups.
     b, i, h, w = x.shape
-    k = (r @ experts.flatten(1)).view(b * w0.shape[0], *w0.shape[1:])   # per-sample kernels
-    out = F.conv2d(x.reshape(1, b * i, h, w), k, (r @ biases).flatten(), groups=b, **kw)
+    k = torch.addmm(r[:, :1] * w0.reshape(1, -1), r[:, 1:], experts).view(b * w0.shape[0], *w0.shape[1:])
+    bias = torch.addmm(r[:, :1] * b0[None], r[:, 1:], biases).flatten()
+    out = F.conv2d(x.reshape(1, b * i, h, w), k, bias, groups=b, **kw)
     return out.view(b, w0.shape[0], *out.shape[2:])
 
 
