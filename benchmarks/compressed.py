@@ -11,16 +11,14 @@ first 10 of 25 steps, SD for the last 15), with its FLOP bound. The paper's figu
 """
 import argparse
 import gc
-import importlib
 import os
-import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm import host  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Bench, device_name, engine, sync  # noqa: E402
 
 
 def main():
@@ -35,33 +33,9 @@ def main():
                     help="also give the FLOP bound at this latent side (64 = SD's 512 px)")
     a = ap.parse_args()
 
-    host.boot()
-    E = lambda n: importlib.import_module(f"{host.PACK_NAME}.asdm.{n}")
-    tm, asm, flops = E("testmodels"), E("assembly"), E("flops")
-    import comfy.model_management as mm
-    import logging
-    logging.getLogger().setLevel(logging.WARNING)
-
-    dev = mm.get_torch_device()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(a.batch, 4, a.size, a.size, generator=g).to(dev)
-    ctx = torch.randn(a.batch, 77, 768, generator=g).to(dev)
-    t = torch.full((a.batch,), 10.0, device=dev)
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def call_time(model):
-        mm.load_models_gpu([model])
-        m = model.model
-        m.apply_model(x, t, c_crossattn=ctx)   # warm-up
-        samples = []
-        for _ in range(a.reps):
-            sync(); t0 = time.perf_counter()
-            m.apply_model(x, t, c_crossattn=ctx)
-            sync(); samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+    b = Bench(a.batch, a.size, a.reps)
+    tm, asm, flops = (engine(n) for n in ("testmodels", "assembly", "flops"))
+    mm, call_time, dev, x, t, ctx = b.mm, b.call_time, b.dev, b.x, b.t, b.ctx
 
     def gflops(model, size=None):
         unet = model.model.diffusion_model
@@ -99,7 +73,7 @@ def main():
 
         # A whole run through the stock KSampler: SD alone vs. S1.
         import nodes
-        sw = E("switch").make_switch([base, sd], [E("switch").Range(0, a.switch_at), E("switch").Range(a.switch_at, -1)])
+        sw = engine("switch").make_switch([base, sd], [engine("switch").Range(0, a.switch_at), engine("switch").Range(a.switch_at, -1)])
         pos = [[ctx[:1].cpu(), {}]]
         neg = [[ctx[1:2].cpu() if a.batch > 1 else ctx[:1].cpu(), {}]]
         lat = {"samples": torch.zeros(1, 4, a.size, a.size)}
@@ -118,7 +92,7 @@ def main():
         r_base = next(r[5] for r in rows if r[0] == "Base")   # SD / Base FLOPs at bound-size
         s1_bound_big = a.steps / (a.switch_at / r_base + (a.steps - a.switch_at))
 
-    devname = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    devname = device_name()
     print(f"\nRandom-weight UNets of the real topologies, latent {a.batch}x4x{a.size}x{a.size}, {devname}, "
           f"torch {torch.__version__}, {mm.unet_dtype()}; SD1.5: {p_sd:.1f} M parameters, {f_sd/1e9:.1f} GFLOP per call\n")
     print(f"| UNet | parameters | GFLOP per call | time per call (SD beside it) | speedup vs SD | FLOP bound | "

@@ -10,16 +10,13 @@ conv), relative to the UNet's FLOPs.
     python benchmarks/condconv.py [--size 16] [--batch 2] [--reps 5]
 """
 import argparse
-import importlib
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm import host  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Bench, device_name, engine  # noqa: E402
 
 
 def main():
@@ -29,31 +26,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
 
-    host.boot()
-    E = lambda n: importlib.import_module(f"{host.PACK_NAME}.asdm.{n}")
-    tm, asm, cc, flops = E("testmodels"), E("assembly"), E("condconv"), E("flops")
-    import comfy.model_management as mm
-    import logging
-    logging.getLogger().setLevel(logging.WARNING)
-    dev = mm.get_torch_device()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(a.batch, 4, a.size, a.size, generator=g).to(dev)
-    ctx = torch.randn(a.batch, 77, 768, generator=g).to(dev)
-    t = torch.full((a.batch,), 10.0, device=dev)
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def call_time(model):
-        mm.load_models_gpu([model])
-        model.model.apply_model(x, t, c_crossattn=ctx)
-        samples = []
-        for _ in range(a.reps):
-            sync(); t0 = time.perf_counter()
-            model.model.apply_model(x, t, c_crossattn=ctx)
-            sync(); samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+    b = Bench(a.batch, a.size, a.reps)
+    tm, asm, cc, flops = (engine(n) for n in ("testmodels", "assembly", "condconv", "flops"))
+    mm, call_time = b.mm, b.call_time
 
     rows = []
     with torch.no_grad():
@@ -61,7 +36,7 @@ def main():
         for layout in ("small", "tiny"):
             plain = asm.compress(sd, layout)
             unet = plain.model.diffusion_model
-            total = sum(flops.count(unet, lambda: plain.model.apply_model(x, t, c_crossattn=ctx)).values())
+            total = sum(flops.count(unet, lambda: b.call(plain)).values())
             paths = cc.select_convs(unet, cc.DEFAULT_UNITS)
             kernel = sum(unet.get_submodule(p).weight.numel() for p in paths)
             for n in (2, 4):
@@ -74,7 +49,7 @@ def main():
                 mm.unload_all_models()
             del plain
 
-    devname = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    devname = device_name()
     print(f"\nRandom-weight BK-SDM UNets (real topology), latent {a.batch}x4x{a.size}x{a.size}, {devname}, "
           f"torch {torch.__version__}; every 3x3 conv of the down/up R units is ME-CondConv\n")
     print("| UNet | N | convs | plain | ME-CondConv | overhead | FLOP bound (extra work) |")
