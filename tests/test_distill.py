@@ -1,0 +1,93 @@
+"""Distillation core on tiny SD-like UNets (CPU): the losses teach, step 2 freezes what it must."""
+import torch
+
+from conftest import engine
+
+
+def synthetic(n=8, size=8, ctx_dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, size, size, generator=g), torch.randn(n, 77, ctx_dim, generator=g)
+
+
+def train(teacher, student, params, steps, seed=0, lr=1e-3, weights=None):
+    d = engine("distill")
+    sigmas = torch.linspace(0.03, 14.6, 1000)   # SD's range of noise levels
+    x0, ctx = synthetic(seed=seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    with d.trainable(teacher, student):
+        for step in range(steps):
+            idx = torch.randint(0, len(x0), (4,), generator=g)
+            x_t, t, noise = d.noised(x0[idx], sigmas, g)
+            loss, terms = d.distill_loss(teacher, student, x_t, t, ctx[idx], noise, weights or d.LossWeights())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(terms)
+    return losses
+
+
+def test_training_forward_equals_the_hosts(tiny):
+    """The out-of-place block forward computes what the host's in-place one does."""
+    unet = tiny.model.diffusion_model
+    x, ctx = synthetic(n=2, seed=5)
+    t = torch.tensor([100.0, 700.0])
+    with torch.no_grad():
+        want = unet(x, timesteps=t, context=ctx)
+        with engine("distill").trainable(unet):
+            got = unet(x, timesteps=t, context=ctx)
+        again = unet(x, timesteps=t, context=ctx)
+    assert torch.equal(got, want) and torch.equal(again, want)
+
+
+def gap(teacher, student):
+    """Student's distance to the teacher on fixed held-out inputs."""
+    x, ctx = synthetic(n=4, seed=99)
+    t = torch.tensor([10.0, 300.0, 600.0, 900.0])
+    with torch.no_grad():
+        return (student(x, timesteps=t, context=ctx) - teacher(x, timesteps=t, context=ctx)).pow(2).mean().item()
+
+
+def test_step1_compress_lowers_the_loss_and_moves_toward_the_teacher(tiny):
+    torch.manual_seed(0)
+    teacher = tiny.model.diffusion_model
+    student_m = engine("assembly").compress(tiny, "base")
+    student = student_m.model.diffusion_model
+    engine("testmodels").fill_(student, seed=7)   # start far from the teacher (BK-SDM would start from its weights)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    losses = train(teacher, student, [p for p in student.parameters()], steps=100)
+    first = sum(sum(v for v in l.values()) for l in losses[:10]) / 10
+    last = sum(sum(v for v in l.values()) for l in losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+    # Toward the teacher: this teacher is random, so the task target (the true noise) and the
+    # teacher disagree and the task term pulls away from it; the KD terms alone must pull in.
+    student.load_state_dict(state)
+    before = gap(teacher, student)
+    train(teacher, student, [p for p in student.parameters()], steps=100,
+          weights=engine("distill").LossWeights(task=0.0))
+    assert gap(teacher, student) < 0.5 * before
+    # feature-KD saw every shared block output, mid included
+    pairs = engine("distill").shared_blocks(teacher, student)
+    assert [p[0] for p in pairs] == ["dn0", "dn1", "dn2", "dn3", "mid", "up0", "up1", "up2", "up3"]
+
+
+def test_step2_assembly_trains_only_the_compressed_part(tiny):
+    asm, d = engine("assembly"), engine("distill")
+    base = asm.compress(tiny, "base")
+    m2 = asm.assemble(tiny, base, asm.RECIPES["M2"][0])
+    unet = m2.model.diffusion_model
+    choice = asm.parse_recipe(asm.RECIPES["M2"][0], engine("topology").describe(unet).blocks)
+    frozen = set(d.freeze_blocks(unet, choice))
+    before = {k: v.detach().clone() for k, v in unet.named_parameters()}
+    teacher = tiny.model.diffusion_model
+    train(teacher, unet, [p for p in unet.parameters() if p.requires_grad], steps=5)
+    assert frozen and any(k.startswith("middle_block.") for k in frozen)
+    assert not any(k.startswith("input_blocks.1.") for k in frozen)       # dn0 comes from Base
+    for k, v in unet.named_parameters():
+        if k in frozen:
+            assert torch.equal(v, before[k]), k
+        else:
+            assert not torch.equal(v, before[k]), k
