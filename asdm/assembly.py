@@ -252,13 +252,13 @@ def _keep_up(items: list, count: int) -> list:
 # Saving
 # ---------------------------------------------------------------------------------------------
 
-def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None) -> None:
+def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, state: dict | None = None) -> None:
     """The UNet in ldm layout (what ComfyUI's own UNet loader reads), with its layout and the
     assembly recipe (if any) in the metadata."""
     import safetensors.torch
     from .unet_files import ASDM_FORMAT
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-          for k, v in compat.unet_state_dict(patcher).items()}
+          for k, v in (state if state is not None else compat.unet_state_dict(patcher)).items()}
     mc = patcher.model.model_config
     meta = {"asdm.format": ASDM_FORMAT,
             "asdm.family": type(mc).__name__,

@@ -77,14 +77,15 @@ def noised(x0, sigmas, g=None):
     return a * x0 + s * noise, t.float(), noise
 
 
-def distill_loss(teacher, student, x_t, t, context, noise, w: LossWeights):
-    """(total loss, {term: value}) for one batch; the teacher runs without gradients."""
+def distill_loss(teacher, student, x_t, t, context, noise, w: LossWeights, student_fn=None):
+    """(total loss, {term: value}) for one batch; the teacher runs without gradients.
+    ``student_fn`` runs the student's forward when it is wrapped (e.g. by DDP)."""
     pairs = shared_blocks(teacher, student)
     ct, cs = _Capture(teacher, [p[3] for p in pairs]), _Capture(student, [p[1] for p in pairs])
     try:
         with torch.no_grad():
             out_t = teacher(x_t, timesteps=t, context=context)
-        out_s = student(x_t, timesteps=t, context=context)
+        out_s = (student_fn or student)(x_t, timesteps=t, context=context)
         terms = {"task": F.mse_loss(out_s, noise), "out_kd": F.mse_loss(out_s, out_t)}
         feat = [F.mse_loss(cs.out[sp], ct.out[tp]) for sb, sp, tb, tp in pairs
                 if sb != "mid" and cs.out[sp].shape == ct.out[tp].shape]

@@ -1,0 +1,247 @@
+"""Distillation trainer: ``python -m asdm.train CONFIG.toml`` (see README, "Training").
+
+Steps of A-SDM model assembly (§IV-A), as ``[student] kind``:
+
+* ``compress``: a BK-SDM layout (base / small / tiny) initialised from the teacher (BK-SDM §3.1);
+* ``assemble``: a recipe (M1/M2/M3/custom) of a step-1 result and the teacher, the teacher's
+  blocks frozen unless ``train_original = true`` (the paper's M‡ rows).
+
+Data: a safetensors file of pre-encoded ``latents`` [N, 4, h, w] and text ``context``
+[N, 77, C] (``[data] latents``). Losses: ``asdm.distill``. Checkpoints: ``<out>/unet.safetensors``
+(loads in A-SDM Load Compressed UNet) and ``<out>/train-state.safetensors`` (optimizer, step);
+a run with the same ``out`` resumes from them with no lost steps. Each step draws its batch and
+noise from a generator seeded by (seed, step), so a resumed run repeats an uninterrupted one.
+
+Multi-GPU / multi-process: launch with ``torchrun --nproc_per_node N -m asdm.train CONFIG``;
+PyTorch DDP averages gradients (gloo on CPU, nccl on GPUs) and each rank takes its share of the
+step's batch. ``grad_accum`` micro-batches per step reach a large batch on few GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+DEFAULTS = {
+    "seed": 0, "steps": 1000, "batch": 8, "grad_accum": 1, "lr": 5e-5, "save_every": 200, "log_every": 10,
+    "student": {"kind": "compress", "layout": "base", "recipe": "M2", "train_original": False},
+    "loss": {"task": 1.0, "out_kd": 1.0, "feat_kd": 1.0, "mid": 1.0},
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str) -> dict:
+    import tomllib
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    cfg = json.loads(json.dumps(DEFAULTS))
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    base = os.path.dirname(os.path.abspath(path))
+    need = {"out": "where checkpoints go", "teacher.unet": "the teacher UNet file (.safetensors)",
+            "data.latents": "the pre-encoded latents/context file (.safetensors)"}
+    for key, what in need.items():
+        sec, _, name = key.rpartition(".")
+        val = cfg.get(sec, {}).get(name) if sec else cfg.get(name)
+        if not val:
+            raise ConfigError(f"{path}: '{key}' is missing: {what}")
+    resolve = lambda p: p if os.path.isabs(p) else os.path.join(base, p)
+    cfg["out"] = resolve(cfg["out"])
+    cfg["teacher"]["unet"] = resolve(cfg["teacher"]["unet"])
+    cfg["data"]["latents"] = resolve(cfg["data"]["latents"])
+    if cfg["student"].get("compressed"):
+        cfg["student"]["compressed"] = resolve(cfg["student"]["compressed"])
+    kind = cfg["student"]["kind"]
+    if kind not in ("compress", "assemble"):
+        raise ConfigError(f"{path}: student.kind = {kind!r}; one of compress, assemble")
+    if kind == "assemble" and not cfg["student"].get("compressed"):
+        raise ConfigError(f"{path}: student.kind = 'assemble' needs student.compressed (the step-1 UNet)")
+    for k in ("steps", "batch", "grad_accum", "save_every", "log_every"):
+        if not isinstance(cfg[k], int) or cfg[k] < 1:
+            raise ConfigError(f"{path}: '{k}' must be a whole number >= 1 (got {cfg[k]!r})")
+    return cfg
+
+
+def load_data(path: str, context_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .unet_files import UNetFileError, read_safetensors
+    try:
+        sd, _ = read_safetensors(path)
+    except UNetFileError as e:
+        raise ConfigError(f"data.latents: {e}") from None
+    for k in ("latents", "context"):
+        if k not in sd:
+            raise ConfigError(f"data.latents: {os.path.basename(path)} has no '{k}' tensor "
+                              "(expected 'latents' [N,4,h,w] and 'context' [N,77,C])")
+    lat, ctx = sd["latents"].float(), sd["context"].float()
+    if lat.dim() != 4 or lat.shape[1] != 4 or ctx.dim() != 3 or len(lat) != len(ctx):
+        raise ConfigError(f"data.latents: shapes latents {tuple(lat.shape)}, context {tuple(ctx.shape)}; "
+                          "expected [N,4,h,w] and [N,77,C] with the same N")
+    if ctx.shape[2] != context_dim:
+        raise ConfigError(f"data.latents: context dim {ctx.shape[2]} but the teacher takes {context_dim}; "
+                          "encode the captions with the text encoder of the teacher's family")
+    return lat, ctx
+
+
+def build(cfg: dict):
+    """(teacher unet, student patcher, trainable parameter names)."""
+    from . import assembly, distill, unet_files
+    from .topology import describe
+    try:
+        teacher = unet_files.load_unet(cfg["teacher"]["unet"])
+    except unet_files.UNetFileError as e:
+        raise ConfigError(f"teacher.unet: {e}") from None
+    st = cfg["student"]
+    if st["kind"] == "compress":
+        student = assembly.compress(teacher, st["layout"])
+        trainable = [n for n, _ in student.model.diffusion_model.named_parameters()]
+    else:
+        try:
+            compressed = unet_files.load_unet(st["compressed"])
+            spec = assembly.RECIPES[st["recipe"]][0] if st["recipe"] in assembly.RECIPES else st["recipe"]
+            student = assembly.assemble(teacher, compressed, spec)
+        except (unet_files.UNetFileError, assembly.AssemblyError) as e:
+            raise ConfigError(f"student: {e}") from None
+        unet = student.model.diffusion_model
+        choice = assembly.parse_recipe(spec, describe(unet).blocks)
+        frozen = set(distill.freeze_blocks(unet, choice, st["train_original"]))
+        trainable = [n for n, _ in unet.named_parameters() if n not in frozen]
+    return teacher.model.diffusion_model, student, trainable
+
+
+def _save_state(path, opt, names, step):
+    import safetensors.torch
+    sd = {}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                sd[f"{k}.{names[i]}"] = v.contiguous()
+            elif k == "step":
+                sd[f"step.{names[i]}"] = torch.as_tensor(v, dtype=torch.float64).reshape(1)
+    safetensors.torch.save_file(sd, path + ".tmp", metadata={"asdm.step": str(step)})
+    os.replace(path + ".tmp", path)
+
+
+def _load_state(path, opt, names) -> int:
+    import safetensors
+    import safetensors.torch
+    sd = safetensors.torch.load_file(path)
+    with safetensors.safe_open(path, "pt") as f:
+        step = int(f.metadata()["asdm.step"])
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        st = {}
+        for k in ("exp_avg", "exp_avg_sq"):
+            if f"{k}.{names[i]}" in sd:
+                st[k] = sd[f"{k}.{names[i]}"].to(p.device)
+        if f"step.{names[i]}" in sd:
+            st["step"] = sd[f"step.{names[i]}"].reshape(()).float()
+        if st:
+            opt.state[p] = st
+    return step
+
+
+def train(cfg: dict, log=print) -> dict:
+    from . import assembly, distill
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    teacher, student, trainable = build(cfg)
+    unet = student.model.diffusion_model
+    lat, ctx = load_data(cfg["data"]["latents"], student.model.model_config.unet_config["context_dim"])
+    import comfy.model_management as mm
+    dev = mm.get_torch_device()
+    teacher.to(dev)
+    unet.to(dev)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params = dict(unet.named_parameters())
+    names = [n for n in params if n in set(trainable)]
+    for n, p in params.items():
+        p.requires_grad_(n in set(trainable))
+    os.makedirs(cfg["out"], exist_ok=True)
+    unet_path = os.path.join(cfg["out"], "unet.safetensors")
+    state_path = os.path.join(cfg["out"], "train-state.safetensors")
+    opt = torch.optim.AdamW([params[n] for n in names], lr=cfg["lr"], weight_decay=0.0)
+    start = 0
+    if os.path.exists(state_path) and os.path.exists(unet_path):
+        from .unet_files import read_safetensors
+        sd, _ = read_safetensors(unet_path)
+        unet.load_state_dict(sd)   # same dtype as saved: the run's own checkpoint
+        start = _load_state(state_path, opt, names)
+        log(f"resuming from step {start} ({state_path})")
+    model = unet
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(unet)
+    sigmas = student.model.model_sampling.sigmas.float()
+    w = distill.LossWeights(**cfg["loss"])
+    bs, acc = cfg["batch"], cfg["grad_accum"]
+    terms_log, t0 = [], time.time()
+    history = []
+    with distill.trainable(teacher, unet):
+        for step in range(start, cfg["steps"]):
+            g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+            opt.zero_grad(set_to_none=True)
+            for micro in range(acc):
+                idx = torch.randint(0, len(lat), (bs,), generator=g)
+                x_t, t, noise = distill.noised(lat[idx], sigmas, g)
+                mine = slice(rank, None, world)   # this process's share of the step's batch
+                loss, terms = distill.distill_loss(teacher, unet, x_t[mine].to(dev), t[mine].to(dev),
+                                                   ctx[idx][mine].to(dev), noise[mine].to(dev), w, student_fn=model)
+                (loss / acc).backward()
+                terms_log.append(terms)
+            opt.step()
+            if (step + 1) % cfg["log_every"] == 0 and rank == 0:
+                mean = {k: sum(d[k] for d in terms_log) / len(terms_log) for k in terms_log[0]}
+                history.append((step + 1, mean))
+                log(f"step {step + 1}/{cfg['steps']}  " + "  ".join(f"{k} {v:.4f}" for k, v in mean.items())
+                    + f"  ({(time.time() - t0) / len(terms_log) * acc:.2f} s/step)")
+                terms_log, t0 = [], time.time()
+            if rank == 0 and ((step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"]):
+                assembly.save_unet(student, unet_path + ".tmp", extra_meta={"asdm.train.step": str(step + 1)},
+                                   state={k: v.detach().cpu() for k, v in unet.state_dict().items()})
+                os.replace(unet_path + ".tmp", unet_path)
+                _save_state(state_path, opt, names, step + 1)
+    if world > 1:
+        import hashlib
+        import torch.distributed as dist
+        digest = hashlib.sha256(b"".join(params[n].detach().cpu().numpy().tobytes() for n in names)).hexdigest()
+        print(f"rank {rank}: weights sha256 {digest[:16]}", flush=True)   # ranks must agree
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"history": history, "unet": unet_path}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m asdm.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="a TOML file (see README, 'Training')")
+    a = ap.parse_args(argv)
+    from . import host
+    host.boot()
+    torch.manual_seed(0)
+    try:
+        cfg = load_config(a.config)
+        train(cfg)
+    except ConfigError as e:
+        print(f"asdm.train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
