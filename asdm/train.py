@@ -53,8 +53,15 @@ def load_config(path: str) -> dict:
         else:
             cfg[k] = v
     base = os.path.dirname(os.path.abspath(path))
-    need = {"out": "where checkpoints go", "teacher.unet": "the teacher UNet file (.safetensors)",
-            "data.latents": "the pre-encoded latents/context file (.safetensors)"}
+    need = {"out": "where checkpoints go", "teacher.unet": "the teacher UNet file (.safetensors)"}
+    data = cfg.get("data", {})
+    if not data.get("latents") and not data.get("images"):
+        raise ConfigError(f"{path}: 'data.latents' is missing: the pre-encoded latents/context file "
+                          "(.safetensors), or give data.images (a folder of images with .txt captions) "
+                          "and data.checkpoint (the SD checkpoint whose VAE and CLIP encode them)")
+    if data.get("images") and not data.get("checkpoint"):
+        raise ConfigError(f"{path}: data.images needs data.checkpoint (the SD checkpoint whose VAE and "
+                          "text encoder encode the images and captions)")
     for key, what in need.items():
         sec, _, name = key.rpartition(".")
         val = cfg.get(sec, {}).get(name) if sec else cfg.get(name)
@@ -63,12 +70,15 @@ def load_config(path: str) -> dict:
     resolve = lambda p: p if os.path.isabs(p) else os.path.join(base, p)
     cfg["out"] = resolve(cfg["out"])
     cfg["teacher"]["unet"] = resolve(cfg["teacher"]["unet"])
-    cfg["data"]["latents"] = resolve(cfg["data"]["latents"])
-    if cfg["student"].get("compressed"):
-        cfg["student"]["compressed"] = resolve(cfg["student"]["compressed"])
+    for k in ("latents", "images", "checkpoint"):
+        if cfg["data"].get(k):
+            cfg["data"][k] = resolve(cfg["data"][k])
+    for k in ("compressed", "unet"):
+        if cfg["student"].get(k):
+            cfg["student"][k] = resolve(cfg["student"][k])
     kind = cfg["student"]["kind"]
-    if kind not in ("compress", "assemble"):
-        raise ConfigError(f"{path}: student.kind = {kind!r}; one of compress, assemble")
+    if kind not in ("compress", "assemble", "condconv"):
+        raise ConfigError(f"{path}: student.kind = {kind!r}; one of compress, assemble, condconv")
     if kind == "assemble" and not cfg["student"].get("compressed"):
         raise ConfigError(f"{path}: student.kind = 'assemble' needs student.compressed (the step-1 UNet)")
     for k in ("steps", "batch", "grad_accum", "save_every", "log_every"):
@@ -97,8 +107,53 @@ def load_data(path: str, context_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lat, ctx
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print) -> str:
+    """Encodes a folder of images with same-name .txt captions through the host's own loaders
+    (the checkpoint's VAE and text encoder) into a latents file; reused when present."""
+    if os.path.exists(cache):
+        return cache
+    if not os.path.isdir(folder):
+        raise ConfigError(f"data.images: {folder} is not a folder")
+    images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not images:
+        raise ConfigError(f"data.images: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    missing = [f for f in images if not os.path.isfile(os.path.join(folder, os.path.splitext(f)[0] + ".txt"))]
+    if missing:
+        raise ConfigError(f"data.images: {len(missing)} images have no caption file, e.g. {missing[0]} "
+                          f"(expected {os.path.splitext(missing[0])[0]}.txt beside it)")
+    import numpy as np
+    from PIL import Image
+    import comfy.sd
+    import safetensors.torch
+    lats, ctxs, skipped = [], [], []
+    with torch.no_grad():   # the host's CLIP constructor writes into its own parameters
+        _, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
+        for f in images:
+            try:
+                img = Image.open(os.path.join(folder, f)).convert("RGB").resize((size, size), Image.BICUBIC)
+            except Exception as e:   # a file that does not decode: skipped and reported
+                skipped.append(f"{f} ({type(e).__name__})")
+                continue
+            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+            lats.append(vae.encode(pixels).float())
+            text = open(os.path.join(folder, os.path.splitext(f)[0] + ".txt"), encoding="utf-8").read().strip()
+            ctxs.append(clip.encode_from_tokens(clip.tokenize(text)).float())
+    for s_ in skipped:
+        log(f"data.images: skipped {s_}: not a readable image")
+    if not lats:
+        raise ConfigError(f"data.images: none of the {len(images)} images could be read")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    safetensors.torch.save_file({"latents": torch.cat(lats).contiguous(), "context": torch.cat(ctxs).contiguous()},
+                                cache, metadata={"asdm.skipped": json.dumps(skipped)})
+    log(f"data.images: encoded {len(lats)} images into {cache}")
+    return cache
+
+
 def build(cfg: dict):
-    """(teacher unet, student patcher, trainable parameter names)."""
+    """(teacher unet, student patcher, trainable parameter names, ME-CondConv experts or None)."""
     from . import assembly, distill, unet_files
     from .topology import describe
     try:
@@ -106,10 +161,11 @@ def build(cfg: dict):
     except unet_files.UNetFileError as e:
         raise ConfigError(f"teacher.unet: {e}") from None
     st = cfg["student"]
+    experts = None
     if st["kind"] == "compress":
         student = assembly.compress(teacher, st["layout"])
         trainable = [n for n, _ in student.model.diffusion_model.named_parameters()]
-    else:
+    elif st["kind"] == "assemble":
         try:
             compressed = unet_files.load_unet(st["compressed"])
             spec = assembly.RECIPES[st["recipe"]][0] if st["recipe"] in assembly.RECIPES else st["recipe"]
@@ -120,7 +176,47 @@ def build(cfg: dict):
         choice = assembly.parse_recipe(spec, describe(unet).blocks)
         frozen = set(distill.freeze_blocks(unet, choice, st["train_original"]))
         trainable = [n for n, _ in unet.named_parameters() if n not in frozen]
-    return teacher.model.diffusion_model, student, trainable
+    else:   # condconv: a compressed student whose 3x3 convs are ME-CondConv
+        from . import condconv
+        try:
+            base = unet_files.load_unet(st["unet"]) if st.get("unet") else assembly.compress(teacher, st["layout"])
+            unet = base.model.diffusion_model
+            paths = condconv.select_convs(unet, st.get("units", condconv.DEFAULT_UNITS))
+            experts = condconv.make_experts(unet, paths, int(st.get("experts", 2)), st.get("init", "identity"),
+                                            cfg["seed"], teacher.model.diffusion_model)
+        except (unet_files.UNetFileError, condconv.CondConvError, ValueError) as e:
+            raise ConfigError(f"student: {e}") from None
+        student = base
+        trainable = [n for n, _ in unet.named_parameters()]
+    return teacher.model.diffusion_model, student, trainable, experts
+
+
+class _Student(torch.nn.Module):
+    """The student UNet and its ME-CondConv experts as one module, so DDP averages both."""
+
+    def __init__(self, unet, experts):
+        super().__init__()
+        self.unet = unet
+        self.experts = torch.nn.ModuleDict({p.replace(".", "_"): me for p, me in (experts or {}).items()})
+
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+
+class _experts_active:
+    """While training, the ME-CondConv convs run their expert forward (instance attributes)."""
+
+    def __init__(self, unet, experts):
+        from .condconv import MEForward
+        self.convs = {p: (unet.get_submodule(p), MEForward(unet.get_submodule(p), me)) for p, me in (experts or {}).items()}
+
+    def __enter__(self):
+        for conv, fwd in self.convs.values():
+            conv.forward = fwd
+
+    def __exit__(self, *exc):
+        for conv, _ in self.convs.values():
+            del conv.forward
 
 
 def _save_state(path, opt, names, step):
@@ -160,9 +256,21 @@ def train(cfg: dict, log=print) -> dict:
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    teacher, student, trainable = build(cfg)
+    data = cfg["data"]
+    if data.get("images"):
+        if rank == 0:
+            encode_images(data["images"], data["checkpoint"], int(data.get("size", 512)),
+                          os.path.join(cfg["out"], "encoded.safetensors"), log)
+        if world > 1:
+            torch.distributed.barrier()
+        data["latents"] = os.path.join(cfg["out"], "encoded.safetensors")
+    teacher, student, trainable, experts = build(cfg)
     unet = student.model.diffusion_model
-    lat, ctx = load_data(cfg["data"]["latents"], student.model.model_config.unet_config["context_dim"])
+    lat, ctx = load_data(data["latents"], student.model.model_config.unet_config["context_dim"])
+    if cfg["loss"].get("perceptual_weights"):
+        raise ConfigError("loss.perceptual_weights: the perceptual term is not available in this version; "
+                          "remove the key to train without it")
+    log("perceptual term: off (no loss.perceptual_weights given)")
     import comfy.model_management as mm
     dev = mm.get_torch_device()
     teacher.to(dev)
@@ -171,6 +279,12 @@ def train(cfg: dict, log=print) -> dict:
         p.requires_grad_(False)
     params = dict(unet.named_parameters())
     names = [n for n in params if n in set(trainable)]
+    for p_, me in (experts or {}).items():
+        me.to(dev)
+        for k, v in me.named_parameters():
+            params[f"asdm_experts.{p_}.{k}"] = v
+            names.append(f"asdm_experts.{p_}.{k}")
+            trainable.append(f"asdm_experts.{p_}.{k}")
     for n, p in params.items():
         p.requires_grad_(n in set(trainable))
     os.makedirs(cfg["out"], exist_ok=True)
@@ -178,21 +292,26 @@ def train(cfg: dict, log=print) -> dict:
     state_path = os.path.join(cfg["out"], "train-state.safetensors")
     opt = torch.optim.AdamW([params[n] for n in names], lr=cfg["lr"], weight_decay=0.0)
     start = 0
+    experts_path = os.path.join(cfg["out"], "condconv.safetensors")
     if os.path.exists(state_path) and os.path.exists(unet_path):
         from .unet_files import read_safetensors
         sd, _ = read_safetensors(unet_path)
         unet.load_state_dict(sd)   # same dtype as saved: the run's own checkpoint
+        if experts:
+            from .condconv import load_experts
+            for p_, me in load_experts(experts_path, unet).items():
+                experts[p_].load_state_dict(me.state_dict())
         start = _load_state(state_path, opt, names)
         log(f"resuming from step {start} ({state_path})")
-    model = unet
+    model = _Student(unet, experts)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(unet)
+        model = torch.nn.parallel.DistributedDataParallel(model)
     sigmas = student.model.model_sampling.sigmas.float()
     w = distill.LossWeights(**cfg["loss"])
     bs, acc = cfg["batch"], cfg["grad_accum"]
     terms_log, t0 = [], time.time()
     history = []
-    with distill.trainable(teacher, unet):
+    with distill.trainable(teacher, unet), _experts_active(unet, experts):
         for step in range(start, cfg["steps"]):
             g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
             opt.zero_grad(set_to_none=True)
@@ -215,6 +334,10 @@ def train(cfg: dict, log=print) -> dict:
                 assembly.save_unet(student, unet_path + ".tmp", extra_meta={"asdm.train.step": str(step + 1)},
                                    state={k: v.detach().cpu() for k, v in unet.state_dict().items()})
                 os.replace(unet_path + ".tmp", unet_path)
+                if experts:
+                    from .condconv import save_experts
+                    save_experts(experts, experts_path + ".tmp", {"asdm.train.step": str(step + 1)})
+                    os.replace(experts_path + ".tmp", experts_path)
                 _save_state(state_path, opt, names, step + 1)
     if world > 1:
         import hashlib
@@ -223,7 +346,7 @@ def train(cfg: dict, log=print) -> dict:
         print(f"rank {rank}: weights sha256 {digest[:16]}", flush=True)   # ranks must agree
         dist.barrier()
         dist.destroy_process_group()
-    return {"history": history, "unet": unet_path}
+    return {"history": history, "unet": unet_path, "experts": experts_path if experts else None}
 
 
 def main(argv=None):
