@@ -27,6 +27,49 @@ class LossWeights:
     out_kd: float = 1.0
     feat_kd: float = 1.0
     mid: float = 1.0
+    perceptual: float = 0.0
+
+
+class PerceptualNet(torch.nn.Module):
+    """A frozen VGG-style feature network (early version §2.5: teacher and student outputs pass
+    through the same VGG and its features are aligned), built from a user's weights file.
+
+    The file holds the ``features`` convolutions of a torchvision-style VGG (``features.<i>.weight``
+    and ``.bias``); a 2x2 max-pool stands wherever the indices skip one (conv, ReLU, pool), as
+    in VGG. The UNet's 4-channel output is fed as it is when the first conv takes 4 channels,
+    else its first 3 channels. The loss compares the features after every pooling stage.
+    """
+
+    def __init__(self, sd: dict):
+        super().__init__()
+        import re
+        idx = sorted({int(m.group(1)) for k in sd for m in [re.match(r"^(?:features\.)?(\d+)\.weight$", k)] if m})
+        if not idx:
+            raise ValueError("the perceptual weights file holds no 'features.<i>.weight' convolutions (a VGG 'features' stack)")
+        self.convs = torch.nn.ModuleList()
+        self.pool_after = []
+        prefix = "features." if any(k.startswith("features.") for k in sd) else ""
+        for j, i in enumerate(idx):
+            w = sd[f"{prefix}{i}.weight"]
+            if w.dim() != 4:
+                raise ValueError(f"perceptual weights: {prefix}{i}.weight is not a convolution")
+            conv = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], padding=w.shape[2] // 2)
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(sd.get(f"{prefix}{i}.bias", torch.zeros(w.shape[0])))
+            self.convs.append(conv)
+            self.pool_after.append(j + 1 < len(idx) and idx[j + 1] - i > 2)
+        self.requires_grad_(False)
+        self.in_ch = self.convs[0].in_channels
+
+    def forward(self, x):
+        x = x if self.in_ch == x.shape[1] else x[:, :self.in_ch]
+        feats = []
+        for conv, pool in zip(self.convs, self.pool_after):
+            x = torch.relu(conv(x))
+            if pool:
+                feats.append(x)
+                x = F.max_pool2d(x, 2) if min(x.shape[-2:]) >= 2 else x
+        return feats + [x]
 
 
 def _level_offset(teacher_topo, student_topo) -> int:
@@ -77,7 +120,7 @@ def noised(x0, sigmas, g=None):
     return a * x0 + s * noise, t.float(), noise
 
 
-def distill_loss(teacher, student, x_t, t, context, noise, w: LossWeights, student_fn=None):
+def distill_loss(teacher, student, x_t, t, context, noise, w: LossWeights, student_fn=None, perceptual=None):
     """(total loss, {term: value}) for one batch; the teacher runs without gradients.
     ``student_fn`` runs the student's forward when it is wrapped (e.g. by DDP)."""
     pairs = shared_blocks(teacher, student)
@@ -92,6 +135,10 @@ def distill_loss(teacher, student, x_t, t, context, noise, w: LossWeights, stude
         terms["feat_kd"] = torch.stack(feat).sum() if feat else out_s.new_zeros(())
         mid = [F.mse_loss(cs.out[sp], ct.out[tp]) for sb, sp, tb, tp in pairs if sb == "mid"]
         terms["mid"] = mid[0] if mid else out_s.new_zeros(())
+        if perceptual is not None:
+            with torch.no_grad():
+                ft = perceptual(out_t)
+            terms["perceptual"] = sum(F.mse_loss(a, b) for a, b in zip(perceptual(out_s), ft))
     finally:
         ct.close()
         cs.close()

@@ -53,6 +53,7 @@ def load_config(path: str) -> dict:
         else:
             cfg[k] = v
     base = os.path.dirname(os.path.abspath(path))
+    cfg["_base"] = base
     need = {"out": "where checkpoints go", "teacher.unet": "the teacher UNet file (.safetensors)"}
     data = cfg.get("data", {})
     if not data.get("latents") and not data.get("images"):
@@ -76,6 +77,10 @@ def load_config(path: str) -> dict:
     for k in ("compressed", "unet"):
         if cfg["student"].get(k):
             cfg["student"][k] = resolve(cfg["student"][k])
+    unknown = set(cfg["loss"]) - {"task", "out_kd", "feat_kd", "mid", "perceptual", "perceptual_weights"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown [loss] keys {sorted(unknown)}; known: task, out_kd, feat_kd, mid, "
+                          "perceptual, perceptual_weights")
     kind = cfg["student"]["kind"]
     if kind not in ("compress", "assemble", "condconv"):
         raise ConfigError(f"{path}: student.kind = {kind!r}; one of compress, assemble, condconv")
@@ -267,10 +272,21 @@ def train(cfg: dict, log=print) -> dict:
     teacher, student, trainable, experts = build(cfg)
     unet = student.model.diffusion_model
     lat, ctx = load_data(data["latents"], student.model.model_config.unet_config["context_dim"])
-    if cfg["loss"].get("perceptual_weights"):
-        raise ConfigError("loss.perceptual_weights: the perceptual term is not available in this version; "
-                          "remove the key to train without it")
-    log("perceptual term: off (no loss.perceptual_weights given)")
+    perceptual = None
+    loss_cfg = dict(cfg["loss"])
+    pw = loss_cfg.pop("perceptual_weights", None)
+    if pw:
+        from .unet_files import UNetFileError, read_safetensors
+        pw = pw if os.path.isabs(pw) else os.path.join(cfg.get("_base", ""), pw)
+        try:
+            perceptual = distill.PerceptualNet(read_safetensors(pw)[0])
+        except (UNetFileError, ValueError) as e:
+            raise ConfigError(f"loss.perceptual_weights: {e}") from None
+        loss_cfg.setdefault("perceptual", 1.0)
+        log(f"perceptual term: on ({os.path.basename(pw)}, {len(perceptual.convs)} convs, weight {loss_cfg['perceptual']})")
+    else:
+        loss_cfg["perceptual"] = 0.0
+        log("perceptual term: off (no loss.perceptual_weights given)")
     import comfy.model_management as mm
     dev = mm.get_torch_device()
     teacher.to(dev)
@@ -307,7 +323,9 @@ def train(cfg: dict, log=print) -> dict:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     sigmas = student.model.model_sampling.sigmas.float()
-    w = distill.LossWeights(**cfg["loss"])
+    w = distill.LossWeights(**loss_cfg)
+    if perceptual is not None:
+        perceptual.to(dev)
     bs, acc = cfg["batch"], cfg["grad_accum"]
     terms_log, t0 = [], time.time()
     history = []
@@ -320,7 +338,8 @@ def train(cfg: dict, log=print) -> dict:
                 x_t, t, noise = distill.noised(lat[idx], sigmas, g)
                 mine = slice(rank, None, world)   # this process's share of the step's batch
                 loss, terms = distill.distill_loss(teacher, unet, x_t[mine].to(dev), t[mine].to(dev),
-                                                   ctx[idx][mine].to(dev), noise[mine].to(dev), w, student_fn=model)
+                                                   ctx[idx][mine].to(dev), noise[mine].to(dev), w, student_fn=model,
+                                                   perceptual=perceptual)
                 (loss / acc).backward()
                 terms_log.append(terms)
             opt.step()

@@ -144,3 +144,44 @@ def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(files, tmp_pa
     (imgs / "4.png").write_bytes((imgs / "0.png").read_bytes())   # no 4.txt
     with pytest.raises(tr.ConfigError, match="have no caption file, e.g. 4.png"):
         tr.train(tr.load_config(config(files, tmp_path / "enc2", steps=1, data=data)))
+
+
+def test_optional_perceptual_term(files, tmp_path):
+    tr = engine("train")
+    g = torch.Generator().manual_seed(0)
+    vgg = {"features.0.weight": torch.randn(8, 3, 3, 3, generator=g), "features.0.bias": torch.zeros(8),
+           "features.2.weight": torch.randn(8, 8, 3, 3, generator=g), "features.2.bias": torch.zeros(8),
+           "features.5.weight": torch.randn(16, 8, 3, 3, generator=g), "features.5.bias": torch.zeros(16)}
+    safetensors.torch.save_file(vgg, str(tmp_path / "vgg.safetensors"))
+    p = config(files, tmp_path / "perc", steps=2, save_every=2)
+    open(p, "a").write(f'[loss]\nperceptual_weights = "{tmp_path / "vgg.safetensors"}"\nperceptual = 0.5\n')
+    logs = []
+    res = tr.train(tr.load_config(p), log=logs.append)
+    assert any(line.startswith("perceptual term: on (vgg.safetensors, 3 convs, weight 0.5)") for line in logs)
+    assert res["history"][-1][1]["perceptual"] > 0
+    safetensors.torch.save_file({"x": torch.zeros(2)}, str(tmp_path / "notvgg.safetensors"))
+    p2 = config(files, tmp_path / "perc2", steps=1)
+    open(p2, "a").write(f'[loss]\nperceptual_weights = "{tmp_path / "notvgg.safetensors"}"\n')
+    with pytest.raises(tr.ConfigError, match="perceptual_weights: the perceptual weights file holds no"):
+        tr.train(tr.load_config(p2))
+    p3 = config(files, tmp_path / "perc3", steps=1)
+    open(p3, "a").write("[loss]\nfeat_kdd = 1.0\n")
+    with pytest.raises(tr.ConfigError, match="unknown \\[loss\\] keys \\['feat_kdd'\\]"):
+        tr.load_config(p3)
+
+
+def test_teacher_and_student_of_other_families_are_refused(files, tmp_path):
+    tr, tm = engine("train"), engine("testmodels")
+    v2 = tm.sd_model(dict(tm.TINY_SD1, model_channels=64, context_dim=1024, use_linear_in_transformer=True,
+                          num_heads=-1, num_head_channels=64), seed=1)   # an SD2-family UNet (64-wide heads)
+    engine("assembly").save_unet(v2, str(tmp_path / "v2.safetensors"))
+    p = config(files, tmp_path / "fam", steps=1,
+               student=f'kind = "assemble"\ncompressed = "{tmp_path / "v2.safetensors"}"\nrecipe = "M2"')
+    with pytest.raises(tr.ConfigError, match="student: .*different families"):
+        tr.train(tr.load_config(p))
+    teacher = tm.sd_model(tm.TINY_SD1, seed=0)
+    engine("assembly").save_unet(engine("assembly").compress(teacher, "base"), str(tmp_path / "base.safetensors"))
+    p = config(files, tmp_path / "lay", steps=1,
+               student=f'kind = "assemble"\ncompressed = "{tmp_path / "base.safetensors"}"\nrecipe = "dn0=B"')
+    with pytest.raises(tr.ConfigError, match="student: .*one layer more"):
+        tr.train(tr.load_config(p))
