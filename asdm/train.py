@@ -19,6 +19,7 @@ step's batch. ``grad_accum`` micro-batches per step reach a large batch on few G
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -337,10 +338,13 @@ def train(cfg: dict, log=print) -> dict:
                 idx = torch.randint(0, len(lat), (bs,), generator=g)
                 x_t, t, noise = distill.noised(lat[idx], sigmas, g)
                 mine = slice(rank, None, world)   # this process's share of the step's batch
-                loss, terms = distill.distill_loss(teacher, unet, x_t[mine].to(dev), t[mine].to(dev),
-                                                   ctx[idx][mine].to(dev), noise[mine].to(dev), w, student_fn=model,
-                                                   perceptual=perceptual)
-                (loss / acc).backward()
+                # DDP averages gradients on the last micro-batch of the step only
+                sync = world == 1 or micro == acc - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    loss, terms = distill.distill_loss(teacher, unet, x_t[mine].to(dev), t[mine].to(dev),
+                                                       ctx[idx][mine].to(dev), noise[mine].to(dev), w,
+                                                       student_fn=model, perceptual=perceptual)
+                    (loss / acc).backward()
                 terms_log.append(terms)
             opt.step()
             if (step + 1) % cfg["log_every"] == 0 and rank == 0:

@@ -71,7 +71,7 @@ def run_cli(args, timeout=300):
 
 
 def test_torchrun_two_processes_end_with_identical_weights(files, tmp_path):
-    cfg = config(files, tmp_path / "ddp", steps=3, batch=4, save_every=3)
+    cfg = config(files, tmp_path / "ddp", steps=3, batch=4, save_every=3, grad_accum=2)
     r = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "asdm.train", cfg], timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     digests = re.findall(r"rank (\d): weights sha256 (\w+)", r.stdout + r.stderr)
