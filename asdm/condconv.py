@@ -19,6 +19,7 @@ random where the teacher has too few of that shape).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -52,15 +53,16 @@ class MEExperts(torch.nn.Module):
         return self.router.out_features
 
 
-def me_conv(x, conv, me: MEExperts):
-    """The ME-CondConv forward of ``conv`` (a Conv2d whose weight is expert 0)."""
+def me_conv(x, conv, me: MEExperts, shared: bool | None = None):
+    """The ME-CondConv forward of ``conv`` (a Conv2d whose weight is expert 0). ``shared``: the
+    routing is known to be the same for every sample (a zero router weight); None = look."""
     w0 = conv.weight.to(device=x.device, dtype=x.dtype)
     b0 = (conv.bias.to(device=x.device, dtype=x.dtype) if conv.bias is not None
           else torch.zeros(w0.shape[0], dtype=x.dtype, device=x.device))
     experts, biases = me.experts.to(x.dtype).flatten(1), me.expert_bias.to(x.dtype)   # experts 1..N-1
     r = torch.sigmoid(F.linear(x.mean((2, 3)), me.router.weight.to(x.dtype), me.router.bias.to(x.dtype)))  # [B, N]
     kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-    if bool((r == r[:1]).all()):   # one kernel for the whole batch: a plain convolution
+    if shared if shared is not None else bool((r == r[:1]).all()):   # one kernel for the batch: a plain conv
         r0 = r[:1]
         k = torch.addmm(r0[:, :1] * w0.reshape(1, -1), r0[:, 1:], experts).view_as(w0)
         return F.conv2d(x, k, torch.addmm(r0[:, :1] * b0[None], r0[:, 1:], biases)[0], **kw)
@@ -74,18 +76,25 @@ def me_conv(x, conv, me: MEExperts):
 
 
 class MEForward:
-    """The object patch for one conv's ``forward``: calls ``me_conv`` with the experts moved,
-    once, to the device and dtype the model runs in."""
+    """The object patch for one conv's ``forward``: calls ``me_conv`` with the experts placed
+    on the model's device and dtype, and the routing decision (input-independent or not) made,
+    once per placement and per change of the router, not once per call."""
 
     def __init__(self, conv, me: MEExperts):
         self.conv, self.me = conv, me
-        self._placed = (None, None)
+        self._key = None
 
     def __call__(self, x):
-        key = (x.device, x.dtype)
-        if self._placed[0] != key:
-            self._placed = (key, self.me.to(x.device))
-        return me_conv(x, self.conv, self._placed[1])
+        me = self.me
+        key = (x.device, x.dtype, me.router.weight._version)
+        if self._key != key:
+            if me.experts.dtype == x.dtype:
+                placed = me.to(x.device)   # in place: a trainer keeps updating the same parameters
+            else:                          # inference in another dtype: convert once, not per call
+                placed = copy.deepcopy(me).to(device=x.device, dtype=x.dtype)
+            self._placed, self._shared = placed, not bool(placed.router.weight.any())
+            self._key = (x.device, x.dtype, me.router.weight._version)
+        return me_conv(x, self.conv, self._placed, self._shared)
 
     def __deepcopy__(self, memo):
         return self

@@ -13,6 +13,8 @@ read with forward hooks at the block's last entry (its last layer, or its downsa
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -120,10 +122,12 @@ def noised(x0, sigmas, g=None):
     return a * x0 + s * noise, t.float(), noise
 
 
-def distill_loss(teacher, student, x_t, t, context, noise, w: LossWeights, student_fn=None, perceptual=None):
+def distill_loss(teacher, student, x_t, t, context, noise, w: LossWeights, student_fn=None, perceptual=None,
+                 pairs=None):
     """(total loss, {term: value}) for one batch; the teacher runs without gradients.
-    ``student_fn`` runs the student's forward when it is wrapped (e.g. by DDP)."""
-    pairs = shared_blocks(teacher, student)
+    ``student_fn`` runs the student's forward when it is wrapped (e.g. by DDP); ``pairs`` is
+    ``shared_blocks(teacher, student)``, passed in by a training loop that computed it once."""
+    pairs = pairs if pairs is not None else shared_blocks(teacher, student)
     ct, cs = _Capture(teacher, [p[3] for p in pairs]), _Capture(student, [p[1] for p in pairs])
     try:
         with torch.no_grad():
@@ -160,22 +164,25 @@ def _block_forward(block, x, context=None, transformer_options=None):
     return x + block.ff(block.norm3(x))
 
 
-class trainable:
-    """Context manager: the UNet's transformer blocks use the out-of-place forward."""
+@contextlib.contextmanager
+def replaced_forwards(forwards: dict):
+    """Runs each module with another forward (an instance attribute) inside the block."""
+    for m, f in forwards.items():
+        m.forward = f
+    try:
+        yield
+    finally:
+        for m in forwards:
+            del m.forward
 
-    def __init__(self, *unets):
-        self.blocks = [m for u in unets for m in u.modules() if type(m).__name__ == "BasicTransformerBlock"]
 
-    def __enter__(self):
-        for b in self.blocks:
-            if getattr(b, "ff_in", None) or getattr(b, "switch_temporal_ca_to_sa", False):
-                raise ValueError("video/temporal transformer blocks are not supported by the trainer")
-            b.forward = lambda x, context=None, transformer_options={}, b=b: _block_forward(b, x, context)
-        return self
-
-    def __exit__(self, *exc):
-        for b in self.blocks:
-            del b.forward
+def trainable(*unets):
+    """Context manager: the UNets' transformer blocks use the out-of-place forward."""
+    blocks = [m for u in unets for m in u.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for b in blocks:
+        if getattr(b, "ff_in", None) or getattr(b, "switch_temporal_ca_to_sa", False):
+            raise ValueError("video/temporal transformer blocks are not supported by the trainer")
+    return replaced_forwards({b: functools.partial(_block_forward, b) for b in blocks})
 
 
 def freeze_blocks(unet, choice: dict[str, str], train_original: bool = False) -> list[str]:

@@ -240,7 +240,7 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: int):
         log.info("A-SDM feature inheritance: %s, so the MODEL is returned unchanged",
                  "empty unit set" if not chosen else "period 1 (every step full)")
         return m
-    label = f"{preset if preset != 'custom' else 'custom'} P{period}" + (f"† last {tail}" if tail else "")
+    label = f"{preset} P{period}" + (f"† last {tail}" if tail else "")
     holder = InheritanceHolder(chosen, schedule, label)
     for u in chosen:
         module = unet.get_submodule(u.path)

@@ -209,20 +209,12 @@ class _Student(torch.nn.Module):
         return self.unet(*args, **kwargs)
 
 
-class _experts_active:
-    """While training, the ME-CondConv convs run their expert forward (instance attributes)."""
-
-    def __init__(self, unet, experts):
-        from .condconv import MEForward
-        self.convs = {p: (unet.get_submodule(p), MEForward(unet.get_submodule(p), me)) for p, me in (experts or {}).items()}
-
-    def __enter__(self):
-        for conv, fwd in self.convs.values():
-            conv.forward = fwd
-
-    def __exit__(self, *exc):
-        for conv, _ in self.convs.values():
-            del conv.forward
+def _experts_active(unet, experts):
+    """While training, the ME-CondConv convs run their expert forward."""
+    from .condconv import MEForward
+    from .distill import replaced_forwards
+    return replaced_forwards({unet.get_submodule(p): MEForward(unet.get_submodule(p), me)
+                              for p, me in (experts or {}).items()})
 
 
 def _save_state(path, opt, names, step):
@@ -328,6 +320,7 @@ def train(cfg: dict, log=print) -> dict:
     if perceptual is not None:
         perceptual.to(dev)
     bs, acc = cfg["batch"], cfg["grad_accum"]
+    pairs = distill.shared_blocks(teacher, unet)   # the block outputs feature-KD compares
     terms_log, t0 = [], time.time()
     history = []
     with distill.trainable(teacher, unet), _experts_active(unet, experts):
@@ -343,7 +336,7 @@ def train(cfg: dict, log=print) -> dict:
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     loss, terms = distill.distill_loss(teacher, unet, x_t[mine].to(dev), t[mine].to(dev),
                                                        ctx[idx][mine].to(dev), noise[mine].to(dev), w,
-                                                       student_fn=model, perceptual=perceptual)
+                                                       student_fn=model, perceptual=perceptual, pairs=pairs)
                     (loss / acc).backward()
                 terms_log.append(terms)
             opt.step()

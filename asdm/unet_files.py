@@ -51,11 +51,10 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
     if not os.path.isfile(path):
         raise UNetFileError(f"{path} does not exist")
     import safetensors
-    import safetensors.torch
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        sd = safetensors.torch.load_file(path)
+            sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # SafetensorError, OSError, ...: say which file and what to do
         raise UNetFileError(
             f"could not read {name} as safetensors ({type(e).__name__}: {e}); the file is "
@@ -64,8 +63,7 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
 
 
 def layout_of(sd: dict) -> str:
-    if any(k.startswith(p + "input_blocks.0.0.weight") or k == p + "input_blocks.0.0.weight"
-           for k in sd for p in ("",) + LDM_PREFIXES):
+    if any(p + "input_blocks.0.0.weight" in sd for p in ("",) + LDM_PREFIXES):
         return "ldm"
     if "conv_in.weight" in sd and any(k.startswith("down_blocks.") for k in sd):
         return "diffusers"

@@ -118,13 +118,8 @@ def object_info(server):
 
 def widget_inputs(info: dict) -> list[str]:
     """Input names the front end shows as widgets, in its order."""
-    out = []
-    for sec in ("required", "optional"):
-        for name, spec in info["input"].get(sec, {}).items():
-            kind = spec[0]
-            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-                out.append(name)
-    return out
+    return [name for sec in ("required", "optional")
+            for name, spec in info["input"].get(sec, {}).items() if host.is_widget(spec[0])]
 
 
 def test_every_asdm_input_has_a_tooltip(object_info):
