@@ -270,3 +270,32 @@ def copy_outer_wrappers(dst, sources: list) -> None:
         for key, fns in wrappers.get(pe.WrappersMP.OUTER_SAMPLE, {}).items():
             for fn in fns:
                 dst.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, key, fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoder and VAE objects of a given architecture (the embedded model)
+# ---------------------------------------------------------------------------------------------
+
+def make_clip(model_cls, tokenizer_cls):
+    """A host CLIP object around ``model_cls`` / ``tokenizer_cls`` (SD1-style classes). Current
+    ComfyUI passes extra keyword arguments (model_options, tokenizer_data) to both; the classes
+    take them through ``**kw``."""
+    import comfy.sd
+    import comfy.supported_models_base as smb
+    import folder_paths
+    target = smb.ClipTarget(tokenizer_cls, model_cls)
+    return comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+
+
+def make_vae(sd: dict, ddconfig: dict):
+    """A host VAE object of an AutoencoderKL with ``ddconfig`` holding exactly ``sd``."""
+    import comfy.sd
+    missing = [k for k in ("encoder.conv_in.weight", "decoder.conv_out.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"not an AutoencoderKL state dict (no {missing[0]})")
+    vae = comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    own = vae.first_stage_model.state_dict()
+    bad = [k for k in own if k not in sd or own[k].shape != sd[k].shape]
+    if bad:   # the host loads non-strictly and only logs; a partial VAE must not pass silently
+        raise ValueError(f"the VAE weights do not fit the architecture ({len(bad)} keys, e.g. {bad[0]})")
+    return vae

@@ -32,8 +32,10 @@ def comfyui_path() -> str:
     return os.path.join(os.path.dirname(spec.origin), "_comfyui")
 
 
-def boot(workdir: str | None = None):
-    """Imports the host once and loads the pack; returns the loaded pack module."""
+def boot(workdir: str | None = None, pytorch_attention: bool = False):
+    """Imports the host once and loads the pack; returns the loaded pack module.
+    ``pytorch_attention``: as ComfyUI's --use-pytorch-cross-attention (its default on GPUs;
+    on a CPU the host otherwise picks its slower sub-quadratic attention)."""
     if "pack" in _state:
         return _state["pack"]
     root = comfyui_path()
@@ -44,6 +46,8 @@ def boot(workdir: str | None = None):
     import comfy.cli_args
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True  # must be set before comfy.model_management is imported
+    if pytorch_attention:
+        comfy.cli_args.args.use_pytorch_cross_attention = True
     import folder_paths
     for sub, setter in (("output", folder_paths.set_output_directory),
                         ("temp", folder_paths.set_temp_directory),

@@ -216,6 +216,9 @@ def unet_config(sd_ldm: dict) -> dict:
     return cfg
 
 
+EMBEDDED_CONTEXT = 64
+
+
 def family_of(cfg: dict) -> str:
     """'SD1' or 'SD2' from a unet_config; anything else is an error naming what it is."""
     ctx, linear = cfg.get("context_dim"), cfg.get("use_linear_in_transformer")
@@ -229,6 +232,8 @@ def family_of(cfg: dict) -> str:
         return "SD1"
     if ctx == 1024 and linear:
         return "SD2"
+    if ctx == EMBEDDED_CONTEXT and not linear:
+        return "embedded"   # the pack's own small model (asdm.embedded): SD1.5 layout, 64-wide text
     raise UNetFileError(f"unknown UNet family: context dim {ctx}, linear projections {linear}; "
                         "expected SD1.x (768, conv projections) or SD2.x (1024, linear)")
 
@@ -254,7 +259,7 @@ def build_model(sd_ldm: dict, prediction: str = "eps", config: dict | None = Non
     cfg = unet_config(sd_ldm)
     family = family_of(cfg)
     _heads_check(cfg, family, config)
-    model_config = (sm.SD15 if family == "SD1" else sm.SD20)(cfg)
+    model_config = (sm.SD20 if family == "SD2" else sm.SD15)(cfg)
     patcher = compat.model_from_config(model_config, sd_ldm, prediction, _check_keys)
     return patcher
 

@@ -1,0 +1,242 @@
+"""Training of the embedded model (``asdm.embedded``) from the procedural scenes of
+``asdm.shapes``: ``python scripts/train_embedded.py`` (CPU, about half an hour on 2 cores).
+
+Stages, each written to ``weights/embedded/`` and skipped when its file exists (``--force``):
+
+1. ``vae``: the AutoencoderKL on the scene images (L1 reconstruction + a small KL term), then
+   rescaled exactly (encoder mean x c, log-variance + 2 ln c, decoder input / c) so that its
+   latents x 0.18215 have unit standard deviation, as SD1.5's do.
+2. ``unet``: UNet and text encoder together from scratch on the VAE's latent means and the
+   captions, SD's objective (noise prediction, DDPM schedule of the SD1.5 model config), 10 % of
+   captions dropped to "" so that classifier-free guidance works; EMA weights are saved.
+3. ``checker``: the metrics' attribute checker (``asdm.metrics``).
+
+Every random draw comes from generators seeded by (seed, step): the same seed gives the same
+weights on the same machine and thread count.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distill, embedded, shapes
+
+N_SCENES = 4000
+
+
+def init_(module: torch.nn.Module, zero_out: tuple[str, ...] = ()) -> torch.nn.Module:
+    """PyTorch's default init for the host's layers (which it builds uninitialised), and zero
+    for the residual output layers SD zero-initialises."""
+    bases = (torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.LayerNorm,
+             torch.nn.Embedding)
+    for name, m in module.named_modules():
+        base = next((b for b in bases if isinstance(m, b)), None)
+        if base is not None:
+            base.reset_parameters(m)
+            if name.endswith(zero_out):
+                torch.nn.init.zeros_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    torch.nn.init.zeros_(m.bias)
+    return module
+
+
+def images_tensor(scenes) -> torch.Tensor:
+    """[N, 3, H, W] in [-1, 1], the VAE's input convention."""
+    x = torch.from_numpy(np.stack([s.image for s in scenes])).float() / 127.5 - 1
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. VAE
+# ---------------------------------------------------------------------------------------------
+
+def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, log=print):
+    torch.manual_seed(seed)
+    vae = init_(embedded.new_vae_model())
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        moments = vae.quant_conv(vae.encoder(x))
+        mean, logvar = moments.chunk(2, 1)
+        logvar = logvar.clamp(-30, 20)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        rec = vae.decoder(vae.post_quant_conv(z))
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+        loss = (rec - x).abs().mean() + 1e-4 * kl
+        for pg in opt.param_groups:
+            pg["lr"] = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log(f"vae step {step + 1}/{steps}  l1 {(rec - x).abs().mean().item():.4f}  kl {kl.item():.3f}  "
+                f"({(time.time() - t0) / (step + 1):.2f} s/step)")
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def latent_means(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Encoder means (the VAE's unscaled latent convention)."""
+    return torch.cat([vae.quant_conv(vae.encoder(images[i:i + batch])).chunk(2, 1)[0]
+                      for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def rescale_vae(vae, c: float) -> None:
+    """Multiplies the latent by ``c`` without changing what decodes: an exact re-parametrisation."""
+    w, b = vae.quant_conv.weight, vae.quant_conv.bias
+    w[:4] *= c
+    b[:4] *= c
+    b[4:] += 2 * math.log(c)
+    vae.post_quant_conv.weight /= c
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. UNet + text encoder
+# ---------------------------------------------------------------------------------------------
+
+def _clip_layer_forward(layer, x, mask=None, optimized_attention=None):
+    # the host's CLIPLayer adds its residuals in place, which autograd cannot differentiate
+    x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def new_unet_model():
+    import comfy.supported_models as sm
+    model = sm.SD15(dict(embedded.UNET_CONFIG)).get_model({})
+    init_(model.diffusion_model, zero_out=("out_layers.3", "proj_out", "out.2"))
+    return model
+
+
+def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int,
+                        lr: float = 6e-4, log=print):
+    """Returns (BaseModel with EMA UNet weights, host CLIP with EMA text-encoder weights)."""
+    import functools
+    torch.manual_seed(seed)
+    model = new_unet_model()
+    unet = model.diffusion_model
+    clip = embedded.new_clip()
+    te = embedded.text_transformer(clip).float()   # the host builds it in fp16 on a CPU
+    ids = embedded.token_ids(clip, captions)
+    uncond = embedded.token_ids(clip, [""])[0]
+    used = torch.unique(torch.cat([ids.flatten(), uncond]))
+    with torch.no_grad():
+        init_(te)
+        emb = te.text_model.embeddings
+        torch.nn.init.normal_(emb.token_embedding.weight, std=0.02)
+        torch.nn.init.normal_(emb.position_embedding.weight, std=0.01)
+        keep = torch.zeros(emb.token_embedding.weight.shape[0], dtype=torch.bool)
+        keep[used] = True
+        emb.token_embedding.weight[~keep] = 0   # unknown words: zero, and never stored
+    params = [p for p in list(unet.parameters()) + list(te.parameters())]
+    for p in params:
+        p.requires_grad_(True)
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sigmas = model.model_sampling.sigmas.float()
+    x0_all = model.process_latent_in(latents)
+    layers = {m: functools.partial(_clip_layer_forward, m) for m in te.modules() if type(m).__name__ == "CLIPLayer"}
+    unet.train()
+    t0 = time.time()
+    with distill.trainable(unet), distill.replaced_forwards(layers):
+        for step in range(steps):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(0, len(x0_all), (batch,), generator=g)
+            tok = ids[idx].clone()
+            tok[torch.rand(batch, generator=g) < 0.1] = uncond
+            x_t, t, noise = distill.noised(x0_all[idx], sigmas, g)
+            context = te(tok)[0]
+            loss = F.mse_loss(unet(x_t, timesteps=t, context=context), noise)
+            warm = min(1.0, (step + 1) / 100)
+            for pg in opt.param_groups:
+                pg["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            decay = min(0.995, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p.detach(), 1 - decay)
+            if (step + 1) % 25 == 0:
+                log(f"unet step {step + 1}/{steps}  loss {loss.item():.4f}  "
+                    f"({(time.time() - t0) / (step + 1):.2f} s/step)")
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+            p.requires_grad_(False)
+        te.text_model.embeddings.token_embedding.weight[~keep] = 0
+    unet.eval()
+    return model, clip
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+def _save(sd: dict, path: str, meta: dict) -> None:
+    import safetensors.torch
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    safetensors.torch.save_file(sd, path + ".tmp", metadata={k: str(v) for k, v in meta.items()})
+    os.replace(path + ".tmp", path)
+
+
+def run(stages: list[str], seed: int = 0, vae_steps: int = 700, unet_steps: int = 1400, batch: int = 64,
+        family_steps: int = 300,
+        force: bool = False, log=print) -> dict:
+    from . import assembly, unet_files
+    times = {}
+    record = os.path.join(embedded.WEIGHTS, "training.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            times = json.load(f)
+    scenes = shapes.generate(N_SCENES, embedded.IMAGE_SIZE, seed)
+    images = images_tensor(scenes)
+    meta = {"asdm.format": "asdm-embedded-v1", "asdm.seed": seed}
+
+    if "checker" in stages and (force or not os.path.exists(embedded.path("checker"))):
+        t0 = time.time()
+        from . import metrics
+        checker = metrics.train_checker(scenes, seed=seed, log=log)
+        _save(checker.state_dict(), embedded.path("checker"), meta)
+        times["checker_s"] = round(time.time() - t0, 1)
+
+    if "vae" in stages and (force or not os.path.exists(embedded.path("vae"))):
+        t0 = time.time()
+        vae = train_vae(images, vae_steps, 16, seed, log)
+        lat = latent_means(vae, images)
+        c = 1.0 / (0.18215 * lat.std().item())
+        rescale_vae(vae, c)
+        log(f"vae: latent std {lat.std().item():.3f} -> rescaled by {c:.3f} to SD1.5's scale")
+        _save(vae.state_dict(), embedded.path("vae"), dict(meta, **{"asdm.steps": vae_steps}))
+        times["vae_s"] = round(time.time() - t0, 1)
+
+    if "unet" in stages and (force or not os.path.exists(embedded.path("unet"))):
+        from . import compat
+        t0 = time.time()
+        vae = compat.make_vae(unet_files.read_safetensors(embedded.path("vae"))[0], embedded.VAE_CONFIG)
+        lat = latent_means(vae.first_stage_model.float(), images)
+        model, clip = train_text_to_image(lat, [s.caption for s in scenes], unet_steps, batch, seed, log=log)
+        import comfy.model_patcher
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
+        assembly.save_unet(patcher, embedded.path("unet"), dtype=torch.float16,
+                           extra_meta={"asdm.embedded": "teacher", "asdm.steps": str(unet_steps)},
+                           state=model.diffusion_model.state_dict())
+        _save(embedded.text_state_dict(clip), embedded.path("text"), meta)
+        times["unet_and_text_s"] = round(time.time() - t0, 1)
+
+    times["threads"] = torch.get_num_threads()
+    with open(record, "w") as f:
+        json.dump(times, f, indent=1)
+    return times

@@ -1,0 +1,36 @@
+"""Trains the embedded model into weights/embedded/ (see asdm/embedded_train.py):
+
+    python scripts/train_embedded.py [--stages checker,vae,unet,family] [--seed 0] [--force]
+
+Each stage is skipped when its weights exist; --force retrains. Prints each stage's time.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asdm import host  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default="checker,vae,unet,family")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-steps", type=int, default=700)
+    ap.add_argument("--unet-steps", type=int, default=1400)
+    ap.add_argument("--family-steps", type=int, default=300)
+    ap.add_argument("--force", action="store_true", help="retrain stages whose weights exist")
+    a = ap.parse_args()
+    host.boot(pytorch_attention=True)
+    from asdm import embedded_train
+    t0 = time.time()
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    times = embedded_train.run(stages, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
+                               family_steps=a.family_steps, force=a.force,
+                               log=lambda m: print(m, flush=True))
+    print(f"done in {time.time() - t0:.0f} s: {times}")
+
+
+if __name__ == "__main__":
+    main()
