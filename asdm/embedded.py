@@ -27,7 +27,8 @@ from .testmodels import TINY_UNET
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(REPO_ROOT, "weights", "embedded")
-FAMILY = os.path.join(WEIGHTS, "family")          # compressed / assembled UNets, ME-CondConv experts
+FAMILY_UNETS = os.path.join(WEIGHTS, "unet")         # compressed / assembled UNets (asdm-embedded-*)
+FAMILY_EXPERTS = os.path.join(WEIGHTS, "condconv")   # their ME-CondConv experts
 IMAGE_SIZE = 64
 CONTEXT_DIM = 64
 UNET_CONFIG = dict(TINY_UNET, context_dim=CONTEXT_DIM)

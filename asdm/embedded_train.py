@@ -236,7 +236,91 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 700, unet_steps: int 
         _save(embedded.text_state_dict(clip), embedded.path("text"), meta)
         times["unet_and_text_s"] = round(time.time() - t0, 1)
 
+    if "family" in stages:
+        t0 = time.time()
+        if train_family(scenes, images, family_steps, seed, force, log):
+            times["family_s"] = round(time.time() - t0, 1)
+
     times["threads"] = torch.get_num_threads()
     with open(record, "w") as f:
         json.dump(times, f, indent=1)
     return times
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The compressed family, with the project's own trainer (asdm.train)
+# ---------------------------------------------------------------------------------------------
+
+def family_runs(steps: int) -> dict[str, dict]:
+    """name -> trainer config (the TOML's tables). Step 1 (BK-SDM layouts from the teacher),
+    step 2 (M2: Base's shallow blocks in the teacher, the teacher's blocks frozen), and Small /
+    Tiny continued with ME-CondConv experts (identity init, 2 experts)."""
+    common = {"batch": 32, "lr": 5e-4, "log_every": 50}
+    short = max(1, steps // 2)
+    return {
+        "base": dict(common, steps=steps, student={"kind": "compress", "layout": "base"}),
+        "small": dict(common, steps=steps, student={"kind": "compress", "layout": "small"}),
+        "tiny": dict(common, steps=steps, student={"kind": "compress", "layout": "tiny"}),
+        "m2": dict(common, steps=short, student={"kind": "assemble", "recipe": "M2", "compressed": "@base"}),
+        "small-condconv": dict(common, steps=short, student={"kind": "condconv", "unet": "@small", "experts": 2,
+                                                             "init": "identity"}),
+        "tiny-condconv": dict(common, steps=short, student={"kind": "condconv", "unet": "@tiny", "experts": 2,
+                                                           "init": "identity"}),
+    }
+
+
+def _toml(d: dict) -> str:
+    flat = [f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+              for k, v in d.items() if isinstance(v, dict)]
+    return "\n".join(flat) + "\n" + "\n".join(tables) + "\n"
+
+
+def family_file(name: str) -> str:
+    return os.path.join(embedded.FAMILY_UNETS, f"asdm-embedded-{name}.safetensors")
+
+
+def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) -> bool:
+    import safetensors.torch
+    from . import compat, train, unet_files
+    work = os.path.join(embedded.REPO_ROOT, "out", "embedded-family")
+    runs = family_runs(steps)
+    if not force and all(os.path.exists(family_file(n)) for n in runs):
+        return False
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(work, "data.safetensors")
+    if force or not os.path.exists(data):
+        from .embedded import load
+        _, clip, vae = load()
+        lat = latent_means(vae.first_stage_model.float(), images)
+        with torch.no_grad():
+            ctx = torch.cat([clip.encode_from_tokens(clip.tokenize(s.caption)).float() for s in scenes])
+        safetensors.torch.save_file({"latents": lat.contiguous(), "context": ctx.contiguous()}, data)
+    for name, cfg in runs.items():
+        out_file = family_file(name)
+        if os.path.exists(out_file) and not force:
+            continue
+        cfg = json.loads(json.dumps(cfg))
+        st = cfg["student"]
+        for k in ("compressed", "unet"):
+            if str(st.get(k, "")).startswith("@"):
+                st[k] = family_file(st[k][1:])
+        cfg.update(seed=seed, out=os.path.join(work, name), save_every=cfg["steps"])
+        cfg["teacher"] = {"unet": embedded.path("unet")}
+        cfg["data"] = {"latents": data}
+        path = os.path.join(work, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write(_toml(cfg))
+        if os.path.exists(cfg["out"]):   # a fresh run, not a resume of an older one
+            import shutil
+            shutil.rmtree(cfg["out"])
+        log(f"family: {name} ({path})")
+        t0 = time.time()
+        res = train.train(train.load_config(path), log=log)
+        sd, meta = unet_files.read_safetensors(res["unet"])
+        meta = dict(meta, **{"asdm.embedded": name, "asdm.train.seconds": f"{time.time() - t0:.0f}"})
+        _save(sd, out_file, meta)
+        if res.get("experts"):
+            esd, emeta = unet_files.read_safetensors(res["experts"])
+            _save(esd, os.path.join(embedded.FAMILY_EXPERTS, os.path.basename(out_file)), emeta)
+    return True

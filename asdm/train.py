@@ -6,8 +6,8 @@ Steps of A-SDM model assembly (§IV-A), as ``[student] kind``:
 * ``assemble``: a recipe (M1/M2/M3/custom) of a step-1 result and the teacher, the teacher's
   blocks frozen unless ``train_original = true`` (the paper's M‡ rows).
 
-Data: a safetensors file of pre-encoded ``latents`` [N, 4, h, w] and text ``context``
-[N, 77, C] (``[data] latents``). Losses: ``asdm.distill``. Checkpoints: ``<out>/unet.safetensors``
+Data: a safetensors file of pre-encoded ``latents`` [N, 4, h, w] (as the VAE encodes them,
+unscaled) and text ``context`` [N, 77, C] (``[data] latents``). Losses: ``asdm.distill``. Checkpoints: ``<out>/unet.safetensors``
 (loads in A-SDM Load Compressed UNet) and ``<out>/train-state.safetensors`` (optimizer, step);
 a run with the same ``out`` resumes from them with no lost steps. Each step draws its batch and
 noise from a generator seeded by (seed, step), so a resumed run repeats an uninterrupted one.
@@ -265,6 +265,7 @@ def train(cfg: dict, log=print) -> dict:
     teacher, student, trainable, experts = build(cfg)
     unet = student.model.diffusion_model
     lat, ctx = load_data(data["latents"], student.model.model_config.unet_config["context_dim"])
+    lat = student.model.process_latent_in(lat)   # VAE latents -> the UNet's scale (x0.18215 for SD1.x)
     perceptual = None
     loss_cfg = dict(cfg["loss"])
     pw = loss_cfg.pop("perceptual_weights", None)

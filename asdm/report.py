@@ -1,0 +1,80 @@
+"""The main job's outputs: an image grid, a speedup-vs-fidelity plot (both PNG, drawn with
+Pillow, which ComfyUI already needs) and a markdown table."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def grid(rows: list[tuple[str, np.ndarray]], columns: list[str], cell: int = 64, label_w: int = 150,
+         col_h: int = 14) -> "Image.Image":
+    """rows: (label, [C, H, W, 3] uint8 images, one per column)."""
+    from PIL import Image, ImageDraw
+    w = label_w + cell * len(columns)
+    h = col_h + cell * len(rows)
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    for j, c in enumerate(columns):
+        d.text((label_w + j * cell + 2, 1), c, fill="black")
+    for i, (label, imgs) in enumerate(rows):
+        y = col_h + i * cell
+        d.text((4, y + cell // 2 - 6), label, fill="black")
+        for j, img in enumerate(imgs):
+            im.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (label_w + j * cell, y))
+    return im
+
+
+_GROUP_COLORS = {"plain": (0, 0, 0), "P5": (230, 120, 30), "P5†": (40, 110, 220), "P2†": (140, 60, 180),
+                 "switch": (30, 160, 70), "compressed": (200, 40, 40)}
+
+
+def plot(points: list[dict], x_key: str = "speedup", y_key: str = "psnr", size=(900, 600),
+         title: str = "") -> "Image.Image":
+    """Scatter of points {x_key, y_key, group, label}; labels drawn beside the points."""
+    from PIL import Image, ImageDraw
+    pts = [p for p in points if math.isfinite(p[x_key]) and math.isfinite(p[y_key])]
+    W, H = size
+    left, right, top, bottom = 70, 20, 40, 50
+    xs, ys = [p[x_key] for p in pts], [p[y_key] for p in pts]
+    x0, x1 = min(xs + [1.0]), max(xs + [1.0])
+    y0, y1 = min(ys), max(ys)
+    pad_x, pad_y = (x1 - x0) * 0.05 or 0.1, (y1 - y0) * 0.05 or 0.5
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    X = lambda v: left + (v - x0) / (x1 - x0) * (W - left - right)
+    Y = lambda v: H - bottom - (v - y0) / (y1 - y0) * (H - top - bottom)
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(6):
+        xv = x0 + (x1 - x0) * k / 5
+        yv = y0 + (y1 - y0) * k / 5
+        d.line([X(xv), H - bottom, X(xv), H - bottom + 4], fill="black")
+        d.text((X(xv) - 12, H - bottom + 6), f"{xv:.2f}x", fill="black")
+        d.line([left - 4, Y(yv), left, Y(yv)], fill="black")
+        d.text((8, Y(yv) - 6), f"{yv:.1f}", fill="black")
+    d.text((W // 2 - 80, H - 18), f"{x_key} vs full compute (measured)", fill="black")
+    d.text((left, 8), title or f"{y_key} against full-compute sampling, same seeds", fill="black")
+    lx = W - right - 110
+    for i, (g, col) in enumerate(_GROUP_COLORS.items()):
+        d.rectangle([lx, top + 8 + 14 * i, lx + 8, top + 16 + 14 * i], fill=col)
+        d.text((lx + 12, top + 6 + 14 * i), g, fill="black")
+    for p in pts:
+        col = _GROUP_COLORS.get(p["group"], (100, 100, 100))
+        cx, cy = X(p[x_key]), Y(p[y_key])
+        d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=col)
+        d.text((cx + 4, cy - 5), p["label"], fill=col)
+    return im
+
+
+def fmt(v: float, spec: str = ".2f", inf: str = "—") -> str:
+    return inf if not math.isfinite(v) else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| run | speedup measured | FLOP bound | PSNR (dB) | SSIM | adherence | Fréchet dist. |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['speedup']:.2f}x | {r['bound']:.2f}x | {fmt(r['psnr'])} | "
+                   f"{fmt(r['ssim'], '.3f')} | {r['adherence']:.3f} | {r['fd']:.2f} |")
+    return "\n".join(out)

@@ -1,0 +1,50 @@
+"""Node: A-SDM Load Embedded Model (the pack's own small text-to-image model, weights/embedded)."""
+import os
+
+from ..asdm import compat, embedded
+from .condconv import FOLDER as CONDCONV_FOLDER, _register_folder
+
+
+def register_family() -> None:
+    """The embedded model's compressed / assembled UNets and ME-CondConv experts appear in
+    A-SDM Load Compressed UNet and A-SDM ME-CondConv like a user's own files."""
+    import folder_paths
+    if os.path.isdir(embedded.FAMILY_UNETS):
+        folder_paths.add_model_folder_path(compat.unet_folder(), embedded.FAMILY_UNETS)
+    if os.path.isdir(embedded.FAMILY_EXPERTS):
+        _register_folder()
+        folder_paths.add_model_folder_path(CONDCONV_FOLDER, embedded.FAMILY_EXPERTS)
+
+
+class LoadEmbeddedModel:
+    CATEGORY = "A-SDM/models"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The embedded UNet (SD1.5 layout, 32 channels wide) as a MODEL for the stock samplers and every A-SDM node.",
+        "Its text encoder, for the stock CLIP Text Encode node. It knows the words of its captions: "
+        "colours (red, green, blue, yellow, purple, orange), shapes (circle, square, triangle) and "
+        "places (on the left, on the right, at the top, at the bottom, in the center).",
+        "Its VAE (SD's latent shape and scale), for the stock VAE Decode / Encode nodes.")
+    FUNCTION = "load"
+    DESCRIPTION = (
+        "Loads the small text-to-image model that ships with A-SDM (weights/embedded): no download, "
+        "runs on a CPU. It draws 64x64 scenes of one or two coloured shapes, e.g. 'a red circle on the "
+        "left and a blue square on the right'. Its compressed family (BK-SDM Base/Small/Tiny, M2, "
+        "ME-CondConv experts) appears in A-SDM Load Compressed UNet and A-SDM ME-CondConv as "
+        "asdm-embedded-*. Use 64x64 latents' worth of pixels (Empty Latent Image 64x64).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        try:
+            return embedded.load()
+        except (embedded.EmbeddedModelError, ValueError) as e:
+            raise ValueError(f"A-SDM Load Embedded Model: {e}") from None
+
+
+register_family()
+NODE_CLASS_MAPPINGS = {"ASDMLoadEmbeddedModel": LoadEmbeddedModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"ASDMLoadEmbeddedModel": "A-SDM Load Embedded Model"}

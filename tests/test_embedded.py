@@ -1,0 +1,71 @@
+"""The embedded model (weights/embedded) through the node and the stock nodes."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import engine
+
+EVAL_SEED = 20261123      # the main job's evaluation captions
+RATE = 0.8                # stated adherence floor for the full model (the main job reports the rate)
+
+
+@pytest.fixture(scope="module")
+def loaded(N):
+    return N["ASDMLoadEmbeddedModel"]().load()
+
+
+def sample(N, model, clip, vae, caption, seed, batch=2, steps=20, cfg=4.0):
+    pos = N["CLIPTextEncode"]().encode(clip, caption)[0]
+    neg = N["CLIPTextEncode"]().encode(clip, "")[0]
+    lat = N["EmptyLatentImage"]().generate(64, 64, batch)[0]
+    out = N["KSampler"]().sample(model, seed, steps, cfg, "euler", "normal", pos, neg, lat)[0]
+    return N["VAEDecode"]().decode(vae, out)[0].numpy()
+
+
+def test_node_outputs_drive_stock_nodes(N, loaded):
+    model, clip, vae = loaded
+    cond = N["CLIPTextEncode"]().encode(clip, "a red circle on the left")[0]
+    assert cond[0][0].shape == (1, 77, 64)
+    assert engine("unet_files").family_of(model.model.model_config.unet_config) == "embedded"
+    # the VAE has SD1.5's latent shape and scale: dataset latents x 0.18215 have unit deviation
+    scenes = engine("shapes").generate(64, 64, seed=3)
+    pixels = torch.from_numpy(np.stack([s.image for s in scenes]) / 255.0).float()
+    lat = vae.encode(pixels)
+    assert lat.shape == (64, 4, 8, 8)
+    assert 0.8 < (lat * 0.18215).std().item() < 1.25
+
+
+def test_images_follow_their_captions(N, loaded):
+    """8 held-out captions x 2 seeds: the checker finds >= RATE of the stated attributes, and the
+    same images scored against the other captions score far lower (the prompt matters)."""
+    metrics, shapes = engine("metrics"), engine("shapes")
+    checker = metrics.load_checker(engine("embedded").path("checker"))
+    scenes = shapes.generate(8, 64, EVAL_SEED)
+    imgs = np.concatenate([sample(N, *loaded, s.caption, 1000 + j) for j, s in enumerate(scenes)])
+    items = [s.items for s in scenes for _ in range(2)]
+    own = metrics.adherence(checker, imgs, items)
+    rotated = items[2:] + items[:2]          # each image against the next caption's attributes
+    other = metrics.adherence(checker, imgs, rotated)
+    assert own >= RATE, own
+    assert other < own - 0.3, (own, other)
+
+
+def test_missing_weights_error(N, monkeypatch, tmp_path):
+    monkeypatch.setattr(engine("embedded"), "WEIGHTS", str(tmp_path))
+    with pytest.raises(ValueError, match="A-SDM Load Embedded Model: .*unet.safetensors is missing.*train_embedded"):
+        N["ASDMLoadEmbeddedModel"]().load()
+
+
+def test_family_in_the_loaders(N, loaded):
+    """The compressed family is listed by A-SDM Load Compressed UNet and samples with the
+    embedded CLIP and VAE; the experts are listed by A-SDM ME-CondConv."""
+    import folder_paths
+    names = folder_paths.get_filename_list(engine("compat").unet_folder())
+    for n in ("base", "small", "tiny", "m2", "small-condconv", "tiny-condconv"):
+        assert f"asdm-embedded-{n}.safetensors" in names
+    assert "asdm-embedded-tiny-condconv.safetensors" in folder_paths.get_filename_list("asdm_condconv")
+    tiny = N["ASDMLoadCompressedUNet"]().load("asdm-embedded-tiny.safetensors", "auto")[0]
+    assert sum(p.numel() for p in tiny.model.diffusion_model.parameters()) < \
+        0.6 * sum(p.numel() for p in loaded[0].model.diffusion_model.parameters())
+    img = sample(N, tiny, loaded[1], loaded[2], "a blue square in the center", 0, batch=1, steps=8)
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
