@@ -3,7 +3,8 @@
 
 Stages, each written to ``weights/embedded/`` and skipped when its file exists (``--force``):
 
-1. ``vae``: the AutoencoderKL on the scene images (L1 reconstruction + a small KL term), then
+1. ``vae``: the AutoencoderKL on the scene images (L1 + L2 reconstruction, shape pixels weighted
+   up, a small KL term), then
    rescaled exactly (encoder mean x c, log-variance + 2 ln c, decoder input / c) so that its
    latents x 0.18215 have unit standard deviation, as SD1.5's do.
 2. ``unet``: UNet and text encoder together from scratch on the VAE's latent means and the
@@ -60,7 +61,8 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, log=print
     torch.manual_seed(seed)
     vae = init_(embedded.new_vae_model())
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    lr = 1.5e-3
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
     for step in range(steps):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -71,9 +73,12 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, log=print
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
         rec = vae.decoder(vae.post_quant_conv(z))
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
-        loss = (rec - x).abs().mean() + 1e-4 * kl
+        # shapes cover ~10 % of the pixels: weight them up so their colours are learnt early
+        bg = x[:, :, :2, :2].mean((2, 3), keepdim=True)
+        weight = 1 + 9 * ((x - bg).abs().sum(1, keepdim=True) > 0.3).float()
+        loss = (weight * ((rec - x).abs() + (rec - x) ** 2)).mean() + 1e-4 * kl
         for pg in opt.param_groups:
-            pg["lr"] = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            pg["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -192,7 +197,7 @@ def _save(sd: dict, path: str, meta: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def run(stages: list[str], seed: int = 0, vae_steps: int = 700, unet_steps: int = 1400, batch: int = 64,
+def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 1200, batch: int = 64,
         family_steps: int = 300,
         force: bool = False, log=print) -> dict:
     from . import assembly, unet_files
@@ -242,6 +247,9 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 700, unet_steps: int 
             times["family_s"] = round(time.time() - t0, 1)
 
     times["threads"] = torch.get_num_threads()
+    if os.path.exists(record):    # another stage may have finished meanwhile
+        with open(record) as f:
+            times = dict(json.load(f), **times)
     with open(record, "w") as f:
         json.dump(times, f, indent=1)
     return times

@@ -137,7 +137,7 @@ def _degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 
-def train_checker(scenes, seed: int = 0, steps: int = 1500, batch: int = 64, log=print) -> Checker:
+def train_checker(scenes, seed: int = 0, steps: int = 600, batch: int = 64, log=print) -> Checker:
     torch.manual_seed(seed)
     net = Checker()
     x_all = _nchw(np.stack([s.image for s in scenes]).astype(np.float32) / 255.0)
