@@ -161,7 +161,7 @@ def flop_bounds(runs, a):
                     ex = condconv.load_experts(os.path.join(emb.FAMILY_EXPERTS, f"asdm-embedded-{name}.safetensors"),
                                                m.model.diffusion_model)
                     # mixing N expert kernels per sample (the routers are negligible)
-                    extra = sum(2 * b * me.n * me.weight[0].numel() for me in ex.values())
+                    extra = sum(2 * b * me.n * me.experts[0].numel() for me in ex.values())
                 per_unet[name] = cost(m) + extra
             if r["kind"] == "unet":
                 r["bound"] = full / per_unet[name]
