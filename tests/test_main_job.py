@@ -1,0 +1,31 @@
+"""The main job end to end (--quick: 2 captions x 2 seeds, presets CO6/EX3/IN3), in its own
+process as the README runs it: it writes the report, the grid and the plot from scratch."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_main_job_quick(tmp_path):
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "main_job.py"), "--quick", "--steps", "10",
+                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("report.md", "grid.png", "plot.png", "results.json"):
+        assert (out / f).stat().st_size > 0, f
+    rows = {row["name"]: row for row in json.load(open(out / "results.json"))}
+    want = {"full", "S1", "S2", "S3", "base", "small", "tiny", "m2", "small-condconv", "tiny-condconv"}
+    want |= {f"{p}-{m}" for p in ("CO6", "EX3", "IN3") for m in ("P5", "P5d", "P2d")}
+    assert set(rows) == want
+    assert rows["full"]["psnr"] is None and rows["full"]["bound"] == 1.0    # the reference itself
+    # a run that inherits features changes the images but stays close to full compute
+    assert 12 < rows["CO6-P5"]["psnr"] < 60
+    # FLOP bounds follow the structure: more skipped, higher bound; compressed < full FLOPs
+    assert rows["CO6-P5"]["bound"] > rows["IN3-P5"]["bound"] > 1.0
+    assert rows["tiny"]["bound"] > rows["small"]["bound"] > rows["base"]["bound"] > 1.0
+    assert rows["S2"]["bound"] == rows["S1"]["bound"]          # same step counts on each UNet
+    report = (out / "report.md").read_text()
+    assert "| CO6 P2† |" in report and "Paper findings" in report
+    assert "[" in r.stderr and "done" in r.stderr              # the progress bar
