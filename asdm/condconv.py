@@ -75,6 +75,15 @@ def me_conv(x, conv, me: MEExperts, shared: bool | None = None):
     return out.view(b, w0.shape[0], *out.shape[2:])
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place change counter; experts loaded inside ComfyUI's executor are inference
+    tensors, which have none (and cannot be changed in place outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class MEForward:
     """The object patch for one conv's ``forward``: calls ``me_conv`` with the experts placed
     on the model's device and dtype, and the routing decision (input-independent or not) made,
@@ -86,14 +95,14 @@ class MEForward:
 
     def __call__(self, x):
         me = self.me
-        key = (x.device, x.dtype, me.router.weight._version)
+        key = (x.device, x.dtype, _version(me.router.weight))
         if self._key != key:
             if me.experts.dtype == x.dtype:
                 placed = me.to(x.device)   # in place: a trainer keeps updating the same parameters
             else:                          # inference in another dtype: convert once, not per call
                 placed = copy.deepcopy(me).to(device=x.device, dtype=x.dtype)
             self._placed, self._shared = placed, not bool(placed.router.weight.any())
-            self._key = (x.device, x.dtype, me.router.weight._version)
+            self._key = (x.device, x.dtype, _version(me.router.weight))
         return me_conv(x, self.conv, self._placed, self._shared)
 
     def __deepcopy__(self, memo):

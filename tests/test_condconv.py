@@ -76,18 +76,22 @@ def test_routing_depends_on_the_input(tiny):
         assert (both[1:] - mixed(b, ra)).abs().max() > 1e-3 * scale
 
 
-def test_save_load_is_exact_and_foreign_layouts_are_refused(N, tiny, conds, tmp_path):
+def test_save_load_is_exact_and_foreign_layouts_are_refused(N, tiny, conds, tmp_path, monkeypatch):
     import folder_paths
     unet = tiny.model.diffusion_model
     paths = cc().select_convs(unet, "dn0, up3")
     me = cc().make_experts(unet, paths, 2, "paper", seed=4)
     folder = tmp_path / "cc"
     folder.mkdir()
-    folder_paths.folder_names_and_paths["asdm_condconv"] = ([str(folder)], {".safetensors"})
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "asdm_condconv", ([str(folder)], {".safetensors"}))
     cc().save_experts(me, str(folder / "trained.safetensors"))
     loaded = node(N, tiny, weights="trained.safetensors")
     direct = cc().apply_condconv(tiny, me)
     assert torch.equal(ksample(loaded, conds), ksample(direct, conds))
+    # as ComfyUI's executor runs nodes: in inference mode (the experts are inference tensors)
+    with torch.inference_mode():
+        out_inf = ksample(node(N, tiny, weights="trained.safetensors"), conds)
+    assert torch.equal(out_inf.clone(), ksample(direct, conds))
     back = cc().load_experts(str(folder / "trained.safetensors"), unet)
     for p in paths:
         for k, v in me[p].state_dict().items():
