@@ -7,6 +7,10 @@ import math
 import numpy as np
 
 
+def _ascii(text: str) -> str:
+    return text.replace("†", "+")   # Pillow's default font has no dagger: P5+ stands for P5†
+
+
 def grid(rows: list[tuple[str, np.ndarray]], columns: list[str], cell: int = 64, label_w: int = 150,
          col_h: int = 14) -> "Image.Image":
     """rows: (label, [C, H, W, 3] uint8 images, one per column)."""
@@ -19,7 +23,7 @@ def grid(rows: list[tuple[str, np.ndarray]], columns: list[str], cell: int = 64,
         d.text((label_w + j * cell + 2, 1), c, fill="black")
     for i, (label, imgs) in enumerate(rows):
         y = col_h + i * cell
-        d.text((4, y + cell // 2 - 6), label, fill="black")
+        d.text((4, y + cell // 2 - 6), _ascii(label), fill="black")
         for j, img in enumerate(imgs):
             im.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (label_w + j * cell, y))
     return im
@@ -58,12 +62,12 @@ def plot(points: list[dict], x_key: str = "speedup", y_key: str = "psnr", size=(
     lx = W - right - 110
     for i, (g, col) in enumerate(_GROUP_COLORS.items()):
         d.rectangle([lx, top + 8 + 14 * i, lx + 8, top + 16 + 14 * i], fill=col)
-        d.text((lx + 12, top + 6 + 14 * i), g, fill="black")
+        d.text((lx + 12, top + 6 + 14 * i), _ascii(g), fill="black")
     for p in pts:
         col = _GROUP_COLORS.get(p["group"], (100, 100, 100))
         cx, cy = X(p[x_key]), Y(p[y_key])
         d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=col)
-        d.text((cx + 4, cy - 5), p["label"], fill=col)
+        d.text((cx + 4, cy - 5), _ascii(p["label"]), fill=col)
     return im
 
 
