@@ -17,6 +17,7 @@ weights on the same machine and thread count.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -126,7 +127,6 @@ def new_unet_model():
 def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int,
                         lr: float = 6e-4, log=print):
     """Returns (BaseModel with EMA UNet weights, host CLIP with EMA text-encoder weights)."""
-    import functools
     torch.manual_seed(seed)
     model = new_unet_model()
     unet = model.diffusion_model
@@ -143,7 +143,7 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
         keep = torch.zeros(emb.token_embedding.weight.shape[0], dtype=torch.bool)
         keep[used] = True
         emb.token_embedding.weight[~keep] = 0   # unknown words: zero, and never stored
-    params = [p for p in list(unet.parameters()) + list(te.parameters())]
+    params = list(unet.parameters()) + list(te.parameters())
     for p in params:
         p.requires_grad_(True)
     ema = [p.detach().clone() for p in params]

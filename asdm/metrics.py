@@ -29,7 +29,7 @@ FEATURES = 64
 
 
 def _nchw(x) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).float()
     if x.dim() == 3:
         x = x[None]
     return x.permute(0, 3, 1, 2) if x.shape[-1] == 3 else x

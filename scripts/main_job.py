@@ -139,10 +139,10 @@ def flop_bounds(runs, a):
         return sum(flops.count(u, lambda: u(x, t, ctx)).values())
 
     full_model = unet_files.load_unet(emb.path("unet"))
-    full = cost(full_model)
-    topo = E("topology").describe(full_model.model.diffusion_model)
-    residual = flops.residual_flops(topo, flops.count(full_model.model.diffusion_model,
-                                                      lambda: full_model.model.diffusion_model(x, t, ctx)))
+    unet = full_model.model.diffusion_model
+    counted = flops.count(unet, lambda: unet(x, t, ctx))
+    full = sum(counted.values())
+    residual = flops.residual_flops(E("topology").describe(unet), counted)
     per_unet = {}
     for r in runs:
         if r["kind"] == "plain":
