@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import sys
 import weakref
 
 log = logging.getLogger("A-SDM")
 
-WRAPPER_KEY = "asdm_feature_inheritance"
+STEP_KEY = "asdm_step_tracking"
 
 
 def _patcher_extension():
@@ -26,82 +27,70 @@ def _patcher_extension():
 
 
 def has_sampler_wrappers() -> bool:
+    """Current ComfyUI: keyed, stackable wrappers (comfy.patcher_extension)."""
     return _patcher_extension() is not None
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling hooks for feature inheritance: which run and which sampler step a model call is in.
+# Step tracking: which run and which sampler step a UNet call belongs to (see hooks.py).
 #
-# current ComfyUI: an OUTER_SAMPLE wrapper sees the schedule (sigmas) and the sampler's
-#   callback; the callback fires once after each sampler step with its index, so every model
-#   call between callback i-1 and callback i belongs to step i, whatever the sampler does inside
-#   a step (heun, dpm_2, dpmpp_2s_ancestral, dpmpp_sde, uni_pc). try/finally ends the run.
-# early host: no sampler-level hook exists and the callback is out of reach, so the model
-#   wrapper reads the run and step from the sampler's own frames: KSamplerX0Inpaint (one per
-#   run; it carries the sigmas) and the sampler loop's step index ('i' in k-diffusion, the
-#   'step_index' of uni_pc). The run's state is tied to that per-run object and freed with it,
-#   so a run that raises leaves nothing behind. If the frames are not found (an unknown
-#   sampler), calls are treated as full steps: slower, never wrong.
-# Both hosts: one model_function_wrapper marks each UNet call with its step mode and its
-#   conditioning chunks; an existing wrapper is chained, not replaced.
+# The step is the sampler loop's own index, read from the sampler's frames (the 'i' of the
+# k-diffusion loop, the 'step_index' of uni_pc) above the per-run KSamplerX0Inpaint: exact for
+# samplers that call the model several times per step. The sampler callback cannot tell it:
+# k-diffusion calls it after the *first* model call of a step, so heun's second call would
+# land in the next step.
+# current ComfyUI: an OUTER_SAMPLE wrapper starts and ends the run (try/finally: a run that
+#   raises leaves nothing behind) and knows its length; the callback's count is the fallback
+#   step for samplers whose loop cannot be read.
+# early host: no sampler-level hook exists, so the run is tied to the per-run
+#   KSamplerX0Inpaint found in the frames and ends when that object is freed (normal end or
+#   error). If the frames are not found (an unknown sampler), calls get no run and the
+#   capability computes fully: slower, never wrong.
 # ---------------------------------------------------------------------------------------------
 
-def install_sampling_hooks(model, holder) -> None:
-    install_step_tracking(model, holder)
-    prev = model.model_options.get("model_function_wrapper")
-
-    def unet_wrapper(apply_model, args):
-        x = args["input"]
-        run = current_run(holder)
-        holder.call = holder.begin_call(run, x, chunk_keys(args))
-        try:
-            if prev is not None:
-                return prev(apply_model, args)
-            return apply_model(x, args["timestep"], **args["c"])
-        finally:
-            holder.call = None
-
-    model.set_model_unet_function_wrapper(unet_wrapper)
-
-
-def install_step_tracking(model, holder) -> None:
-    """Lets ``current_run(holder)`` tell the run and sampler step of a model call. ``holder``
-    has ``start_run(total) -> run`` (a run has ``.step``), ``end_run(run)`` and ``.run``."""
+def add_step_tracking(model, holder) -> None:
     pe = _patcher_extension()
-    if pe is not None:
-        def outer_sample(executor, *args, **kwargs):
-            args = list(args)
-            # outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, ...)
-            sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-            user_cb = args[5] if len(args) > 5 else kwargs.get("callback")
-            run = holder.start_run(total=len(sigmas) - 1)
+    if pe is None:
+        return   # early host: current_run reads the sampler's frames
 
-            def step_done(step, x0, x, total_steps):
-                run.step = step + 1
-                if user_cb is not None:
-                    user_cb(step, x0, x, total_steps)
+    def outer_sample(executor, *args, **kwargs):
+        args = list(args)
+        # outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, ...)
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        user_cb = args[5] if len(args) > 5 else kwargs.get("callback")
+        run = holder.start_run(total=len(sigmas) - 1)
 
-            if len(args) > 5:
-                args[5] = step_done
-            else:
-                kwargs["callback"] = step_done
-            try:
-                return executor(*args, **kwargs)
-            finally:
-                holder.end_run(run)
+        def step_done(step, x0, x, total_steps):
+            run.step = step + 1
+            if user_cb is not None:
+                user_cb(step, x0, x, total_steps)
 
-        model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
+        if len(args) > 5:
+            args[5] = step_done
+        else:
+            kwargs["callback"] = step_done
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            holder.end_run(run)
+
+    model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, STEP_KEY, outer_sample)
 
 
 def current_run(holder):
     if has_sampler_wrappers():
-        return holder.run
-    pos = _legacy_sampler_position()
+        run = holder.run
+        if run is not None:
+            pos = _sampler_position()
+            if pos is not None:
+                run.step = pos[2]
+        return run
+    pos = _sampler_position()
     if pos is None:
         if not getattr(holder, "_warned_no_step", False):
             holder._warned_no_step = True
-            log.warning("A-SDM feature inheritance: could not find the sampler step for this "
-                        "sampler on this ComfyUI; computing every step fully")
+            log.warning("A-SDM: could not find the sampler step for this sampler on this ComfyUI; "
+                        "computing every step fully")
         return None
     run_obj, sigmas, step = pos
     run = _legacy_runs.get(run_obj, {}).get(id(holder))
@@ -117,11 +106,14 @@ def current_run(holder):
 _legacy_runs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _legacy_sampler_position():
+def _sampler_position():
+    """(per-run KSamplerX0Inpaint, its sigmas, the sampler loop's step index), or None."""
     import comfy.samplers as cs
-    inpaint_code = cs.KSamplerX0Inpaint.forward.__code__
+    inpaint = cs.KSamplerX0Inpaint
+    # early host: an nn.Module (forward); current ComfyUI: a plain class (__call__)
+    inpaint_code = (inpaint.forward if hasattr(inpaint, "forward") else inpaint.__call__).__code__
     outer_code = cs.KSAMPLER.sample.__code__
-    f = sys._getframe(2)
+    f = sys._getframe(1)
     run_obj = None
     step_i = step_index = None
     while f is not None:
@@ -144,20 +136,161 @@ def _legacy_sampler_position():
     return run_obj, run_obj.sigmas, step
 
 
-def chunk_keys(args) -> tuple:
-    """One key per conditioning chunk of the batch: the cond's uuid where the host gives one,
-    else (cond_or_uncond, n-th chunk with that value in this call)."""
-    cou = list(args.get("cond_or_uncond") or [0])
-    to = args.get("c", {}).get("transformer_options", {})
-    uuids = to.get("uuids")
-    if uuids is not None and len(uuids) == len(cou):
-        return tuple(uuids)
-    seen: dict = {}
-    keys = []
-    for c in cou:
-        keys.append((c, seen.get(c, 0)))
-        seen[c] = seen.get(c, 0) + 1
-    return tuple(keys)
+# ---------------------------------------------------------------------------------------------
+# UNet call wrappers.
+#
+# current ComfyUI: a keyed APPLY_MODEL wrapper (comfy.patcher_extension), so ours stack with the
+#   host's own (EasyCache, ...) and other packs' in the order they were added.
+# early host: the single model_function_wrapper slot; an existing wrapper is chained, not
+#   replaced.
+# Either way the wrapper gets a UNetCall: next() runs the rest of the call; next_on(patcher)
+# runs the rest of the call ending in another MODEL's UNet, with that MODEL's own wrappers
+# (what the UNet switch does for the ranges of its other models).
+# ---------------------------------------------------------------------------------------------
+
+class UNetCall:
+    def next(self, x, t, c: dict):
+        raise NotImplementedError
+
+    def next_on(self, patcher, x, t, c: dict):
+        raise NotImplementedError
+
+
+def _with_function_wrapper(patcher, run, x, t, c):
+    """Runs ``run(x, t, **c)`` inside ``patcher``'s model_function_wrapper, if it has one."""
+    fw = patcher.model_options.get("model_function_wrapper")
+    if fw is None:
+        return run(x, t, **c)
+    cou = c.get("transformer_options", {}).get("cond_or_uncond")
+    return fw(run, {"input": x, "timestep": t, "c": c, "cond_or_uncond": cou})
+
+
+class _KeyedCall(UNetCall):
+    def __init__(self, executor):
+        self.executor = executor
+
+    def next(self, x, t, c):
+        return self.executor(x, t, **c)
+
+    def next_on(self, patcher, x, t, c):
+        pe = _patcher_extension()
+        ex = self.executor
+        own = unet_options(patcher).get("wrappers", {}).get(pe.WrappersMP.APPLY_MODEL, {})
+        own = [w for ws in own.values() for w in ws]
+        # The wrappers added after this one still run, then the patcher's own, then its UNet.
+        chain = pe.WrapperExecutor.new_class_executor(patcher.model._apply_model, patcher.model,
+                                                      ex.wrappers + own, ex.idx)
+        return _with_function_wrapper(patcher, lambda x, t, **c: chain(x, t, **c), x, t, c)
+
+
+class _SlotCall(UNetCall):
+    def __init__(self, prev, apply_model, args):
+        self.prev, self.apply_model, self.args = prev, apply_model, args
+
+    def next(self, x, t, c):
+        if self.prev is not None:
+            return self.prev(self.apply_model, dict(self.args, input=x, timestep=t, c=c))
+        return self.apply_model(x, t, **c)
+
+    def next_on(self, patcher, x, t, c):
+        return _with_function_wrapper(patcher, patcher.model.apply_model, x, t, c)
+
+
+def add_unet_wrapper(model, key: str, fn) -> None:
+    pe = _patcher_extension()
+    if pe is not None:
+        def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                    transformer_options={}, **kwargs):
+            c = dict(kwargs, c_concat=c_concat, c_crossattn=c_crossattn, control=control,
+                     transformer_options=transformer_options)
+            return fn(_KeyedCall(executor), x, t, c)
+
+        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, key, wrapper)
+        return
+    prev = model.model_options.get("model_function_wrapper")
+
+    def slot_wrapper(apply_model, args):
+        # the early host sets transformer_options["cond_or_uncond"] before calling the slot
+        return fn(_SlotCall(prev, apply_model, args), args["input"], args["timestep"], args["c"])
+
+    model.set_model_unet_function_wrapper(slot_wrapper)
+
+
+def unet_options(patcher) -> dict:
+    """A MODEL's transformer_options as its UNet calls see them: on current ComfyUI the
+    wrappers and callbacks the ModelPatcher holds are merged in (as the sampler does)."""
+    to = patcher.model_options.get("transformer_options", {})
+    if _patcher_extension() is None:
+        return to
+    merged = dict(to)
+    for attr in ("wrappers", "callbacks"):
+        held = getattr(patcher, attr, {})
+        if held:
+            out = {kind: {k: list(v) for k, v in d.items()} for kind, d in to.get(attr, {}).items()}
+            for kind, d in held.items():
+                for k, fns in d.items():
+                    out.setdefault(kind, {}).setdefault(k, []).extend(fns)
+            merged[attr] = out
+    return merged
+
+
+_UNET_WRAPPER_KINDS = ("apply_model", "diffusion_model")   # WrappersMP.APPLY_MODEL, DIFFUSION_MODEL
+
+
+def without_unet_options(model) -> None:
+    """Removes from ``model`` (a fresh clone) what acts on its own UNet calls: UNet call
+    wrappers (the function-wrapper slot, APPLY_MODEL and DIFFUSION_MODEL wrappers) and
+    attention / block patches. Sampler-level wrappers, callbacks, CFG functions and the
+    holders they read stay. A UNet switch keeps these per model and applies each model's own
+    in its range."""
+    model.model_options.pop("model_function_wrapper", None)
+    to = model.model_options.setdefault("transformer_options", {})
+    to.pop("patches", None)
+    to.pop("patches_replace", None)
+    for wrappers in (to.get("wrappers", {}), getattr(model, "wrappers", {})):
+        for kind in _UNET_WRAPPER_KINDS:
+            wrappers.pop(kind, None)
+
+
+def copy_step_tracking(dst, sources: list) -> None:
+    """Current ComfyUI runs only the sampled MODEL's sampler-level wrappers; a switch MODEL
+    carries its other MODELs' step tracking too. The early host reads the sampler's frames."""
+    pe = _patcher_extension()
+    if pe is None:
+        return
+    have = unet_options(dst).get("wrappers", {}).get(pe.WrappersMP.OUTER_SAMPLE, {})
+    have = [w for ws in have.values() for w in ws]
+    for src in sources:
+        outer = unet_options(src).get("wrappers", {}).get(pe.WrappersMP.OUTER_SAMPLE, {})
+        for key, fns in outer.items():
+            for fn in fns:
+                if not any(fn is h for h in have):   # the same MODEL in two ranges: once
+                    dst.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, key, fn)
+                    have.append(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models a MODEL needs loaded beside itself (the switch's other ranges)
+# ---------------------------------------------------------------------------------------------
+
+def add_extra_models(model, key: str, patchers: list) -> None:
+    """current ComfyUI: the host's loader loads (and offloads) them with ``model``. The early
+    host has no such list; ``ensure_loaded`` loads each when it is needed."""
+    if hasattr(model, "set_additional_models"):
+        model.set_additional_models(key, list(patchers))
+
+
+def ensure_loaded(patcher) -> None:
+    """Makes ``patcher``'s weights and object patches the ones in its UNet: nothing to do when
+    the model manager holds it (or a clone with the same weights and patches), else it loads
+    it, unpatching a clone of the same UNet with other patches (a LoRA'd copy) first."""
+    import comfy.model_management as mm
+    for lm in mm.current_loaded_models:
+        m = lm.model
+        if m is patcher or (m is not None and m.is_clone(patcher) and m.clone_has_same_weights(patcher)
+                            and m.object_patches == patcher.object_patches):
+            return
+    mm.load_models_gpu([patcher])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,9 +308,28 @@ async def _await(a):
     return await a
 
 
-def load_custom_node(path: str) -> bool:
+def import_host_packages() -> None:
+    """Current ComfyUI has a top-level ``utils`` package that its server imports; its main.py
+    imports it before ``nodes``, which otherwise makes ``comfy/utils.py`` the top-level
+    ``utils`` (and the image/audio extras fail to import). The early host has none."""
+    try:
+        import utils.extra_config  # noqa: F401
+    except ImportError:
+        pass
+
+
+def load_custom_node(path: str):
+    """Loads a custom-node folder with the host's own loader; returns the module it made, or
+    None. The module's name differs by host (the early host: the folder's name; current
+    ComfyUI: the folder's path), so it is found by its file."""
     import nodes
-    return bool(_run(nodes.load_custom_node(path)))
+    if not _run(nodes.load_custom_node(path)):
+        return None
+    init = os.path.join(path, "__init__.py")
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) == init:
+            return module
+    return None
 
 
 def init_builtin_extra_nodes() -> None:
@@ -186,11 +338,19 @@ def init_builtin_extra_nodes() -> None:
     if hasattr(nodes, "init_builtin_extra_nodes"):
         _run(nodes.init_builtin_extra_nodes())
     else:  # early host: init_custom_nodes loads comfy_extras and then custom_nodes/
-        import os
         extras = os.path.join(os.path.dirname(os.path.realpath(nodes.__file__)), "comfy_extras")
         for name in sorted(os.listdir(extras)):
             if name.startswith("nodes_") and name.endswith(".py"):
                 nodes.load_custom_node(os.path.join(extras, name))
+
+
+def call_node(cls, **inputs) -> tuple:
+    """A node's outputs for these inputs, as the host's executor calls it: current ComfyUI's V3
+    nodes through their schema's ``execute``, V1 nodes through their ``FUNCTION``."""
+    if hasattr(cls, "GET_SCHEMA"):
+        return tuple(_run(cls.execute(**inputs)).args)
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    return tuple(out["result"]) if isinstance(out, dict) else tuple(out)
 
 
 def validate_prompt(prompt: dict):
@@ -246,30 +406,10 @@ def unet_state_dict(patcher) -> dict:
             for k, v in patcher.model.diffusion_model.state_dict().items()}
 
 
-def load_models(patchers: list) -> None:
-    """Loads (and patches) models through the host's model manager, offloading others as needed."""
-    import comfy.model_management as mm
-    mm.load_models_gpu(patchers)
-
-
 def unet_folder() -> str:
     """The models folder key for UNets: 'diffusion_models' on current ComfyUI, 'unet' before."""
     import folder_paths
     return "diffusion_models" if "diffusion_models" in folder_paths.folder_names_and_paths else "unet"
-
-
-def copy_outer_wrappers(dst, sources: list) -> None:
-    """Current ComfyUI runs only the sampled MODEL's sampler-level wrappers; a switch MODEL
-    carries its other MODELs' ones (their feature inheritance step tracking) too. The early
-    host has no such wrappers: its step tracking reads the sampler frames instead."""
-    pe = _patcher_extension()
-    if pe is None:
-        return
-    for src in sources:
-        wrappers = src.model_options.get("transformer_options", {}).get("wrappers", {})
-        for key, fns in wrappers.get(pe.WrappersMP.OUTER_SAMPLE, {}).items():
-            for fn in fns:
-                dst.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, key, fn)
 
 
 # ---------------------------------------------------------------------------------------------

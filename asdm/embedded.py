@@ -34,7 +34,8 @@ CONTEXT_DIM = 64
 UNET_CONFIG = dict(TINY_UNET, context_dim=CONTEXT_DIM)
 TEXT_CONFIG = {"hidden_size": CONTEXT_DIM, "intermediate_size": 256, "num_attention_heads": 4,
                "num_hidden_layers": 2, "hidden_act": "quick_gelu", "projection_dim": CONTEXT_DIM,
-               "vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-05}
+               "vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-05,
+               "bos_token_id": 49406, "eos_token_id": 49407}   # current ComfyUI reads eos_token_id
 VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": IMAGE_SIZE, "in_channels": 3, "out_ch": 3,
               "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
               "dropout": 0.0}
@@ -73,10 +74,14 @@ def _clip_classes():
     """The host's SD1 text-encoder and tokenizer classes, sized for the embedded model."""
     import comfy.sd1_clip as sd1
 
+    class EmbeddedClipL(sd1.SDClipModel):
+        # current ComfyUI passes model_options here; the early host nothing more
+        def __init__(self, device="cpu", dtype=None, **kw):
+            super().__init__(device=device, dtype=dtype, textmodel_json_config=text_config_file(), **kw)
+
     class EmbeddedTextModel(sd1.SD1ClipModel):
         def __init__(self, device="cpu", dtype=None, **kw):
-            kw["textmodel_json_config"] = text_config_file()
-            super().__init__(device=device, dtype=dtype, **kw)
+            super().__init__(device=device, dtype=dtype, clip_model=EmbeddedClipL, **kw)
 
     class EmbeddedTokenizer(sd1.SD1Tokenizer):
         def __init__(self, embedding_directory=None, **kw):

@@ -54,6 +54,7 @@ def boot(workdir: str | None = None, pytorch_attention: bool = False):
                         ("input", folder_paths.set_input_directory)):
         os.makedirs(os.path.join(workdir, sub), exist_ok=True)
         setter(os.path.join(workdir, sub))
+    compat.import_host_packages()
     import nodes  # noqa: F401  (registers the stock nodes)
     compat.init_builtin_extra_nodes()
     custom = os.path.join(workdir, "custom_nodes")
@@ -61,10 +62,18 @@ def boot(workdir: str | None = None, pytorch_attention: bool = False):
     link = os.path.join(custom, PACK_NAME)
     if not os.path.exists(link):
         os.symlink(REPO_ROOT, link)
-    if not compat.load_custom_node(link):
+    pack = compat.load_custom_node(link)
+    if pack is None:
         raise RuntimeError(f"ComfyUI could not load the pack from {link}; see the log above")
-    _state.update(pack=sys.modules[PACK_NAME], workdir=workdir)
+    _state.update(pack=pack, workdir=workdir)
     return _state["pack"]
+
+
+def engine(name: str):
+    """A module of the engine as the loaded pack sees it (``engine("inheritance")``): one copy
+    of every class, the one ComfyUI's nodes use."""
+    import importlib
+    return importlib.import_module(f"{boot().__name__}.asdm.{name}")
 
 
 def workdir() -> str:
@@ -116,6 +125,18 @@ class Runner:
         return self.executor.status_messages
 
 
+def stock_node(class_type: str, **inputs) -> dict:
+    """An API-format node of the host's own ``class_type``; required widget inputs not given
+    take the host's default (hosts differ: current ComfyUI's UNETLoader has a weight_dtype)."""
+    import nodes
+    spec = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES().get("required", {})
+    for name, v in spec.items():
+        if name not in inputs and is_widget(v[0]):
+            opts = v[1] if len(v) > 1 else {}
+            inputs[name] = opts.get("default", v[0][0] if isinstance(v[0], list) else None)
+    return {"class_type": class_type, "inputs": inputs}
+
+
 def load_api_workflow(name: str) -> dict:
     import json
     with open(os.path.join(REPO_ROOT, "workflows", "api", name)) as f:
@@ -142,6 +163,31 @@ def random_bksdm_unet(layout: str = "base") -> str:
         save_unet(student, path + ".tmp", dtype=torch.float16)
         os.replace(path + ".tmp", path)
     add_model_folder(compat.unet_folder(), folder)
+    return name
+
+
+def random_controlnet(unet_config: dict, seed: int = 3) -> str:
+    """A project-made ControlNet for a UNet of ``unet_config`` (the host's own ControlNet class,
+    seeded random weights, zero convs included so it changes what it controls), in ComfyUI's
+    controlnet folder; generated once into the cache outside the clone."""
+    import hashlib
+    import json
+    import safetensors.torch
+    import torch
+    import comfy.cldm.cldm
+    from .testmodels import fill_
+    folder = os.path.join(_cache(), "controlnet")
+    digest = hashlib.sha1(json.dumps(unet_config, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"asdm-random-controlnet-{digest}-{seed}.safetensors"
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        cfg = {k: v for k, v in unet_config.items() if k != "out_channels"}
+        net = fill_(comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, **cfg), seed)
+        sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+        safetensors.torch.save_file(sd, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    add_model_folder("controlnet", folder)
     return name
 
 

@@ -6,9 +6,9 @@ and, when a later step will inherit, stores it; on an *inheriting* step it compu
 attention unit) and adds the stored ``F``. Everything outside the chosen units always runs.
 
 Sampling modes: ``Pn`` is a full step then n-1 inheriting steps, repeating; ``Pn†`` is the same
-with the last ``tail`` steps all full. Step 0 of a run is always full. Steps are sampler steps
-of the schedule being sampled (see ``compat.install_sampling_hooks`` for how each host reports
-them), so multi-call samplers, CFG and cond/uncond splitting do not shift the pattern.
+with the last steps all full (``tail``: a fraction of the run's steps, or a count). Step 0 of a run is always full. Steps are sampler steps
+of the schedule being sampled (``hooks``), so multi-call samplers, CFG and cond/uncond
+splitting do not shift the pattern.
 
 Stored features are keyed by unit and by conditioning chunk, and live in a per-run
 ``RunState`` that is dropped when the run ends or fails, or a new run starts.
@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import compat
+from . import hooks
 from .topology import PRESETS, Topology, TopologyError, Unit, describe, parse_unit_spec
 
 log = logging.getLogger("A-SDM")
+WRAPPER_KEY = "asdm_feature_inheritance"
 
 
 class InheritanceError(ValueError):
@@ -32,17 +33,25 @@ class InheritanceError(ValueError):
 
 @dataclass(frozen=True)
 class Schedule:
-    period: int  # n of Pn
-    tail: int    # k of Pn†: the last k steps are full
+    period: int    # n of Pn
+    tail: float    # Pn†: the last steps that are all full; below 1 a fraction of the run's steps
+                   # (0.2 = the paper's 10 of 50), 1 or more a count of steps
 
     def __post_init__(self):
         if not isinstance(self.period, int) or self.period < 1:
             raise InheritanceError(f"period must be an integer >= 1 (got {self.period!r}); 1 means every step is full")
-        if not isinstance(self.tail, int) or self.tail < 0:
-            raise InheritanceError(f"final_full_steps must be an integer >= 0 (got {self.tail!r})")
+        if not isinstance(self.tail, (int, float)) or self.tail < 0 or (self.tail >= 1 and self.tail != int(self.tail)):
+            raise InheritanceError(
+                f"final_full_steps must be a fraction of the schedule below 1 (0.2 = the last 20 % of "
+                f"the steps) or a whole number of steps (got {self.tail!r})")
+
+    def tail_steps(self, total: int | None) -> int:
+        if self.tail >= 1:
+            return int(self.tail)
+        return 0 if total is None else int(self.tail * total + 0.5)
 
     def is_full(self, step: int, total: int | None) -> bool:
-        if total is not None and step >= total - self.tail:
+        if total is not None and step >= total - self.tail_steps(total):
             return True
         return step % self.period == 0
 
@@ -56,10 +65,8 @@ class Schedule:
 
 
 @dataclass
-class RunState:
+class RunState(hooks.Run):
     """Everything one sampling run holds; dropped as a whole when the run ends."""
-    total: int | None
-    step: int = 0
     features: dict = field(default_factory=dict)   # unit path -> {"whole": (keys, F), "chunks": {key: F}}
     calls: list = field(default_factory=list)      # (step, mode) per model call, for reports and tests
     fallbacks: int = 0                             # inheriting calls that had to compute fully
@@ -73,12 +80,8 @@ class CallContext:
     run: RunState
 
 
-class InheritanceHolder:
-    """Shared by the unit forwards and the sampling hooks of one patched MODEL.
-
-    ModelPatcher.clone() deep-copies model_options, where our wrappers live; the holder must
-    stay one object so the object-patched unit forwards and the wrappers agree.
-    """
+class InheritanceHolder(hooks.HolderBase):
+    """Shared by the unit forwards and the sampling hooks of one patched MODEL (a RunHolder)."""
 
     def __init__(self, units: list[Unit], schedule: Schedule, label: str):
         self.units = units
@@ -88,10 +91,7 @@ class InheritanceHolder:
         self.call: CallContext | None = None
         self.last_run: RunState | None = None  # kept without features, for reports and tests
 
-    def __deepcopy__(self, memo):
-        return self
-
-    # -- run lifecycle (driven by compat) -----------------------------------------------------
+    # -- run lifecycle (driven by the sampling hooks) ----------------------------------------
     def start_run(self, total: int | None) -> RunState:
         self.run = RunState(total=total)
         return self.run
@@ -109,6 +109,14 @@ class InheritanceHolder:
                      f"; {run.fallbacks} calls computed fully for lack of stored features" if run.fallbacks else "")
 
     # -- per model call ---------------------------------------------------------------------
+    def unet_call(self, call, x, t, c):
+        """The UNet call wrapper: marks the call with its step mode while it runs."""
+        self.call = self.begin_call(hooks.current_run(self), x, hooks.chunk_keys(c))
+        try:
+            return call.next(x, t, c)
+        finally:
+            self.call = None
+
     def begin_call(self, run: RunState | None, x: torch.Tensor, keys: tuple) -> CallContext | None:
         if run is None:
             return None
@@ -221,7 +229,7 @@ def resolve_units(topo: Topology, preset: str, units: str) -> tuple[list[Unit], 
     return [u for u in topo.units if u.name in names], skipped
 
 
-def apply_inheritance(model, preset: str, units: str, period: int, tail: int):
+def apply_inheritance(model, preset: str, units: str, period: int, tail: float):
     """Returns a clone of ``model`` (a ComfyUI ModelPatcher) with feature inheritance."""
     schedule = Schedule(period, tail)
     unet = getattr(model.model, "diffusion_model", None)
@@ -240,14 +248,16 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: int):
         log.info("A-SDM feature inheritance: %s, so the MODEL is returned unchanged",
                  "empty unit set" if not chosen else "period 1 (every step full)")
         return m
-    label = f"{preset} P{period}" + (f"† last {tail}" if tail else "")
+    label = f"{preset} P{period}" + (
+        "" if not tail else f"† last {tail:.0%}" if tail < 1 else f"† last {int(tail)}")
     holder = InheritanceHolder(chosen, schedule, label)
     for u in chosen:
         module = unet.get_submodule(u.path)
         key = f"diffusion_model.{u.path}.forward"
         inner = m.object_patches.get(key, module.forward)
         m.add_object_patch(key, holder.unit_forward(module, u, inner))
-    compat.install_sampling_hooks(m, holder)
+    hooks.track_steps(m, holder)
+    hooks.wrap_unet_calls(m, WRAPPER_KEY, holder.unet_call)
     # Reachable for reports and tests; ComfyUI copies transformer_options into every call.
     m.model_options["transformer_options"]["asdm_inheritance"] = holder
     return m

@@ -2,20 +2,23 @@
 each computing the sampler steps of its own range (paper S1: BK-SDM Base for the first 10 of
 25 steps, SD for the last 15).
 
-The switch is a MODEL: a clone of the first range's MODEL whose model function hands every
-UNet call to the MODEL of the current step's range. Each MODEL keeps its own weight patches
-(loaded through the host's model manager when its range begins), object patches and model
-wrappers (feature inheritance, ME-CondConv), and its own transformer_options; what the sampler
-adds to a call (cond_or_uncond, sigmas, ...) is passed on. Steps are sampler steps, reported
-by the same hooks feature inheritance uses, so multi-call samplers stay in one range per step.
-CFG-level options (sampler_cfg_function and the like) are the first MODEL's.
+The switch is a MODEL: a clone of the first range's MODEL (its weights and object patches, its
+sampler-level options) whose UNet call wrapper hands every UNet call to the MODEL of the current
+step's range. What acts on one model's own UNet calls (its UNet call wrappers: feature
+inheritance, EasyCache's model wrapper; its attention and block patches) is taken off the
+switch and applied per call by the model it belongs to, so each model keeps its own patches in
+its own range; whatever is added to the switch MODEL afterwards acts in every range. Each model
+is loaded through the host's model manager (on current ComfyUI with the switch MODEL, as its
+additional models) and made current when its range begins, so its weight patches (LoRA) apply.
+Steps are sampler steps, reported by the sampling hooks, so multi-call samplers stay in one
+range per step. CFG-level options (sampler_cfg_function and the like) are the first MODEL's.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 
-from . import compat
+from . import compat, hooks
 
 log = logging.getLogger("A-SDM")
 
@@ -78,24 +81,18 @@ def check_models(models: list) -> None:
 
 
 @dataclass
-class SwitchRun:
-    total: int | None
-    step: int = 0
-    active: int = 0                      # index of the MODEL whose weights are loaded
+class SwitchRun(hooks.Run):
+    active: int | None = None            # index of the MODEL made current for this run
     calls: list = field(default_factory=list)   # (step, model index) per UNet call
 
 
-class UNetSwitch:
-    """Shared by the switch MODEL's wrapper and the sampling hooks (one object across clones)."""
+class UNetSwitch(hooks.HolderBase):
+    """Shared by the switch MODEL's wrapper and the sampling hooks (a RunHolder)."""
 
-    def __init__(self, models: list, ranges: list[Range], unit: str, own_keys: set):
-        self.models, self.ranges, self.unit = models, ranges, unit
-        self.own_keys = own_keys         # transformer_options keys that belong to the first MODEL
+    def __init__(self, patchers: list, ranges: list[Range], unit: str):
+        self.patchers, self.ranges, self.unit = patchers, ranges, unit
         self.run: SwitchRun | None = None
         self.last_run: SwitchRun | None = None
-
-    def __deepcopy__(self, memo):
-        return self
 
     def start_run(self, total):
         self.run = SwitchRun(total=total)
@@ -116,26 +113,38 @@ class UNetSwitch:
             f"A-SDM UNet Switch: step {step} of a {total}-step schedule is in no range (the ranges "
             f"end at {last.end}); raise the last end or set it to -1 (until the end)")
 
-    def __call__(self, apply_model, args):
-        run = compat.current_run(self)
+    def unet_call(self, call, x, t, c):
+        run = hooks.current_run(self)
         if run is None:
             raise SwitchError("A-SDM UNet Switch: could not tell the sampler step on this sampler / "
                               "ComfyUI version, so the switch cannot pick a model; use a k-diffusion "
                               "sampler (euler, heun, dpmpp_*) or uni_pc")
         i = self.model_index(run.step, run.total)
         run.calls.append((run.step, i))
-        p = self.models[i]
+        p = self.patchers[i]
         if i != run.active:
-            compat.load_models([p])   # the host's model manager patches it and offloads as needed
+            compat.ensure_loaded(p)   # its weight patches, through the host's model manager
             run.active = i
-        c = dict(args["c"])
-        to = {k: v for k, v in c.get("transformer_options", {}).items() if k not in self.own_keys}
-        to.update(p.model_options.get("transformer_options", {}))
-        c["transformer_options"] = to
-        wrapper = p.model_options.get("model_function_wrapper")
-        if wrapper is not None:
-            return wrapper(p.model.apply_model, dict(args, c=c))
-        return p.model.apply_model(args["input"], args["timestep"], **c)
+        own = compat.unet_options(p)
+        c = dict(c, transformer_options=merge_options(c.get("transformer_options", {}), own))
+        return call.next_on(p, x, t, c)
+
+
+def merge_options(base: dict, own: dict) -> dict:
+    """``base`` (a call's transformer_options) with a model's own added: nested dicts merged,
+    lists joined, other values taken from ``own``. Neither argument is changed."""
+    out = dict(base)
+    for k, v in own.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_options(out[k], v)
+        elif isinstance(v, list) and isinstance(out.get(k), list):
+            out[k] = out[k] + v
+        else:
+            out[k] = v
+    return out
+
+
+WRAPPER_KEY = "asdm_switch"
 
 
 def make_switch(models: list, ranges: list[Range], unit: str = "steps"):
@@ -146,10 +155,17 @@ def make_switch(models: list, ranges: list[Range], unit: str = "steps"):
     check_ranges(ranges, unit)
     check_models(models)
     out = models[0].clone()
-    sw = UNetSwitch(list(models), list(ranges), unit,
-                    set(models[0].model_options.get("transformer_options", {})))
-    out.set_model_unet_function_wrapper(sw)
-    compat.install_step_tracking(out, sw)
-    compat.copy_outer_wrappers(out, models[1:])
-    out.model_options.setdefault("transformer_options", {})["asdm_switch"] = sw
+    compat.without_unet_options(out)   # the first model's own come back in its range
+    sw = UNetSwitch(list(models), list(ranges), unit)
+    hooks.track_steps(out, sw)
+    compat.copy_step_tracking(out, models[1:])
+    hooks.wrap_unet_calls(out, WRAPPER_KEY, sw.unet_call)
+    # The host loads the other models with the switch; one that shares the first model's UNet
+    # (a LoRA'd copy) cannot be resident beside it and is made current when its range begins.
+    extra = []
+    for m in models[1:]:
+        if not m.is_clone(out) and not any(m.is_clone(e) for e in extra):
+            extra.append(m)
+    compat.add_extra_models(out, WRAPPER_KEY, extra)
+    out.model_options["transformer_options"]["asdm_switch"] = sw
     return out

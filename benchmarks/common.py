@@ -1,6 +1,5 @@
 """What the benchmark scripts share: the host, one fixed UNet input, and a timer that loads the
 MODEL through the host's model manager and times single UNet calls."""
-import importlib
 import logging
 import os
 import statistics
@@ -13,8 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from asdm import host  # noqa: E402
 
 
-def engine(name):
-    return importlib.import_module(f"{host.PACK_NAME}.asdm.{name}")
+engine = host.engine
 
 
 def sync():

@@ -8,7 +8,6 @@ bound for the same pattern, from the units' residual-branch FLOPs counted on the
     python benchmarks/inheritance.py [--size 16] [--steps 50] [--reps 3] [--batch 2]
 """
 import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ def main():
     a = ap.parse_args()
 
     host.boot()
-    E = lambda n: importlib.import_module(f"{host.PACK_NAME}.asdm.{n}")
+    E = host.engine
     tm, inh, topology, flops = E("testmodels"), E("inheritance"), E("topology"), E("flops")
     import comfy.model_management as mm
 

@@ -13,7 +13,8 @@ class FeatureInheritance:
         "Speeds up sampling without training (A-SDM §V): on a full step the chosen units store "
         "their residual-branch output; on the following inheriting steps they compute only their "
         "identity path and reuse it. Pn = one full step then n-1 inheriting steps; with "
-        "final_full_steps = k the last k steps are all full (Pn†). Periods count sampler steps, "
+        "final_full_steps the last part of the schedule is all full (Pn†; default the last 20 %). "
+        "Periods count sampler steps, "
         "so multi-call samplers (heun, dpm_2, uni_pc) and CFG keep the pattern. Stacks with LoRA, "
         "FreeU, ToMe and the other A-SDM nodes.")
 
@@ -34,8 +35,11 @@ class FeatureInheritance:
             "period": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip":
                 "n of Pn: one full step, then n-1 inheriting steps, repeating. 1 = every step full "
                 "(the MODEL is unchanged)."}),
-            "final_full_steps": ("INT", {"default": 10, "min": 0, "max": 10000, "tooltip":
-                "k of Pn†: the last k sampler steps are all full (the paper uses 10 of 50). 0 = plain Pn."}),
+            "final_full_steps": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 10000.0, "step": 0.05, "tooltip":
+                "Pn†: the last part of the schedule is all full steps. Below 1: a fraction of the "
+                "sampler's steps (0.2 = the last 20 %, the paper's 10 of 50; 4 of a 20-step run). "
+                "1 or more: a number of steps (graphs saved with the older integer setting keep "
+                "their meaning). 0 = plain Pn."}),
         }}
 
     def patch(self, model, preset, units, period, final_full_steps):

@@ -15,7 +15,6 @@ run's, summed over the captions, in one process; FLOP bound: the UNet FLOP ratio
 import argparse
 import copy
 import glob
-import importlib
 import json
 import math
 import os
@@ -32,8 +31,7 @@ EVAL_SEED = 20261123      # the evaluation captions (not in the training set's s
 REFERENCE_SEED = 2        # dataset images for the Fréchet distance
 
 
-def E(name):
-    return importlib.import_module(f"{host.PACK_NAME}.asdm.{name}")
+E = host.engine
 
 
 class Job:

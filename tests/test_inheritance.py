@@ -166,8 +166,8 @@ def test_lora_patch_still_applies_and_unpatch_restores_weights(N, tiny, conds):
 @pytest.mark.parametrize("order", ["asdm_first", "asdm_last"])
 def test_stacks_with_freeu_and_tome(N, tiny, conds, order):
     def others(m):
-        m = N["FreeU"]().patch(m, 1.1, 1.2, 0.9, 0.2)[0]
-        return N["TomePatchModel"]().patch(m, 0.3)[0]
+        m = compat.call_node(N["FreeU"], model=m, b1=1.1, b2=1.2, s1=0.9, s2=0.2)[0]
+        return compat.call_node(N["TomePatchModel"], model=m, ratio=0.3)[0]
     if order == "asdm_first":
         stacked = others(patch(N, tiny, "LI1", period=2))
     else:
@@ -183,7 +183,8 @@ def test_stacks_with_freeu_and_tome(N, tiny, conds, order):
     (dict(preset="custom", units="dn0, dn9.1"), "'dn9.1' names no unit"),
     (dict(preset="custom", units="dn0..A"), "malformed unit token 'dn0..A'"),
     (dict(period=0), "period must be an integer >= 1"),
-    (dict(tail=-1), "final_full_steps must be an integer >= 0"),
+    (dict(tail=-1), "final_full_steps must be a fraction of the schedule below 1"),
+    (dict(tail=2.5), "or a whole number of steps (got 2.5)"),
 ])
 def test_bad_input_is_a_clear_node_error(N, tiny, kwargs, needle):
     with pytest.raises(ValueError) as e:
@@ -201,3 +202,12 @@ def test_non_unet_model_is_a_clear_node_error(N, tiny):
     m.model.diffusion_model = torch.nn.Linear(4, 4)   # e.g. a transformer-style diffusion model
     with pytest.raises(ValueError, match="not an SD-style UNet"):
         patch(N, m)
+
+
+def test_final_full_steps_as_fraction_or_count():
+    # below 1 a fraction of the run's steps (the default 0.2 = the paper's 10 of 50); 1 or more a
+    # count of steps, as graphs saved before the fraction keep meaning
+    assert inh.Schedule(5, 0.2).pattern(50) == inh.Schedule(5, 10).pattern(50)
+    assert inh.Schedule(5, 0.2).pattern(20) == inh.Schedule(5, 4).pattern(20) == "FIIIIFIIIIFIIIIFFFFF"
+    assert inh.Schedule(5, 0.2).pattern(10) == "FIIIIFIIFF"
+    assert inh.Schedule(5, 10).pattern(10) == "F" * 10

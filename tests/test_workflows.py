@@ -141,7 +141,7 @@ def test_assembly_m2_workflow_and_stock_loader(runner, ckpt, base_unet):
     stock = variant(m2)
     for k in ("5", "6", "10"):
         del stock[k]
-    stock["11"] = {"class_type": "UNETLoader", "inputs": {"unet_name": saved}}
+    stock["11"] = host.stock_node("UNETLoader", unet_name=saved)
     stock["7"]["inputs"]["model"] = ["11", 0]
     save_latent(stock, "7", "asmB")
     runner.run(stock)
