@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from . import compat
+from . import host_models
 from .topology import Topology, TopologyError, describe
 
 RECIPES: dict[str, tuple[str, str]] = {
@@ -154,7 +154,7 @@ def assemble(original, compressed, recipe: str):
                transformer_depth_middle=_mid_depth(src[mid_src][1]) if mid_src else -2)
     cfg.pop("dtype", None)
 
-    clean = {s: compat.unet_state_dict(p) for s, (p, _, _) in src.items()
+    clean = {s: host_models.unet_state_dict(p) for s, (p, _, _) in src.items()
              if s in choice.values()}
     model_config = type(original.model.model_config)(cfg)
     target = describe(_build_empty(model_config))
@@ -162,7 +162,7 @@ def assemble(original, compressed, recipe: str):
     for part, s in choice.items():
         _copy_entries(clean[s], src[s][2].entries[part], target.entries[part], sd)
     prediction = "v" if "V_PREDICTION" in str(original.model.model_type) else "eps"
-    patcher = compat.model_from_config(model_config, sd, prediction, _check_complete)
+    patcher = host_models.model_from_config(model_config, sd, prediction, _check_complete)
     patcher.model.model_config.asdm_recipe = recipe_string(choice)
     return patcher
 
@@ -227,7 +227,7 @@ def compress(teacher, layout: str = "base"):
                transformer_depth_middle=_mid_depth(ut) if keep_mid else -2)
     model_config = type(teacher.model.model_config)(cfg)
     student = describe(_build_empty(model_config))
-    clean = compat.unet_state_dict(teacher)
+    clean = host_models.unet_state_dict(teacher)
     sd = {}
     for part in ("in", "time", "out"):
         _copy_entries(clean, tt.entries[part], student.entries[part], sd)
@@ -240,7 +240,7 @@ def compress(teacher, layout: str = "base"):
     if keep_mid:
         _copy_entries(clean, tt.entries["mid"], student.entries["mid"], sd)
     prediction = "v" if "V_PREDICTION" in str(teacher.model.model_type) else "eps"
-    return compat.model_from_config(model_config, sd, prediction, _check_complete)
+    return host_models.model_from_config(model_config, sd, prediction, _check_complete)
 
 
 def _keep_up(items: list, count: int) -> list:
@@ -258,7 +258,7 @@ def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, st
     import safetensors.torch
     from .unet_files import ASDM_FORMAT
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-          for k, v in (state if state is not None else compat.unet_state_dict(patcher)).items()}
+          for k, v in (state if state is not None else host_models.unet_state_dict(patcher)).items()}
     mc = patcher.model.model_config
     meta = {"asdm.format": ASDM_FORMAT,
             "asdm.family": type(mc).__name__,

@@ -370,72 +370,10 @@ def execute(executor, prompt: dict, prompt_id: str, outputs: list) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building a MODEL from a model config and ldm weights (as the host's own UNet loader does)
+# Model folders
 # ---------------------------------------------------------------------------------------------
-
-def model_from_config(model_config, sd: dict, prediction: str = "eps", check=None):
-    """ModelPatcher for ``model_config`` with the weights ``sd`` (ldm keys, no prefix).
-    ``check(unet, sd)`` runs on the built UNet before the weights are loaded."""
-    import comfy.model_base
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.utils
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    dtypes = model_config.supported_inference_dtypes
-    unet_dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=dtypes)
-    model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, load_device, dtypes))
-    mt = comfy.model_base.ModelType
-    kind = {"eps": mt.EPS, "v": mt.V_PREDICTION, "v_prediction": mt.V_PREDICTION}[prediction]
-    model_config.model_type = lambda *a, **k: kind   # the weights cannot tell eps from v
-    model = model_config.get_model(sd, "")
-    if check is not None:
-        check(model.diffusion_model, sd)
-    model = model.to(offload_device)
-    model.load_model_weights(dict(sd), "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-
-
-def unet_state_dict(patcher) -> dict:
-    """The UNet weights as this MODEL applies them (its own weight patches baked in, as the
-    host's save nodes do). Loading it through the model manager first unpatches any loaded
-    clone that shares these weights (a LoRA'd copy of the same checkpoint elsewhere)."""
-    import comfy.model_management as mm
-    mm.load_models_gpu([patcher])
-    return {k: v.detach().to(mm.unet_offload_device())   # read-only use: no copy on the CPU
-            for k, v in patcher.model.diffusion_model.state_dict().items()}
-
 
 def unet_folder() -> str:
     """The models folder key for UNets: 'diffusion_models' on current ComfyUI, 'unet' before."""
     import folder_paths
     return "diffusion_models" if "diffusion_models" in folder_paths.folder_names_and_paths else "unet"
-
-
-# ---------------------------------------------------------------------------------------------
-# Text encoder and VAE objects of a given architecture (the embedded model)
-# ---------------------------------------------------------------------------------------------
-
-def make_clip(model_cls, tokenizer_cls):
-    """A host CLIP object around ``model_cls`` / ``tokenizer_cls`` (SD1-style classes). Current
-    ComfyUI passes extra keyword arguments (model_options, tokenizer_data) to both; the classes
-    take them through ``**kw``."""
-    import comfy.sd
-    import comfy.supported_models_base as smb
-    import folder_paths
-    target = smb.ClipTarget(tokenizer_cls, model_cls)
-    return comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"))
-
-
-def make_vae(sd: dict, ddconfig: dict):
-    """A host VAE object of an AutoencoderKL with ``ddconfig`` holding exactly ``sd``."""
-    import comfy.sd
-    missing = [k for k in ("encoder.conv_in.weight", "decoder.conv_out.weight") if k not in sd]
-    if missing:
-        raise ValueError(f"not an AutoencoderKL state dict (no {missing[0]})")
-    vae = comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
-    own = vae.first_stage_model.state_dict()
-    bad = [k for k in own if k not in sd or own[k].shape != sd[k].shape]
-    if bad:   # the host loads non-strictly and only logs; a partial VAE must not pass silently
-        raise ValueError(f"the VAE weights do not fit the architecture ({len(bad)} keys, e.g. {bad[0]})")
-    return vae

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .testmodels import TINY_UNET
+from .host_models import SD15_UNET_CONFIG
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(REPO_ROOT, "weights", "embedded")
@@ -31,7 +31,7 @@ FAMILY_UNETS = os.path.join(WEIGHTS, "unet")         # compressed / assembled UN
 FAMILY_EXPERTS = os.path.join(WEIGHTS, "condconv")   # their ME-CondConv experts
 IMAGE_SIZE = 64
 CONTEXT_DIM = 64
-UNET_CONFIG = dict(TINY_UNET, context_dim=CONTEXT_DIM)
+UNET_CONFIG = dict(SD15_UNET_CONFIG, model_channels=32, context_dim=CONTEXT_DIM)
 TEXT_CONFIG = {"hidden_size": CONTEXT_DIM, "intermediate_size": 256, "num_attention_heads": 4,
                "num_hidden_layers": 2, "hidden_act": "quick_gelu", "projection_dim": CONTEXT_DIM,
                "vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-05,
@@ -93,10 +93,10 @@ def _clip_classes():
 
 def new_clip():
     """A host CLIP object of the embedded text encoder (weights as constructed)."""
-    from . import compat
+    from . import host_models
     model_cls, tok_cls = _clip_classes()
     with torch.no_grad():   # the host's CLIP constructor writes into its own parameters
-        return compat.make_clip(model_cls, tok_cls)
+        return host_models.make_clip(model_cls, tok_cls)
 
 
 def text_state_dict(clip) -> dict:
@@ -154,11 +154,11 @@ def new_vae_model():
 
 def load(folder: str | None = None):
     """(MODEL, CLIP, VAE) of the embedded model, as the stock sampler and decode nodes take them."""
-    from . import compat, unet_files
+    from . import host_models, unet_files
     folder = folder or WEIGHTS
     files = {k: _require(os.path.join(folder, v)) for k, v in FILES.items() if k != "checker"}
     model = unet_files.load_unet(files["unet"], "eps")
     clip = new_clip()
     load_text_state(clip, unet_files.read_safetensors(files["text"])[0])
-    vae = compat.make_vae(unet_files.read_safetensors(files["vae"])[0], VAE_CONFIG)
+    vae = host_models.make_vae(unet_files.read_safetensors(files["vae"])[0], VAE_CONFIG)
     return model, clip, vae

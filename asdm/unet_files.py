@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import torch
 
-from . import compat
+from . import host_models
 
 
 class UNetFileError(ValueError):
@@ -260,7 +260,7 @@ def build_model(sd_ldm: dict, prediction: str = "eps", config: dict | None = Non
     family = family_of(cfg)
     _heads_check(cfg, family, config)
     model_config = (sm.SD20 if family == "SD2" else sm.SD15)(cfg)
-    patcher = compat.model_from_config(model_config, sd_ldm, prediction, _check_keys)
+    patcher = host_models.model_from_config(model_config, sd_ldm, prediction, _check_keys)
     return patcher
 
 

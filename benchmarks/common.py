@@ -9,7 +9,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm import host  # noqa: E402
+from asdm.harness import host  # noqa: E402
 
 
 engine = host.engine

@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm import host  # noqa: E402
+from asdm.harness import host  # noqa: E402
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
 
     host.boot()
     E = host.engine
-    tm, inh, topology, flops = E("testmodels"), E("inheritance"), E("topology"), E("flops")
+    tm, inh, topology, flops = E("harness.models"), E("inheritance"), E("topology"), E("evaluation.flops")
     import comfy.model_management as mm
 
     base = tm.sd_model(tm.SD15_UNET, seed=0)

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm import host  # noqa: E402
+from asdm.harness import graphs, host  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_SEED = 20261123      # the evaluation captions (not in the training set's seed)
@@ -56,7 +56,7 @@ class Job:
     def prompt(self, run, caption, j, prefix):
         kind = run["kind"]
         if kind in ("plain", "fi"):
-            api = self._common(host.load_api_workflow("feature_inheritance_sd15.json"), caption, j, prefix, "6")
+            api = self._common(graphs.load_api_workflow("feature_inheritance_sd15.json"), caption, j, prefix, "6")
             if kind == "plain":
                 del api["5"]
                 api["6"]["inputs"]["model"] = ["1", 0]
@@ -65,7 +65,7 @@ class Job:
                                           final_full_steps=run["tail"])
             return api
         if kind == "switch":
-            api = self._common(host.load_api_workflow("switch_s1_sd15.json"), caption, j, prefix, "7")
+            api = self._common(graphs.load_api_workflow("switch_s1_sd15.json"), caption, j, prefix, "7")
             api["5"]["inputs"].update(unet_name=self.fam("base"), prediction="auto")
             src = {"base": ["5", 0], "full": ["1", 0]}
             (m1, e1), (m2, _) = run["ranges"]
@@ -73,7 +73,7 @@ class Job:
                                       model_2=src[m2], start_2=float(e1), end_2=-1.0)
             return api
         # a compressed / assembled UNet, optionally with its ME-CondConv experts
-        api = self._common(host.load_api_workflow("assembly_m2_sd15.json"), caption, j, prefix, "7")
+        api = self._common(graphs.load_api_workflow("assembly_m2_sd15.json"), caption, j, prefix, "7")
         for k in ("6", "10"):
             del api[k]
         api["5"]["inputs"].update(unet_name=self.fam(run["unet"]), prediction="auto")
@@ -127,7 +127,7 @@ def runs_list(a, presets):
 def flop_bounds(runs, a):
     """UNet FLOP ratio full / run over the whole run, counted on the embedded UNets at 64 px."""
     import torch
-    flops, inh, unet_files, condconv = E("flops"), E("inheritance"), E("unet_files"), E("condconv")
+    flops, inh, unet_files, condconv = E("evaluation.flops"), E("inheritance"), E("unet_files"), E("condconv")
     emb = E("embedded")
     b = 2 * a.batch
     x, t, ctx = torch.randn(b, 4, 8, 8), torch.full((b,), 500.0), torch.randn(b, 77, emb.CONTEXT_DIM)
@@ -215,7 +215,7 @@ def main():
     if a.quick:
         a.prompts, a.batch, a.presets = 2, 2, a.presets or "CO6,EX3,IN3"
     host.boot(pytorch_attention=True)
-    shapes, metrics, report, topology = E("shapes"), E("metrics"), E("report"), E("topology")
+    shapes, metrics, report, topology = E("training.shapes"), E("evaluation.metrics"), E("evaluation.report"), E("topology")
     emb = E("embedded")
     presets = [p.strip() for p in a.presets.split(",") if p.strip()] or list(topology.PRESETS)
     scenes = shapes.generate(a.prompts, emb.IMAGE_SIZE, EVAL_SEED)

@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm import host  # noqa: E402
+from asdm.harness import graphs, host  # noqa: E402
 
 
 def main():
@@ -16,7 +16,7 @@ def main():
     api_dir = os.path.join(host.REPO_ROOT, "workflows", "api")
     for name in sorted(os.listdir(api_dir)):
         if name.endswith(".json"):
-            ui = host.api_to_ui(host.load_api_workflow(name))
+            ui = graphs.api_to_ui(graphs.load_api_workflow(name))
             with open(os.path.join(host.REPO_ROOT, "workflows", name), "w") as f:
                 json.dump(ui, f, indent=1)
                 f.write("\n")

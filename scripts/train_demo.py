@@ -1,6 +1,6 @@
 """A small real run of the trainer on this machine's CPU: a narrow SD1-layout teacher (random
 weights) and a synthetic set of latents and text contexts, step 1 (BK-SDM Base) then step 2
-(M2 assembly, teacher blocks frozen), through the same code as `python -m asdm.train`.
+(M2 assembly, teacher blocks frozen), through the same code as `python -m asdm.training`.
 
     python scripts/train_demo.py [--dir /tmp/asdm-train-demo] [--steps1 300] [--steps2 100]
 """
@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm import host  # noqa: E402
+from asdm.harness import host  # noqa: E402
 
 
 def main():
@@ -38,7 +38,7 @@ def main():
         path = os.path.join(a.dir, f"{name}.toml")
         with open(path, "w") as f:
             f.write(f'out = "{name}"\nsteps = {n}\n' + common + student)
-        print(f"== {name}: python -m asdm.train {path}", flush=True)
+        print(f"== {name}: python -m asdm.training {path}", flush=True)
         train.train(train.load_config(path))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm import host  # noqa: E402
+from asdm.harness import host  # noqa: E402
 
 PACK = host.boot()
 
@@ -24,12 +24,12 @@ def N():
 
 @pytest.fixture(scope="session")
 def tiny():
-    return engine("testmodels").sd_model(seed=0)
+    return engine("harness.models").sd_model(seed=0)
 
 
 @pytest.fixture(scope="session")
 def conds():
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     return tm.conditioning(64, 1), tm.conditioning(64, 2)
 
 

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from asdm import host
+from asdm.harness import graphs, host
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -136,7 +136,7 @@ def object_info(server):
 def widget_inputs(info: dict) -> list[str]:
     """Input names the front end shows as widgets, in its order."""
     return [name for sec in ("required", "optional")
-            for name, spec in info["input"].get(sec, {}).items() if host.is_widget(spec[0])]
+            for name, spec in info["input"].get(sec, {}).items() if graphs.is_widget(spec[0])]
 
 
 def test_every_asdm_input_has_a_tooltip(object_info):
@@ -169,7 +169,7 @@ def test_new_nodes_show_their_widgets_with_defaults(page, object_info):
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_graph_loads_renders_and_runs(page, server, object_info, name):
     ui = json.load(open(os.path.join(ROOT, "workflows", name)))
-    api = host.load_api_workflow(name)
+    api = graphs.load_api_workflow(name)
     loaded = page.evaluate("""async (g) => {
         await app.loadGraphData(g);
         // the whole graph in view: scale and offset to its bounding box (titles sit above pos)

@@ -106,7 +106,7 @@ def test_real_topology_parameter_counts(cfg, want):
 
 @pytest.fixture(scope="module")
 def sd_and_base():
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     sd = tm.sd_model(tm.TINY_SD1, seed=0)
     base = engine("assembly").compress(sd, "base")
     tm.fill_(base.model.diffusion_model, seed=5)   # a "distilled" Base: weights differ from SD's
@@ -125,7 +125,7 @@ def forward(m, seed=0):
 
 
 def test_compress_keeps_bksdm_layers(sd_and_base):
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     sd = sd_and_base[0]
     topo = engine("topology").describe
     for layout, levels, mid in (("base", 4, True), ("small", 4, False), ("tiny", 3, False)):
@@ -197,7 +197,7 @@ def test_assembly_errors(N, sd_and_base):
         node.assemble(sd, base, "custom", "dn7=B")
     with pytest.raises(ValueError, match="malformed recipe entry"):
         node.assemble(sd, base, "custom", "dn0 B")
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     v2 = tm.sd_model(dict(tm.TINY_SD1, context_dim=1024, use_linear_in_transformer=True), seed=1)
     with pytest.raises(ValueError, match="different families"):
         node.assemble(sd, v2, "M2", "")

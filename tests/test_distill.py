@@ -10,7 +10,7 @@ def synthetic(n=8, size=8, ctx_dim=64, seed=0):
 
 
 def train(teacher, student, params, steps, seed=0, lr=1e-3, weights=None):
-    d = engine("distill")
+    d = engine("training.distill")
     sigmas = torch.linspace(0.03, 14.6, 1000)   # SD's range of noise levels
     x0, ctx = synthetic(seed=seed)
     opt = torch.optim.Adam(params, lr=lr)
@@ -35,7 +35,7 @@ def test_training_forward_equals_the_hosts(tiny):
     t = torch.tensor([100.0, 700.0])
     with torch.no_grad():
         want = unet(x, timesteps=t, context=ctx)
-        with engine("distill").trainable(unet):
+        with engine("training.distill").trainable(unet):
             got = unet(x, timesteps=t, context=ctx)
         again = unet(x, timesteps=t, context=ctx)
     assert torch.equal(got, want) and torch.equal(again, want)
@@ -54,7 +54,7 @@ def test_step1_compress_lowers_the_loss_and_moves_toward_the_teacher(tiny):
     teacher = tiny.model.diffusion_model
     student_m = engine("assembly").compress(tiny, "base")
     student = student_m.model.diffusion_model
-    engine("testmodels").fill_(student, seed=7)   # start far from the teacher (BK-SDM would start from its weights)
+    engine("harness.models").fill_(student, seed=7)   # start far from the teacher (BK-SDM would start from its weights)
     for p in teacher.parameters():
         p.requires_grad_(False)
     state = {k: v.clone() for k, v in student.state_dict().items()}
@@ -67,15 +67,15 @@ def test_step1_compress_lowers_the_loss_and_moves_toward_the_teacher(tiny):
     student.load_state_dict(state)
     before = gap(teacher, student)
     train(teacher, student, [p for p in student.parameters()], steps=200,
-          weights=engine("distill").LossWeights(task=0.0))
+          weights=engine("training.distill").LossWeights(task=0.0))
     assert gap(teacher, student) < 0.5 * before
     # feature-KD saw every shared block output, mid included
-    pairs = engine("distill").shared_blocks(teacher, student)
+    pairs = engine("training.distill").shared_blocks(teacher, student)
     assert [p[0] for p in pairs] == ["dn0", "dn1", "dn2", "dn3", "mid", "up0", "up1", "up2", "up3"]
 
 
 def test_step2_assembly_trains_only_the_compressed_part(tiny):
-    asm, d = engine("assembly"), engine("distill")
+    asm, d = engine("assembly"), engine("training.distill")
     base = asm.compress(tiny, "base")
     m2 = asm.assemble(tiny, base, asm.RECIPES["M2"][0])
     unet = m2.model.diffusion_model

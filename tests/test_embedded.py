@@ -29,7 +29,7 @@ def test_node_outputs_drive_stock_nodes(N, loaded):
     assert cond[0][0].shape == (1, 77, 64)
     assert engine("unet_files").family_of(model.model.model_config.unet_config) == "embedded"
     # the VAE has SD1.5's latent shape and scale: dataset latents x 0.18215 have unit deviation
-    scenes = engine("shapes").generate(64, 64, seed=3)
+    scenes = engine("training.shapes").generate(64, 64, seed=3)
     pixels = torch.from_numpy(np.stack([s.image for s in scenes]) / 255.0).float()
     with torch.inference_mode():
         lat = vae.encode(pixels)
@@ -40,7 +40,7 @@ def test_node_outputs_drive_stock_nodes(N, loaded):
 def test_images_follow_their_captions(N, loaded):
     """8 held-out captions x 2 seeds: the checker finds >= RATE of the stated attributes, and the
     same images scored against the other captions score far lower (the prompt matters)."""
-    metrics, shapes = engine("metrics"), engine("shapes")
+    metrics, shapes = engine("evaluation.metrics"), engine("training.shapes")
     checker = metrics.load_checker(engine("embedded").path("checker"))
     scenes = shapes.generate(8, 64, EVAL_SEED)
     imgs = np.concatenate([sample(N, *loaded, s.caption, 1000 + j) for j, s in enumerate(scenes)])
@@ -76,7 +76,7 @@ def test_family_in_the_loaders(N, loaded):
 
 def test_vae_rescale_is_exact():
     """rescale_vae multiplies the latent by c and leaves what decodes unchanged."""
-    et, emb = engine("embedded_train"), engine("embedded")
+    et, emb = engine("training.embedded"), engine("embedded")
     torch.manual_seed(0)
     vae = et.init_(emb.new_vae_model()).eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -92,7 +92,7 @@ def test_vae_rescale_is_exact():
 
 def test_training_is_reproducible_from_its_seed():
     """Two short runs from the same seed give bit-identical weights; another seed does not."""
-    et, shapes = engine("embedded_train"), engine("shapes")
+    et, shapes = engine("training.embedded"), engine("training.shapes")
     scenes = shapes.generate(8, 64, seed=0)
     images = et.images_tensor(scenes)
     v1, v2, v3 = (et.train_vae(images, 2, 2, s, log=lambda m: None) for s in (0, 0, 1))

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import engine, holder_of, ksample, unload_all
-from asdm import host
+from asdm.harness import host
 
 compat = engine("compat")
-tm = engine("testmodels")
+tm = engine("harness.models")
 
 # Runs that differ only by where the same float operations happen (inside or outside another
 # wrapper) are equal to this relative tolerance; inheritance itself changes outputs by > 1e-3.

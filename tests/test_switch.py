@@ -9,7 +9,7 @@ STEPS, BOUNDARY = 8, 3
 
 @pytest.fixture(scope="module")
 def models():
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     sd = tm.sd_model(tm.TINY_SD1, seed=0)
     base = engine("assembly").compress(sd, "base")
     tm.fill_(base.model.diffusion_model, seed=5)
@@ -18,7 +18,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def conds768():
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     return tm.conditioning(768, 1), tm.conditioning(768, 2)
 
 
@@ -144,7 +144,7 @@ def test_switch_errors(N, models, conds768):
         node.switch("steps", **common, start_1=0.0, end_1=2.5, start_2=2.5, end_2=-1.0)
     with pytest.raises(ValueError, match="within 0-1"):
         node.switch("fraction", **common, start_1=0.0, end_1=10.0, start_2=10.0, end_2=-1.0)
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     v2 = tm.sd_model(dict(tm.TINY_SD1, context_dim=1024, use_linear_in_transformer=True), seed=1)
     with pytest.raises(ValueError, match="model_2 does not match model_1"):
         node.switch("steps", model_1=base, model_2=v2, start_1=0.0, end_1=3.0, start_2=3.0, end_2=-1.0)

@@ -4,7 +4,7 @@ import pytest
 from conftest import engine
 
 topology = engine("topology")
-tm = engine("testmodels")
+tm = engine("harness.models")
 
 
 def unet(**over):

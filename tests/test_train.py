@@ -10,13 +10,13 @@ import safetensors.torch
 import torch
 
 from conftest import engine, ksample
-from asdm import host
+from asdm.harness import host
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     teacher = tm.sd_model(tm.TINY_SD1, seed=0)
     engine("assembly").save_unet(teacher, str(d / "teacher.safetensors"))
     g = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ def weights(out):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(files, N, tmp_path):
-    tr = engine("train")
+    tr = engine("training.trainer")
     full = tr.train(tr.load_config(config(files, tmp_path / "full")))
     assert len(full["history"]) == 6 and all(v > 0 for v in full["history"][0][1].values())
     tr.train(tr.load_config(config(files, tmp_path / "parts", steps=3)))            # "interrupted" after 3
@@ -59,7 +59,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(files, N, tmp_path):
     import folder_paths
     folder_paths.add_model_folder_path(engine("compat").unet_folder(), str(tmp_path / "full"))
     m = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     out = ksample(m, (tm.conditioning(768, 1), tm.conditioning(768, 2)), steps=3)
     assert torch.isfinite(out).all()
 
@@ -72,7 +72,7 @@ def run_cli(args, timeout=300):
 
 def test_torchrun_two_processes_end_with_identical_weights(files, tmp_path):
     cfg = config(files, tmp_path / "ddp", steps=3, batch=4, save_every=3, grad_accum=2)
-    r = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "asdm.train", cfg], timeout=600)
+    r = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "asdm.training", cfg], timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     digests = re.findall(r"rank (\d): weights sha256 (\w+)", r.stdout + r.stderr)
     assert sorted(d[0] for d in digests) == ["0", "1"] and digests[0][1] == digests[1][1]
@@ -80,7 +80,7 @@ def test_torchrun_two_processes_end_with_identical_weights(files, tmp_path):
 
 
 def test_bad_input_is_named_and_nothing_starts(files, tmp_path):
-    tr = engine("train")
+    tr = engine("training.trainer")
     bad = tmp_path / "bad.toml"
     bad.write_text('out = "x"\n[teacher]\nunet = "t.safetensors"\n')
     with pytest.raises(tr.ConfigError, match="'data.latents' is missing"):
@@ -96,8 +96,8 @@ def test_bad_input_is_named_and_nothing_starts(files, tmp_path):
     with pytest.raises(tr.ConfigError, match="student.kind = 'distill'"):
         tr.load_config(_kind(files, tmp_path))
     # the command line says it in one line, exit code 2
-    r = run_cli(["-m", "asdm.train", str(bad)])
-    assert r.returncode == 2 and "asdm.train:" in r.stderr and "'data.latents' is missing" in r.stderr
+    r = run_cli(["-m", "asdm.training", str(bad)])
+    assert r.returncode == 2 and "asdm.training:" in r.stderr and "'data.latents' is missing" in r.stderr
 
 
 def _kind(files, tmp_path):
@@ -109,7 +109,7 @@ def _kind(files, tmp_path):
 
 def test_condconv_student_trains_its_experts_and_the_node_loads_them(files, N, tmp_path):
     import folder_paths
-    tr, cc = engine("train"), engine("condconv")
+    tr, cc = engine("training.trainer"), engine("condconv")
     res = tr.train(tr.load_config(config(files, tmp_path / "cc", steps=4, save_every=4,
                                          student='kind = "condconv"\nlayout = "small"\nexperts = 2\ninit = "identity"')))
     assert res["experts"] and os.path.exists(res["experts"])
@@ -119,14 +119,14 @@ def test_condconv_student_trains_its_experts_and_the_node_loads_them(files, N, t
     folder_paths.folder_names_and_paths["asdm_condconv"] = ([str(tmp_path / "cc")], {".safetensors"})
     unet = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
     m = N["ASDMMECondConv"]().patch(unet, "condconv.safetensors", cc.DEFAULT_UNITS, 2, "identity", 0)[0]
-    tm = engine("testmodels")
+    tm = engine("harness.models")
     conds = (tm.conditioning(768, 1), tm.conditioning(768, 2))
     assert not torch.equal(ksample(m, conds, steps=3), ksample(unet, conds, steps=3))
 
 
 def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(files, tmp_path):
     from PIL import Image
-    tr = engine("train")
+    tr = engine("training.trainer")
     ckpt = os.path.join(host._cache(), "checkpoints", host.random_sd15_checkpoint())
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -147,7 +147,7 @@ def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(files, tmp_pa
 
 
 def test_optional_perceptual_term(files, tmp_path):
-    tr = engine("train")
+    tr = engine("training.trainer")
     g = torch.Generator().manual_seed(0)
     vgg = {"features.0.weight": torch.randn(8, 3, 3, 3, generator=g), "features.0.bias": torch.zeros(8),
            "features.2.weight": torch.randn(8, 8, 3, 3, generator=g), "features.2.bias": torch.zeros(8),
@@ -171,7 +171,7 @@ def test_optional_perceptual_term(files, tmp_path):
 
 
 def test_teacher_and_student_of_other_families_are_refused(files, tmp_path):
-    tr, tm = engine("train"), engine("testmodels")
+    tr, tm = engine("training.trainer"), engine("harness.models")
     v2 = tm.sd_model(dict(tm.TINY_SD1, model_channels=64, context_dim=1024, use_linear_in_transformer=True,
                           num_heads=-1, num_head_channels=64), seed=1)   # an SD2-family UNet (64-wide heads)
     engine("assembly").save_unet(v2, str(tmp_path / "v2.safetensors"))

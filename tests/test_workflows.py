@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import unload_all
-from asdm import host
+from asdm.harness import graphs, host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,13 +53,13 @@ def test_ui_graph_is_generated_from_its_api_twin(name):
     """Every example graph is UI format, made from its API twin with the host's own node
     definitions (scripts/make_workflows.py): same nodes, widget values and links."""
     ui = json.load(open(os.path.join(ROOT, "workflows", name)))
-    assert ui == host.api_to_ui(host.load_api_workflow(name))
+    assert ui == graphs.api_to_ui(graphs.load_api_workflow(name))
     for link_id, src, _, dst, _, _ in ui["links"]:   # every link has both ends
         assert any(n["id"] == src for n in ui["nodes"]) and any(n["id"] == dst for n in ui["nodes"])
 
 
 def test_example_workflow_runs_and_inherits(runner, ckpt):
-    api = host.load_api_workflow("feature_inheritance_sd15.json")
+    api = graphs.load_api_workflow("feature_inheritance_sd15.json")
     # plain: the sampler fed by the checkpoint directly
     plain = small(api, ckpt); plain["6"]["inputs"]["model"] = ["1", 0]; save_latent(plain, "6", "wf_plain")
     runner.run(plain)
@@ -75,7 +75,7 @@ def test_example_workflow_runs_and_inherits(runner, ckpt):
 
 
 def test_two_runs_in_one_prompt_with_other_sizes(runner, ckpt):
-    api = host.load_api_workflow("feature_inheritance_sd15.json")
+    api = graphs.load_api_workflow("feature_inheritance_sd15.json")
     p = small(api, ckpt); p["5"]["inputs"].update(period=2, final_full_steps=0)
     del p["7"], p["8"]
     p["4b"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 96, "batch_size": 2}}
@@ -113,7 +113,7 @@ def base_unet():
 
 
 def test_switch_s1_workflow(runner, ckpt, base_unet):
-    api = host.load_api_workflow("switch_s1_sd15.json")
+    api = graphs.load_api_workflow("switch_s1_sd15.json")
     api["5"]["inputs"]["unet_name"] = base_unet
     s1 = shrink(api, ckpt); s1["6"]["inputs"].update(end_1=2.0, start_2=2.0); save_latent(s1, "7", "swA")
     runner.run(s1)
@@ -128,7 +128,7 @@ def test_switch_s1_workflow(runner, ckpt, base_unet):
 
 def test_assembly_m2_workflow_and_stock_loader(runner, ckpt, base_unet):
     import folder_paths
-    api = host.load_api_workflow("assembly_m2_sd15.json")
+    api = graphs.load_api_workflow("assembly_m2_sd15.json")
     api["5"]["inputs"]["unet_name"] = base_unet
     m2 = shrink(api, ckpt); m2["10"]["inputs"]["filename_prefix"] = "unet/wf_m2"; save_latent(m2, "7", "asmA")
     runner.run(m2)
@@ -141,7 +141,7 @@ def test_assembly_m2_workflow_and_stock_loader(runner, ckpt, base_unet):
     stock = variant(m2)
     for k in ("5", "6", "10"):
         del stock[k]
-    stock["11"] = host.stock_node("UNETLoader", unet_name=saved)
+    stock["11"] = graphs.stock_node("UNETLoader", unet_name=saved)
     stock["7"]["inputs"]["model"] = ["11", 0]
     save_latent(stock, "7", "asmB")
     runner.run(stock)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes
+from ..training import shapes
 
 REGIONS = list(shapes.REGIONS)
 COLORS = [None] + list(shapes.COLORS)
@@ -163,7 +163,7 @@ def train_checker(scenes, seed: int = 0, steps: int = 600, batch: int = 64, log=
 
 
 def load_checker(path: str) -> Checker:
-    from .unet_files import read_safetensors
+    from ..unet_files import read_safetensors
     net = Checker()
     sd = {k: v.float() for k, v in read_safetensors(path)[0].items()}
     net.load_state_dict(sd)

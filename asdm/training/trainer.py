@@ -1,4 +1,4 @@
-"""Distillation trainer: ``python -m asdm.train CONFIG.toml`` (see README, "Training").
+"""Distillation trainer: ``python -m asdm.training CONFIG.toml`` (see README, "Training").
 
 Steps of A-SDM model assembly (§IV-A), as ``[student] kind``:
 
@@ -7,12 +7,12 @@ Steps of A-SDM model assembly (§IV-A), as ``[student] kind``:
   blocks frozen unless ``train_original = true`` (the paper's M‡ rows).
 
 Data: a safetensors file of pre-encoded ``latents`` [N, 4, h, w] (as the VAE encodes them,
-unscaled) and text ``context`` [N, 77, C] (``[data] latents``). Losses: ``asdm.distill``. Checkpoints: ``<out>/unet.safetensors``
+unscaled) and text ``context`` [N, 77, C] (``[data] latents``). Losses: ``asdm.training.distill``. Checkpoints: ``<out>/unet.safetensors``
 (loads in A-SDM Load Compressed UNet) and ``<out>/train-state.safetensors`` (optimizer, step);
 a run with the same ``out`` resumes from them with no lost steps. Each step draws its batch and
 noise from a generator seeded by (seed, step), so a resumed run repeats an uninterrupted one.
 
-Multi-GPU / multi-process: launch with ``torchrun --nproc_per_node N -m asdm.train CONFIG``;
+Multi-GPU / multi-process: launch with ``torchrun --nproc_per_node N -m asdm.training CONFIG``;
 PyTorch DDP averages gradients (gloo on CPU, nccl on GPUs) and each rank takes its share of the
 step's batch. ``grad_accum`` micro-batches per step reach a large batch on few GPUs.
 """
@@ -94,7 +94,7 @@ def load_config(path: str) -> dict:
 
 
 def load_data(path: str, context_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .unet_files import UNetFileError, read_safetensors
+    from ..unet_files import UNetFileError, read_safetensors
     try:
         sd, _ = read_safetensors(path)
     except UNetFileError as e:
@@ -160,8 +160,9 @@ def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print
 
 def build(cfg: dict):
     """(teacher unet, student patcher, trainable parameter names, ME-CondConv experts or None)."""
-    from . import assembly, distill, unet_files
-    from .topology import describe
+    from .. import assembly, unet_files
+    from . import distill
+    from ..topology import describe
     try:
         teacher = unet_files.load_unet(cfg["teacher"]["unet"])
     except unet_files.UNetFileError as e:
@@ -183,7 +184,7 @@ def build(cfg: dict):
         frozen = set(distill.freeze_blocks(unet, choice, st["train_original"]))
         trainable = [n for n, _ in unet.named_parameters() if n not in frozen]
     else:   # condconv: a compressed student whose 3x3 convs are ME-CondConv
-        from . import condconv
+        from .. import condconv
         try:
             base = unet_files.load_unet(st["unet"]) if st.get("unet") else assembly.compress(teacher, st["layout"])
             unet = base.model.diffusion_model
@@ -211,7 +212,7 @@ class _Student(torch.nn.Module):
 
 def _experts_active(unet, experts):
     """While training, the ME-CondConv convs run their expert forward."""
-    from .condconv import MEForward
+    from ..condconv import MEForward
     from .distill import replaced_forwards
     return replaced_forwards({unet.get_submodule(p): MEForward(unet.get_submodule(p), me)
                               for p, me in (experts or {}).items()})
@@ -249,7 +250,8 @@ def _load_state(path, opt, names) -> int:
 
 
 def train(cfg: dict, log=print) -> dict:
-    from . import assembly, distill
+    from .. import assembly
+    from . import distill
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         import torch.distributed as dist
@@ -270,7 +272,7 @@ def train(cfg: dict, log=print) -> dict:
     loss_cfg = dict(cfg["loss"])
     pw = loss_cfg.pop("perceptual_weights", None)
     if pw:
-        from .unet_files import UNetFileError, read_safetensors
+        from ..unet_files import UNetFileError, read_safetensors
         pw = pw if os.path.isabs(pw) else os.path.join(cfg.get("_base", ""), pw)
         try:
             perceptual = distill.PerceptualNet(read_safetensors(pw)[0])
@@ -304,11 +306,11 @@ def train(cfg: dict, log=print) -> dict:
     start = 0
     experts_path = os.path.join(cfg["out"], "condconv.safetensors")
     if os.path.exists(state_path) and os.path.exists(unet_path):
-        from .unet_files import read_safetensors
+        from ..unet_files import read_safetensors
         sd, _ = read_safetensors(unet_path)
         unet.load_state_dict(sd)   # same dtype as saved: the run's own checkpoint
         if experts:
-            from .condconv import load_experts
+            from ..condconv import load_experts
             for p_, me in load_experts(experts_path, unet).items():
                 experts[p_].load_state_dict(me.state_dict())
         start = _load_state(state_path, opt, names)
@@ -352,7 +354,7 @@ def train(cfg: dict, log=print) -> dict:
                                    state={k: v.detach().cpu() for k, v in unet.state_dict().items()})
                 os.replace(unet_path + ".tmp", unet_path)
                 if experts:
-                    from .condconv import save_experts
+                    from ..condconv import save_experts
                     save_experts(experts, experts_path + ".tmp", {"asdm.train.step": str(step + 1)})
                     os.replace(experts_path + ".tmp", experts_path)
                 _save_state(state_path, opt, names, step + 1)
@@ -367,21 +369,18 @@ def train(cfg: dict, log=print) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m asdm.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m asdm.training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="a TOML file (see README, 'Training')")
     a = ap.parse_args(argv)
-    from . import host
+    from ..harness import host
     host.boot()
     torch.manual_seed(0)
     try:
         cfg = load_config(a.config)
         train(cfg)
     except ConfigError as e:
-        print(f"asdm.train: {e}", file=sys.stderr)
+        print(f"asdm.training: {e}", file=sys.stderr)
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,14 +11,9 @@ import os
 
 import torch
 
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
+from ..host_models import SD15_UNET_CONFIG
+
+SD15_UNET = SD15_UNET_CONFIG
 
 # Same layout, narrow: 4 levels, 2 layers per down block, 3 per up block, A units where SD has them.
 TINY_UNET = dict(SD15_UNET, model_channels=32, context_dim=64)

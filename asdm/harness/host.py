@@ -13,10 +13,10 @@ import sys
 import tempfile
 import uuid
 
-from . import compat
+from .. import compat
 
 PACK_NAME = "ComfyUI-ASDM"   # the folder name a user's clone would have
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _state: dict = {}
 
@@ -125,24 +125,6 @@ class Runner:
         return self.executor.status_messages
 
 
-def stock_node(class_type: str, **inputs) -> dict:
-    """An API-format node of the host's own ``class_type``; required widget inputs not given
-    take the host's default (hosts differ: current ComfyUI's UNETLoader has a weight_dtype)."""
-    import nodes
-    spec = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES().get("required", {})
-    for name, v in spec.items():
-        if name not in inputs and is_widget(v[0]):
-            opts = v[1] if len(v) > 1 else {}
-            inputs[name] = opts.get("default", v[0][0] if isinstance(v[0], list) else None)
-    return {"class_type": class_type, "inputs": inputs}
-
-
-def load_api_workflow(name: str) -> dict:
-    import json
-    with open(os.path.join(REPO_ROOT, "workflows", "api", name)) as f:
-        return json.load(f)
-
-
 def _cache() -> str:
     return os.environ.get("ASDM_MODEL_CACHE", os.path.expanduser("~/.cache/asdm-comfyui/models"))
 
@@ -151,8 +133,8 @@ def random_bksdm_unet(layout: str = "base") -> str:
     """A project-made BK-SDM UNet of the real width (random weights, fp16, ldm layout), in
     ComfyUI's UNet folder; generated once into the cache outside the clone."""
     import torch
-    from .assembly import compress, save_unet
-    from .testmodels import SD15_UNET, fill_, sd_model
+    from ..assembly import compress, save_unet
+    from .models import SD15_UNET, fill_, sd_model
     folder = os.path.join(_cache(), "unet")
     name = f"asdm-random-bk-sdm-{layout}-v1.safetensors"
     path = os.path.join(folder, name)
@@ -175,7 +157,7 @@ def random_controlnet(unet_config: dict, seed: int = 3) -> str:
     import safetensors.torch
     import torch
     import comfy.cldm.cldm
-    from .testmodels import fill_
+    from .models import fill_
     folder = os.path.join(_cache(), "controlnet")
     digest = hashlib.sha1(json.dumps(unet_config, sort_keys=True).encode()).hexdigest()[:10]
     name = f"asdm-random-controlnet-{digest}-{seed}.safetensors"
@@ -194,104 +176,9 @@ def random_controlnet(unet_config: dict, seed: int = 3) -> str:
 def random_sd15_checkpoint() -> str:
     """The project-made SD1.5-topology checkpoint (random weights), registered with ComfyUI's
     checkpoints folder; generated once into a cache outside the clone."""
-    from .testmodels import sd15_checkpoint
+    from .models import sd15_checkpoint
     cache = _cache()
     name = "asdm-random-sd15-v1.safetensors"
     sd15_checkpoint(os.path.join(cache, "checkpoints", name), seed=0)
     add_model_folder("checkpoints", os.path.join(cache, "checkpoints"))
     return name
-
-
-# ---------------------------------------------------------------------------------------------
-# UI-format graphs from API-format prompts: the example graphs in workflows/ are generated
-# from their API twins with the host's own node definitions, so the two cannot drift apart.
-# ---------------------------------------------------------------------------------------------
-
-_WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
-_SEED_INPUTS = ("seed", "noise_seed")   # the front end adds a "control after generate" value
-
-
-def _input_specs(cls) -> list[tuple[str, object]]:
-    spec = cls.INPUT_TYPES()
-    return [(k, v[0]) for sec in ("required", "optional") for k, v in spec.get(sec, {}).items()]
-
-
-def is_widget(kind) -> bool:
-    return isinstance(kind, list) or kind in _WIDGET_TYPES
-
-
-def widget_values(cls, inputs: dict) -> list:
-    out = []
-    for name, kind in _input_specs(cls):
-        if is_widget(kind) and name in inputs:
-            out.append(inputs[name])
-            if name in _SEED_INPUTS:
-                out.append("fixed")
-    return out
-
-
-def api_to_ui(api: dict) -> dict:
-    """A graph ComfyUI's front end opens, laid out in columns by dependency depth; a node's
-    "_meta": {"title": ...} becomes its title."""
-    import nodes
-    titles = {k: v["_meta"]["title"] for k, v in api.items() if "title" in v.get("_meta", {})}
-    depth: dict = {}
-
-    def d(nid):
-        if nid not in depth:
-            srcs = [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list)]
-            depth[nid] = 1 + max((d(s) for s in srcs), default=-1)
-        return depth[nid]
-
-    for nid in api:
-        d(nid)
-    links, ui_nodes, column_y = [], {}, {}
-    for nid in sorted(api, key=int):
-        cls = nodes.NODE_CLASS_MAPPINGS[api[nid]["class_type"]]
-        col = depth[nid]
-        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-        height = _node_height(cls, len(names))
-        y = column_y.get(col, 40)
-        column_y[col] = y + height + 60
-        n = {"id": int(nid), "type": api[nid]["class_type"], "pos": [40 + 400 * col, y],
-             "size": [340, height], "flags": {}, "order": 0, "mode": 0, "inputs": [],
-             "outputs": [{"name": nm, "type": t, "links": [], "slot_index": i}
-                         for i, (nm, t) in enumerate(zip(names, cls.RETURN_TYPES))],
-             "properties": {"Node name for S&R": api[nid]["class_type"]},
-             "widgets_values": widget_values(cls, api[nid]["inputs"])}
-        if nid in titles:
-            n["title"] = titles[nid]
-        ui_nodes[nid] = n
-    for nid in sorted(api, key=int):
-        cls = nodes.NODE_CLASS_MAPPINGS[api[nid]["class_type"]]
-        slot = 0
-        for name, kind in _input_specs(cls):
-            if is_widget(kind):
-                continue
-            v = api[nid]["inputs"].get(name)
-            link = None
-            if isinstance(v, list):
-                link = len(links) + 1
-                links.append([link, int(v[0]), v[1], int(nid), slot, kind])
-                ui_nodes[v[0]]["outputs"][v[1]]["links"].append(link)
-            ui_nodes[nid]["inputs"].append({"name": name, "type": kind, "link": link})
-            slot += 1
-    for order, nid in enumerate(sorted(api, key=lambda k: (depth[k], int(k)))):
-        ui_nodes[nid]["order"] = order
-    return {"last_node_id": max(int(k) for k in api), "last_link_id": len(links),
-            "nodes": list(ui_nodes.values()), "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.6, "offset": [20, 20]}}, "version": 0.4}
-
-
-def _node_height(cls, n_outputs: int) -> int:
-    """Room for a node's slots and widgets, as the front end draws them."""
-    spec = cls.INPUT_TYPES()
-    slots = widgets = 0
-    for sec in ("required", "optional"):
-        for name, v in spec.get(sec, {}).items():
-            if not is_widget(v[0]):
-                slots += 1
-            else:
-                opts = v[1] if len(v) > 1 else {}
-                widgets += 4 if opts.get("multiline") else 1 + (name in _SEED_INPUTS)
-    return 30 + 20 * max(slots, n_outputs) + 24 * widgets + 10

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .topology import describe
+from ..topology import describe
 
 
 @dataclass

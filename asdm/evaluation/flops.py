@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import torch
 
-from .topology import Topology
+from ..topology import Topology
 
 
 def _conv_flops(m, inp, out):

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import distill, embedded, shapes
+from . import distill, shapes
+from .. import embedded
 
 N_SCENES = 4000
 
@@ -200,7 +201,7 @@ def _save(sd: dict, path: str, meta: dict) -> None:
 def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 1200, batch: int = 64,
         family_steps: int = 300,
         force: bool = False, log=print) -> dict:
-    from . import assembly, unet_files
+    from .. import assembly, unet_files
     times = {}
     record = os.path.join(embedded.WEIGHTS, "training.json")
     if os.path.exists(record):
@@ -212,7 +213,7 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
 
     if "checker" in stages and (force or not os.path.exists(embedded.path("checker"))):
         t0 = time.time()
-        from . import metrics
+        from ..evaluation import metrics
         checker = metrics.train_checker(scenes, seed=seed, log=log)
         _save(checker.state_dict(), embedded.path("checker"), meta)
         times["checker_s"] = round(time.time() - t0, 1)
@@ -228,9 +229,9 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
         times["vae_s"] = round(time.time() - t0, 1)
 
     if "unet" in stages and (force or not os.path.exists(embedded.path("unet"))):
-        from . import compat
+        from .. import host_models
         t0 = time.time()
-        vae = compat.make_vae(unet_files.read_safetensors(embedded.path("vae"))[0], embedded.VAE_CONFIG)
+        vae = host_models.make_vae(unet_files.read_safetensors(embedded.path("vae"))[0], embedded.VAE_CONFIG)
         lat = latent_means(vae.first_stage_model.float(), images)
         model, clip = train_text_to_image(lat, [s.caption for s in scenes], unet_steps, batch, seed, log=log)
         import comfy.model_patcher
@@ -290,7 +291,8 @@ def family_file(name: str) -> str:
 
 def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) -> bool:
     import safetensors.torch
-    from . import compat, train, unet_files
+    from .. import unet_files
+    from . import trainer as train
     work = os.path.join(embedded.REPO_ROOT, "out", "embedded-family")
     runs = family_runs(steps)
     if not force and all(os.path.exists(family_file(n)) for n in runs):
@@ -298,7 +300,7 @@ def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) 
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "data.safetensors")
     if force or not os.path.exists(data):
-        from .embedded import load
+        from ..embedded import load
         _, clip, vae = load()
         lat = latent_means(vae.first_stage_model.float(), images)
         with torch.no_grad():
