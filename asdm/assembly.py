@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,16 @@ STEM = ("in", "time", "out")
 
 class AssemblyError(ValueError):
     pass
+
+
+def recipe_spec(recipe: str) -> str:
+    """A recipe's spec: the named recipes (M1, M2, M3) are looked up, a spec is itself."""
+    if recipe in RECIPES:
+        return RECIPES[recipe][0]
+    if "=" not in recipe:
+        raise AssemblyError(f"unknown recipe {recipe!r}: one of {', '.join(RECIPES)}, or a spec such "
+                            "as 'dn0=B, up3=B'")
+    return recipe
 
 
 def parse_recipe(recipe: str, blocks: list[str]) -> dict[str, str]:
@@ -90,11 +101,6 @@ def _check_sources(a, b) -> None:
                 "to the assembled MODEL")
 
 
-def _layer_counts(topo: Topology) -> tuple[list[int], list[int]]:
-    n = _levels(topo)
-    return [topo.layers[f"dn{k}"] for k in range(n)], [topo.layers[f"up{n - 1 - k}"] for k in range(n)]
-
-
 def _transformer_depths(unet, topo: Topology, block: str) -> list[int]:
     """Transformer depth per layer of a block (0 where the layer has no attention unit)."""
     out = []
@@ -108,14 +114,27 @@ def _transformer_depths(unet, topo: Topology, block: str) -> list[int]:
     return out
 
 
+# ComfyUI's unet_config key transformer_depth_middle: the middle block's attention depth, or one
+# of these two values the host's UNetModel reads as "no attention in the middle block" (R, R)
+# and "no middle block at all" (BK-SDM Small and Tiny).
+MID_WITHOUT_ATTENTION = -1
+NO_MID_BLOCK = -2
+
+
 def _mid_depth(unet) -> int:
     mid = getattr(unet, "middle_block", None)
     if mid is None or len(mid) == 0:
-        return -2
+        return NO_MID_BLOCK
     for m in mid:
         if type(m).__name__ == "SpatialTransformer":
             return len(m.transformer_blocks)
-    return -1
+    return MID_WITHOUT_ATTENTION
+
+
+class _Source(NamedTuple):
+    patcher: object   # the MODEL
+    unet: torch.nn.Module
+    topo: Topology
 
 
 def assemble(original, compressed, recipe: str):
@@ -124,13 +143,13 @@ def assemble(original, compressed, recipe: str):
     ua, ub = _unet(original), _unet(compressed)
     ta, tb = describe(ua), describe(ub)
     choice = parse_recipe(recipe, ta.blocks)
-    src = {"A": (original, ua, ta), "B": (compressed, ub, tb)}
+    src = {"A": _Source(original, ua, ta), "B": _Source(compressed, ub, tb)}
     for part, s in choice.items():
         if part in STEM:
             continue
-        if part not in src[s][2].blocks:
+        if part not in src[s].topo.blocks:
             raise AssemblyError(f"the recipe takes {part} from {'the compressed' if s == 'B' else 'the original'} "
-                                f"UNet, which has no {part} (its blocks: {', '.join(src[s][2].blocks)})")
+                                f"UNet, which has no {part} (its blocks: {', '.join(src[s].topo.blocks)})")
     n = _levels(ta)
     num_res, depth_in, depth_out = [], [], []
     for k in range(n):
@@ -151,18 +170,17 @@ def assemble(original, compressed, recipe: str):
     cfg = copy.deepcopy(original.model.model_config.unet_config)
     cfg.update(num_res_blocks=num_res, transformer_depth=depth_in,
                transformer_depth_output=depth_out[::-1],   # the host pops it from the end
-               transformer_depth_middle=_mid_depth(src[mid_src][1]) if mid_src else -2)
+               transformer_depth_middle=_mid_depth(src[mid_src].unet) if mid_src else NO_MID_BLOCK)
     cfg.pop("dtype", None)
 
-    clean = {s: host_models.unet_state_dict(p) for s, (p, _, _) in src.items()
+    clean = {s: host_models.unet_state_dict(source.patcher) for s, source in src.items()
              if s in choice.values()}
     model_config = type(original.model.model_config)(cfg)
     target = describe(_build_empty(model_config))
     sd = {}
     for part, s in choice.items():
-        _copy_entries(clean[s], src[s][2].entries[part], target.entries[part], sd)
-    prediction = "v" if "V_PREDICTION" in str(original.model.model_type) else "eps"
-    patcher = host_models.model_from_config(model_config, sd, prediction, _check_complete)
+        _copy_entries(clean[s], src[s].topo.entries[part], target.entries[part], sd)
+    patcher = host_models.model_from_config(model_config, sd, host_models.prediction(original), _check_complete)
     patcher.model.model_config.asdm_recipe = recipe_string(choice)
     return patcher
 
@@ -224,7 +242,7 @@ def compress(teacher, layout: str = "base"):
                transformer_depth=sum((_transformer_depths(ut, tt, b)[:per_block] for b in teacher_dn), []),
                transformer_depth_output=sum(   # in output order; the host pops it from the end
                    (_keep_up(_transformer_depths(ut, tt, b), per_block + 1) for b in teacher_up), [])[::-1],
-               transformer_depth_middle=_mid_depth(ut) if keep_mid else -2)
+               transformer_depth_middle=_mid_depth(ut) if keep_mid else NO_MID_BLOCK)
     model_config = type(teacher.model.model_config)(cfg)
     student = describe(_build_empty(model_config))
     clean = host_models.unet_state_dict(teacher)
@@ -239,8 +257,7 @@ def compress(teacher, layout: str = "base"):
         _copy_entries(clean, _keep_up(up_t, per_block + 1), student.entries[f"up{k}"], sd)
     if keep_mid:
         _copy_entries(clean, tt.entries["mid"], student.entries["mid"], sd)
-    prediction = "v" if "V_PREDICTION" in str(teacher.model.model_type) else "eps"
-    return host_models.model_from_config(model_config, sd, prediction, _check_complete)
+    return host_models.model_from_config(model_config, sd, host_models.prediction(teacher), _check_complete)
 
 
 def _keep_up(items: list, count: int) -> list:
@@ -255,16 +272,15 @@ def _keep_up(items: list, count: int) -> list:
 def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, state: dict | None = None) -> None:
     """The UNet in ldm layout (what ComfyUI's own UNet loader reads), with its layout and the
     assembly recipe (if any) in the metadata."""
-    import safetensors.torch
-    from .unet_files import ASDM_FORMAT
+    from .unet_files import ASDM_FORMAT, write_safetensors
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
           for k, v in (state if state is not None else host_models.unet_state_dict(patcher)).items()}
     mc = patcher.model.model_config
     meta = {"asdm.format": ASDM_FORMAT,
             "asdm.family": type(mc).__name__,
-            "asdm.prediction": "v" if "V_PREDICTION" in str(patcher.model.model_type) else "eps",
+            "asdm.prediction": host_models.prediction(patcher),
             "asdm.layout": json.dumps({k: v for k, v in mc.unet_config.items() if k != "dtype"}, default=str)}
     if getattr(mc, "asdm_recipe", None):
         meta["asdm.recipe"] = mc.asdm_recipe
     meta.update(extra_meta or {})
-    safetensors.torch.save_file(sd, path, metadata=meta)
+    write_safetensors(sd, path, meta)

@@ -191,7 +191,7 @@ def apply_condconv(model, experts: dict):
 # ---------------------------------------------------------------------------------------------
 
 def save_experts(experts: dict, path: str, meta: dict | None = None) -> None:
-    import safetensors.torch
+    from .unet_files import write_safetensors
     sd, layout = {}, {}
     for p, me in experts.items():
         for k, v in me.state_dict().items():
@@ -199,7 +199,7 @@ def save_experts(experts: dict, path: str, meta: dict | None = None) -> None:
         layout[p] = [me.n, *me.experts.shape[1:]]
     info = {"asdm.format": FORMAT, "asdm.condconv.layout": json.dumps(layout)}
     info.update(meta or {})
-    safetensors.torch.save_file(sd, path, metadata=info)
+    write_safetensors(sd, path, info)
 
 
 def load_experts(path: str, unet) -> dict:

@@ -48,6 +48,12 @@ class EmbeddedModelError(RuntimeError):
     pass
 
 
+def family_name(member: str) -> str:
+    """The file name of a family member ("base", "m2", "tiny-condconv"), the same in the UNet
+    folder and, for ME-CondConv members, in the experts folder."""
+    return f"asdm-embedded-{member}.safetensors"
+
+
 def path(part: str) -> str:
     return os.path.join(WEIGHTS, FILES[part])
 

@@ -37,6 +37,11 @@ def model_from_config(model_config, sd: dict, prediction: str = "eps", check=Non
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
+def prediction(patcher) -> str:
+    """What a MODEL's UNet predicts, in the words model_from_config takes: "eps" or "v"."""
+    return "v" if "V_PREDICTION" in str(patcher.model.model_type) else "eps"
+
+
 def unet_state_dict(patcher) -> dict:
     """The UNet weights as this MODEL applies them (its own weight patches baked in, as the
     host's save nodes do). Loading it through the model manager first unpatches any loaded

@@ -41,9 +41,6 @@ class Topology:
     def by_name(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}
 
-    def unit_names(self) -> list[str]:
-        return [u.name for u in self.units]
-
 
 class TopologyError(ValueError):
     pass
@@ -242,5 +239,3 @@ PRESETS: dict[str, tuple[str, str]] = {
     "CO5": (f"dn*.*.R, up*.*.R, {_EX2}", "only shallow A units compute"),
     "CO6": ("dn*, mid, up0, up1, up2, up3.*.R", "only the A units of up3 compute"),
 }
-
-PRESET_NAMES = list(PRESETS)

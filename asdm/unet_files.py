@@ -62,6 +62,16 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
     return sd, meta
 
 
+def write_safetensors(sd: dict, path: str, metadata: dict | None = None) -> None:
+    """Writes a safetensors file atomically: to a temporary name beside it, then renamed, so a
+    crash leaves the old file or the new one, never half of one."""
+    import safetensors.torch
+    tmp = path + ".tmp"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, tmp,
+                                metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
 def layout_of(sd: dict) -> str:
     if any(p + "input_blocks.0.0.weight" in sd for p in ("",) + LDM_PREFIXES):
         return "ldm"
@@ -292,8 +302,3 @@ def load_unet(path: str, prediction: str = "eps"):
     if meta.get("asdm.prediction") and prediction == "auto":
         prediction = meta["asdm.prediction"]
     return build_model(to_ldm(sd), "eps" if prediction == "auto" else prediction, config)
-
-
-def count_parameters(cfg_or_model) -> int:
-    unet = cfg_or_model.model.diffusion_model if hasattr(cfg_or_model, "model") else cfg_or_model
-    return sum(p.numel() for p in unet.parameters())

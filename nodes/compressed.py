@@ -3,7 +3,7 @@ BK-SDM §3.1)."""
 import os
 
 from ..asdm import compat
-from ..asdm.assembly import RECIPES, AssemblyError, assemble, save_unet
+from ..asdm.assembly import RECIPES, AssemblyError, assemble, recipe_spec, save_unet
 from ..asdm.topology import TopologyError
 from ..asdm.unet_files import PICKLE_EXTENSIONS, UNetFileError, load_unet
 
@@ -78,10 +78,8 @@ class AssembleUNet:
         }}
 
     def assemble(self, original, compressed, recipe, custom_recipe):
-        spec = custom_recipe if recipe == "custom" else RECIPES[recipe][0] if recipe in RECIPES else None
-        if spec is None:
-            raise ValueError(f"A-SDM Assemble UNet: unknown recipe {recipe!r}; one of {', '.join(RECIPES)}, custom")
         try:
+            spec = custom_recipe if recipe == "custom" else recipe_spec(recipe)
             return (assemble(original, compressed, spec),)
         except (AssemblyError, TopologyError) as e:
             raise ValueError(f"A-SDM Assemble UNet: {e}") from None

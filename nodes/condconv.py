@@ -78,8 +78,8 @@ class MECondConv:
                     raise CondConvError(f"a teacher is connected but init is {init!r}; the teacher is "
                                         "used only by init cross-layer — choose it or disconnect the teacher")
                 paths = select_convs(unet, units)
-                tu = teacher.model.diffusion_model if teacher is not None else None
-                me = make_experts(unet, paths, experts, init, seed, tu)
+                teacher_unet = teacher.model.diffusion_model if teacher is not None else None
+                me = make_experts(unet, paths, experts, init, seed, teacher_unet)
             return (apply_condconv(model, me),)
         except (CondConvError, TopologyError) as e:
             raise ValueError(f"A-SDM ME-CondConv: {e}") from None

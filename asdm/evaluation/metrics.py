@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import shapes
+from ..training.steps import set_cosine_lr, step_generator
 
 REGIONS = list(shapes.REGIONS)
 COLORS = [None] + list(shapes.COLORS)
@@ -145,12 +146,11 @@ def train_checker(scenes, seed: int = 0, steps: int = 600, batch: int = 64, log=
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
     t0 = time.time()
     for step in range(steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = step_generator(seed, step)
         idx = torch.randint(0, len(x_all), (batch,), generator=g)
         pc, pk = net(_degrade(x_all[idx], g))
         loss = F.cross_entropy(pc.flatten(0, 1), col[idx].flatten()) + F.cross_entropy(pk.flatten(0, 1), kind[idx].flatten())
-        for pg in opt.param_groups:
-            pg["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        set_cosine_lr(opt, 2e-3, step, steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -142,8 +142,7 @@ def random_bksdm_unet(layout: str = "base") -> str:
         os.makedirs(folder, exist_ok=True)
         student = compress(sd_model(SD15_UNET, seed=0), layout)
         fill_(student.model.diffusion_model, seed=11)
-        save_unet(student, path + ".tmp", dtype=torch.float16)
-        os.replace(path + ".tmp", path)
+        save_unet(student, path, dtype=torch.float16)
     add_model_folder(compat.unet_folder(), folder)
     return name
 
@@ -154,9 +153,9 @@ def random_controlnet(unet_config: dict, seed: int = 3) -> str:
     controlnet folder; generated once into the cache outside the clone."""
     import hashlib
     import json
-    import safetensors.torch
     import torch
     import comfy.cldm.cldm
+    from ..unet_files import write_safetensors
     from .models import fill_
     folder = os.path.join(_cache(), "controlnet")
     digest = hashlib.sha1(json.dumps(unet_config, sort_keys=True).encode()).hexdigest()[:10]
@@ -167,8 +166,7 @@ def random_controlnet(unet_config: dict, seed: int = 3) -> str:
         cfg = {k: v for k, v in unet_config.items() if k != "out_channels"}
         net = fill_(comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, **cfg), seed)
         sd = {k: v.contiguous() for k, v in net.state_dict().items()}
-        safetensors.torch.save_file(sd, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_safetensors(sd, path)
     add_model_folder("controlnet", folder)
     return name
 

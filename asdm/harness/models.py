@@ -65,7 +65,7 @@ def sd15_checkpoint(path: str, seed: int = 0) -> str:
         return path
     import comfy.ldm.models.autoencoder as ae
     import comfy.sd1_clip
-    import safetensors.torch
+    from ..unet_files import write_safetensors
     sd = {}
     unet = sd_model(SD15_UNET, seed).model.diffusion_model
     sd.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
@@ -81,7 +81,5 @@ def sd15_checkpoint(path: str, seed: int = 0) -> str:
     sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    safetensors.torch.save_file(sd, tmp)
-    os.replace(tmp, path)
+    write_safetensors(sd, path)
     return path

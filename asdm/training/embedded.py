@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distill, shapes
+from .steps import set_cosine_lr, step_generator
 from .. import embedded
 
 N_SCENES = 4000
@@ -67,7 +68,7 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, log=print
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
     for step in range(steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = step_generator(seed, step)
         x = images[torch.randint(0, len(images), (batch,), generator=g)]
         moments = vae.quant_conv(vae.encoder(x))
         mean, logvar = moments.chunk(2, 1)
@@ -79,8 +80,7 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, log=print
         bg = x[:, :, :2, :2].mean((2, 3), keepdim=True)
         weight = 1 + 9 * ((x - bg).abs().sum(1, keepdim=True) > 0.3).float()
         loss = (weight * ((rec - x).abs() + (rec - x) ** 2)).mean() + 1e-4 * kl
-        for pg in opt.param_groups:
-            pg["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        set_cosine_lr(opt, lr, step, steps, floor=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -156,16 +156,14 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
     t0 = time.time()
     with distill.trainable(unet), distill.replaced_forwards(layers):
         for step in range(steps):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            g = step_generator(seed, step)
             idx = torch.randint(0, len(x0_all), (batch,), generator=g)
             tok = ids[idx].clone()
             tok[torch.rand(batch, generator=g) < 0.1] = uncond
             x_t, t, noise = distill.noised(x0_all[idx], sigmas, g)
             context = te(tok)[0]
             loss = F.mse_loss(unet(x_t, timesteps=t, context=context), noise)
-            warm = min(1.0, (step + 1) / 100)
-            for pg in opt.param_groups:
-                pg["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            set_cosine_lr(opt, lr, step, steps, floor=0.1, warmup=100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -191,11 +189,10 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
 # ---------------------------------------------------------------------------------------------
 
 def _save(sd: dict, path: str, meta: dict) -> None:
-    import safetensors.torch
+    from ..unet_files import write_safetensors
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    safetensors.torch.save_file(sd, path + ".tmp", metadata={k: str(v) for k, v in meta.items()})
-    os.replace(path + ".tmp", path)
+    write_safetensors(sd, path, meta)
 
 
 def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 1200, batch: int = 64,
@@ -286,7 +283,7 @@ def _toml(d: dict) -> str:
 
 
 def family_file(name: str) -> str:
-    return os.path.join(embedded.FAMILY_UNETS, f"asdm-embedded-{name}.safetensors")
+    return os.path.join(embedded.FAMILY_UNETS, embedded.family_name(name))
 
 
 def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) -> bool:

@@ -24,8 +24,11 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+
+from .steps import step_generator
 
 DEFAULTS = {
     "seed": 0, "steps": 1000, "batch": 8, "grad_accum": 1, "lr": 5e-5, "save_every": 200, "log_every": 10,
@@ -147,8 +150,8 @@ def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print
             lats.append(vae.encode(pixels).float())
             text = open(os.path.join(folder, os.path.splitext(f)[0] + ".txt"), encoding="utf-8").read().strip()
             ctxs.append(clip.encode_from_tokens(clip.tokenize(text)).float())
-    for s_ in skipped:
-        log(f"data.images: skipped {s_}: not a readable image")
+    for what in skipped:
+        log(f"data.images: skipped {what}: not a readable image")
     if not lats:
         raise ConfigError(f"data.images: none of the {len(images)} images could be read")
     os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -167,30 +170,32 @@ def build(cfg: dict):
         teacher = unet_files.load_unet(cfg["teacher"]["unet"])
     except unet_files.UNetFileError as e:
         raise ConfigError(f"teacher.unet: {e}") from None
-    st = cfg["student"]
+    student_cfg = cfg["student"]
     experts = None
-    if st["kind"] == "compress":
-        student = assembly.compress(teacher, st["layout"])
+    if student_cfg["kind"] == "compress":
+        student = assembly.compress(teacher, student_cfg["layout"])
         trainable = [n for n, _ in student.model.diffusion_model.named_parameters()]
-    elif st["kind"] == "assemble":
+    elif student_cfg["kind"] == "assemble":
         try:
-            compressed = unet_files.load_unet(st["compressed"])
-            spec = assembly.RECIPES[st["recipe"]][0] if st["recipe"] in assembly.RECIPES else st["recipe"]
+            compressed = unet_files.load_unet(student_cfg["compressed"])
+            spec = assembly.recipe_spec(student_cfg["recipe"])
             student = assembly.assemble(teacher, compressed, spec)
         except (unet_files.UNetFileError, assembly.AssemblyError) as e:
             raise ConfigError(f"student: {e}") from None
         unet = student.model.diffusion_model
         choice = assembly.parse_recipe(spec, describe(unet).blocks)
-        frozen = set(distill.freeze_blocks(unet, choice, st["train_original"]))
+        frozen = set(distill.freeze_blocks(unet, choice, student_cfg["train_original"]))
         trainable = [n for n, _ in unet.named_parameters() if n not in frozen]
     else:   # condconv: a compressed student whose 3x3 convs are ME-CondConv
         from .. import condconv
         try:
-            base = unet_files.load_unet(st["unet"]) if st.get("unet") else assembly.compress(teacher, st["layout"])
+            base = (unet_files.load_unet(student_cfg["unet"]) if student_cfg.get("unet")
+                    else assembly.compress(teacher, student_cfg["layout"]))
             unet = base.model.diffusion_model
-            paths = condconv.select_convs(unet, st.get("units", condconv.DEFAULT_UNITS))
-            experts = condconv.make_experts(unet, paths, int(st.get("experts", 2)), st.get("init", "identity"),
-                                            cfg["seed"], teacher.model.diffusion_model)
+            paths = condconv.select_convs(unet, student_cfg.get("units", condconv.DEFAULT_UNITS))
+            experts = condconv.make_experts(unet, paths, int(student_cfg.get("experts", 2)),
+                                            student_cfg.get("init", "identity"), cfg["seed"],
+                                            teacher.model.diffusion_model)
         except (unet_files.UNetFileError, condconv.CondConvError, ValueError) as e:
             raise ConfigError(f"student: {e}") from None
         student = base
@@ -219,7 +224,7 @@ def _experts_active(unet, experts):
 
 
 def _save_state(path, opt, names, step):
-    import safetensors.torch
+    from ..unet_files import write_safetensors
     sd = {}
     for i, p in enumerate(opt.param_groups[0]["params"]):
         for k, v in opt.state.get(p, {}).items():
@@ -227,8 +232,7 @@ def _save_state(path, opt, names, step):
                 sd[f"{k}.{names[i]}"] = v.contiguous()
             elif k == "step":
                 sd[f"step.{names[i]}"] = torch.as_tensor(v, dtype=torch.float64).reshape(1)
-    safetensors.torch.save_file(sd, path + ".tmp", metadata={"asdm.step": str(step)})
-    os.replace(path + ".tmp", path)
+    write_safetensors(sd, path, {"asdm.step": step})
 
 
 def _load_state(path, opt, names) -> int:
@@ -249,8 +253,59 @@ def _load_state(path, opt, names) -> int:
     return step
 
 
-def train(cfg: dict, log=print) -> dict:
-    from .. import assembly
+@dataclass
+class Training:
+    """Everything one training run holds between its steps."""
+    cfg: dict
+    rank: int                 # this process among `world` (DDP); 0 alone
+    world: int
+    device: object
+    teacher: torch.nn.Module  # frozen
+    student: object           # the student MODEL (its UNet is trained in place)
+    experts: dict | None      # ME-CondConv experts of a condconv student: conv path -> MEExperts
+    model: torch.nn.Module    # student UNet + experts, DDP-wrapped when world > 1
+    latents: torch.Tensor     # the data, at the UNet's latent scale
+    context: torch.Tensor
+    params: dict              # trained parameter name -> tensor (experts as asdm_experts.<conv>.<name>)
+    names: list               # trained parameter names, in the optimizer's order
+    opt: torch.optim.Optimizer
+    weights: object           # distill.LossWeights
+    perceptual: object        # distill.PerceptualNet or None
+    pairs: list               # the block outputs feature-KD compares
+    sigmas: torch.Tensor
+    start: int = 0            # the first step this run computes (> 0 when resumed)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.student.model.diffusion_model
+
+    def path(self, what: str) -> str:
+        return os.path.join(self.cfg["out"], {"unet": "unet.safetensors", "state": "train-state.safetensors",
+                                              "experts": "condconv.safetensors"}[what])
+
+
+def _perceptual(cfg: dict, log):
+    """The optional perceptual term's network and the loss weights with it on or off."""
+    from . import distill
+    weights = dict(cfg["loss"])
+    vgg_file = weights.pop("perceptual_weights", None)
+    if not vgg_file:
+        weights["perceptual"] = 0.0
+        log("perceptual term: off (no loss.perceptual_weights given)")
+        return None, weights
+    from ..unet_files import UNetFileError, read_safetensors
+    vgg_file = vgg_file if os.path.isabs(vgg_file) else os.path.join(cfg.get("_base", ""), vgg_file)
+    try:
+        net = distill.PerceptualNet(read_safetensors(vgg_file)[0])
+    except (UNetFileError, ValueError) as e:
+        raise ConfigError(f"loss.perceptual_weights: {e}") from None
+    weights.setdefault("perceptual", 1.0)
+    log(f"perceptual term: on ({os.path.basename(vgg_file)}, {len(net.convs)} convs, weight {weights['perceptual']})")
+    return net, weights
+
+
+def setup(cfg: dict, log=print) -> Training:
+    """Processes (DDP), data, teacher and student, the trained parameters and the optimizer."""
     from . import distill
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
@@ -268,21 +323,7 @@ def train(cfg: dict, log=print) -> dict:
     unet = student.model.diffusion_model
     lat, ctx = load_data(data["latents"], student.model.model_config.unet_config["context_dim"])
     lat = student.model.process_latent_in(lat)   # VAE latents -> the UNet's scale (x0.18215 for SD1.x)
-    perceptual = None
-    loss_cfg = dict(cfg["loss"])
-    pw = loss_cfg.pop("perceptual_weights", None)
-    if pw:
-        from ..unet_files import UNetFileError, read_safetensors
-        pw = pw if os.path.isabs(pw) else os.path.join(cfg.get("_base", ""), pw)
-        try:
-            perceptual = distill.PerceptualNet(read_safetensors(pw)[0])
-        except (UNetFileError, ValueError) as e:
-            raise ConfigError(f"loss.perceptual_weights: {e}") from None
-        loss_cfg.setdefault("perceptual", 1.0)
-        log(f"perceptual term: on ({os.path.basename(pw)}, {len(perceptual.convs)} convs, weight {loss_cfg['perceptual']})")
-    else:
-        loss_cfg["perceptual"] = 0.0
-        log("perceptual term: off (no loss.perceptual_weights given)")
+    perceptual, loss_weights = _perceptual(cfg, log)
     import comfy.model_management as mm
     dev = mm.get_torch_device()
     teacher.to(dev)
@@ -290,82 +331,107 @@ def train(cfg: dict, log=print) -> dict:
     for p in teacher.parameters():
         p.requires_grad_(False)
     params = dict(unet.named_parameters())
-    names = [n for n in params if n in set(trainable)]
-    for p_, me in (experts or {}).items():
+    trainable = set(trainable)
+    names = [n for n in params if n in trainable]
+    for conv, me in (experts or {}).items():
         me.to(dev)
         for k, v in me.named_parameters():
-            params[f"asdm_experts.{p_}.{k}"] = v
-            names.append(f"asdm_experts.{p_}.{k}")
-            trainable.append(f"asdm_experts.{p_}.{k}")
+            name = f"asdm_experts.{conv}.{k}"
+            params[name] = v
+            names.append(name)
+            trainable.add(name)
     for n, p in params.items():
-        p.requires_grad_(n in set(trainable))
+        p.requires_grad_(n in trainable)
     os.makedirs(cfg["out"], exist_ok=True)
-    unet_path = os.path.join(cfg["out"], "unet.safetensors")
-    state_path = os.path.join(cfg["out"], "train-state.safetensors")
     opt = torch.optim.AdamW([params[n] for n in names], lr=cfg["lr"], weight_decay=0.0)
-    start = 0
-    experts_path = os.path.join(cfg["out"], "condconv.safetensors")
-    if os.path.exists(state_path) and os.path.exists(unet_path):
-        from ..unet_files import read_safetensors
-        sd, _ = read_safetensors(unet_path)
-        unet.load_state_dict(sd)   # same dtype as saved: the run's own checkpoint
-        if experts:
-            from ..condconv import load_experts
-            for p_, me in load_experts(experts_path, unet).items():
-                experts[p_].load_state_dict(me.state_dict())
-        start = _load_state(state_path, opt, names)
-        log(f"resuming from step {start} ({state_path})")
     model = _Student(unet, experts)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    sigmas = student.model.model_sampling.sigmas.float()
-    w = distill.LossWeights(**loss_cfg)
     if perceptual is not None:
         perceptual.to(dev)
-    bs, acc = cfg["batch"], cfg["grad_accum"]
-    pairs = distill.shared_blocks(teacher, unet)   # the block outputs feature-KD compares
-    terms_log, t0 = [], time.time()
-    history = []
-    with distill.trainable(teacher, unet), _experts_active(unet, experts):
-        for step in range(start, cfg["steps"]):
-            g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-            opt.zero_grad(set_to_none=True)
-            for micro in range(acc):
-                idx = torch.randint(0, len(lat), (bs,), generator=g)
-                x_t, t, noise = distill.noised(lat[idx], sigmas, g)
-                mine = slice(rank, None, world)   # this process's share of the step's batch
-                # DDP averages gradients on the last micro-batch of the step only
-                sync = world == 1 or micro == acc - 1
-                with (contextlib.nullcontext() if sync else model.no_sync()):
-                    loss, terms = distill.distill_loss(teacher, unet, x_t[mine].to(dev), t[mine].to(dev),
-                                                       ctx[idx][mine].to(dev), noise[mine].to(dev), w,
-                                                       student_fn=model, perceptual=perceptual, pairs=pairs)
-                    (loss / acc).backward()
-                terms_log.append(terms)
-            opt.step()
-            if (step + 1) % cfg["log_every"] == 0 and rank == 0:
+    return Training(cfg=cfg, rank=rank, world=world, device=dev, teacher=teacher, student=student,
+                    experts=experts, model=model, latents=lat, context=ctx, params=params, names=names,
+                    opt=opt, weights=distill.LossWeights(**loss_weights), perceptual=perceptual,
+                    pairs=distill.shared_blocks(teacher, unet),
+                    sigmas=student.model.model_sampling.sigmas.float())
+
+
+def resume(run: Training, log=print) -> None:
+    """Continues from the run's own checkpoint in ``out`` when there is one."""
+    if not (os.path.exists(run.path("state")) and os.path.exists(run.path("unet"))):
+        return
+    from ..unet_files import read_safetensors
+    run.unet.load_state_dict(read_safetensors(run.path("unet"))[0])   # same dtype as saved
+    if run.experts:
+        from ..condconv import load_experts
+        for conv, me in load_experts(run.path("experts"), run.unet).items():
+            run.experts[conv].load_state_dict(me.state_dict())
+    run.start = _load_state(run.path("state"), run.opt, run.names)
+    log(f"resuming from step {run.start} ({run.path('state')})")
+
+
+def train_step(run: Training, step: int) -> list[dict]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns each micro-batch's loss terms."""
+    from . import distill
+    g = step_generator(run.cfg["seed"], step)
+    batch, micro_batches = run.cfg["batch"], run.cfg["grad_accum"]
+    run.opt.zero_grad(set_to_none=True)
+    terms_per_micro = []
+    for micro in range(micro_batches):
+        idx = torch.randint(0, len(run.latents), (batch,), generator=g)
+        x_t, t, noise = distill.noised(run.latents[idx], run.sigmas, g)
+        share = slice(run.rank, None, run.world)   # this process's share of the step's batch
+        # DDP averages gradients on the last micro-batch of the step only
+        sync = run.world == 1 or micro == micro_batches - 1
+        with (contextlib.nullcontext() if sync else run.model.no_sync()):
+            dev = run.device
+            loss, terms = distill.distill_loss(run.teacher, run.unet, x_t[share].to(dev), t[share].to(dev),
+                                               run.context[idx][share].to(dev), noise[share].to(dev),
+                                               run.weights, student_fn=run.model, perceptual=run.perceptual,
+                                               pairs=run.pairs)
+            (loss / micro_batches).backward()
+        terms_per_micro.append(terms)
+    run.opt.step()
+    return terms_per_micro
+
+
+def checkpoint(run: Training, step: int) -> None:
+    """Writes the student (and its experts) and the optimizer state after ``step`` steps."""
+    from .. import assembly
+    assembly.save_unet(run.student, run.path("unet"), extra_meta={"asdm.train.step": str(step)},
+                       state={k: v.detach().cpu() for k, v in run.unet.state_dict().items()})
+    if run.experts:
+        from ..condconv import save_experts
+        save_experts(run.experts, run.path("experts"), {"asdm.train.step": str(step)})
+    _save_state(run.path("state"), run.opt, run.names, step)
+
+
+def train(cfg: dict, log=print) -> dict:
+    from . import distill
+    run = setup(cfg, log)
+    resume(run, log)
+    terms_log, t0, history = [], time.time(), []
+    with distill.trainable(run.teacher, run.unet), _experts_active(run.unet, run.experts):
+        for step in range(run.start, cfg["steps"]):
+            terms_log += train_step(run, step)
+            done = step + 1
+            if done % cfg["log_every"] == 0 and run.rank == 0:
                 mean = {k: sum(d[k] for d in terms_log) / len(terms_log) for k in terms_log[0]}
-                history.append((step + 1, mean))
-                log(f"step {step + 1}/{cfg['steps']}  " + "  ".join(f"{k} {v:.4f}" for k, v in mean.items())
-                    + f"  ({(time.time() - t0) / len(terms_log) * acc:.2f} s/step)")
+                history.append((done, mean))
+                log(f"step {done}/{cfg['steps']}  " + "  ".join(f"{k} {v:.4f}" for k, v in mean.items())
+                    + f"  ({(time.time() - t0) / len(terms_log) * cfg['grad_accum']:.2f} s/step)")
                 terms_log, t0 = [], time.time()
-            if rank == 0 and ((step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"]):
-                assembly.save_unet(student, unet_path + ".tmp", extra_meta={"asdm.train.step": str(step + 1)},
-                                   state={k: v.detach().cpu() for k, v in unet.state_dict().items()})
-                os.replace(unet_path + ".tmp", unet_path)
-                if experts:
-                    from ..condconv import save_experts
-                    save_experts(experts, experts_path + ".tmp", {"asdm.train.step": str(step + 1)})
-                    os.replace(experts_path + ".tmp", experts_path)
-                _save_state(state_path, opt, names, step + 1)
-    if world > 1:
+            if run.rank == 0 and (done % cfg["save_every"] == 0 or done == cfg["steps"]):
+                checkpoint(run, done)
+    if run.world > 1:
         import hashlib
         import torch.distributed as dist
-        digest = hashlib.sha256(b"".join(params[n].detach().cpu().numpy().tobytes() for n in names)).hexdigest()
-        print(f"rank {rank}: weights sha256 {digest[:16]}", flush=True)   # ranks must agree
+        digest = hashlib.sha256(b"".join(run.params[n].detach().cpu().numpy().tobytes()
+                                         for n in run.names)).hexdigest()
+        print(f"rank {run.rank}: weights sha256 {digest[:16]}", flush=True)   # ranks must agree
         dist.barrier()
         dist.destroy_process_group()
-    return {"history": history, "unet": unet_path, "experts": experts_path if experts else None}
+    return {"history": history, "unet": run.path("unet"), "experts": run.path("experts") if run.experts else None}
 
 
 def main(argv=None):
