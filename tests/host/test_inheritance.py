@@ -203,11 +203,3 @@ def test_non_unet_model_is_a_clear_node_error(N, tiny):
     with pytest.raises(ValueError, match="not an SD-style UNet"):
         patch(N, m)
 
-
-def test_final_full_steps_as_fraction_or_count():
-    # below 1 a fraction of the run's steps (the default 0.2 = the paper's 10 of 50); 1 or more a
-    # count of steps, as graphs saved before the fraction keep meaning
-    assert inh.Schedule(5, 0.2).pattern(50) == inh.Schedule(5, 10).pattern(50)
-    assert inh.Schedule(5, 0.2).pattern(20) == inh.Schedule(5, 4).pattern(20) == "FIIIIFIIIIFIIIIFFFFF"
-    assert inh.Schedule(5, 0.2).pattern(10) == "FIIIIFIIFF"
-    assert inh.Schedule(5, 10).pattern(10) == "F" * 10

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from conftest import engine
-
-M = engine("evaluation.metrics")
+import asdm.evaluation.metrics as M
+import asdm.training.shapes as shapes
+from asdm import embedded
 
 
 def _images(seed=0, n=4):
@@ -45,12 +45,11 @@ def test_frechet_known_answers():
 
 @pytest.fixture(scope="module")
 def checker():
-    return M.load_checker(engine("embedded").path("checker"))
+    return M.load_checker(embedded.path("checker"))
 
 
 def test_checker_reads_dataset_scenes(checker):
     """Held-out scenes (a seed the checker never saw): it reads >= 97 % of their attributes."""
-    shapes = engine("training.shapes")
     scenes = shapes.generate(300, 64, seed=99)
     imgs = np.stack([s.image for s in scenes]) / 255.0
     assert M.adherence(checker, imgs, scenes) >= 0.97
@@ -62,7 +61,6 @@ def test_checker_reads_dataset_scenes(checker):
 
 def test_checker_feature_distance(checker):
     """Two samples of the dataset are close in checker space; blank images are far."""
-    shapes = engine("training.shapes")
     a = np.stack([s.image for s in shapes.generate(400, 64, seed=5)]) / 255.0
     b = np.stack([s.image for s in shapes.generate(400, 64, seed=6)]) / 255.0
     blank = np.full_like(a, 0.9) + np.random.default_rng(0).normal(0, 0.02, a.shape)

@@ -10,7 +10,7 @@ import torch
 from conftest import unload_all
 from asdm.harness import graphs, host
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = host.REPO_ROOT
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""The trainer command on tiny SD1-family UNets (CPU): resume, checkpoints the nodes load,
-two-process DDP, bad input."""
+"""The trainer on tiny SD1-family UNets (CPU), in the test process: resume, checkpoints the
+nodes load, ME-CondConv students, image folders, bad input (the command line: e2e tier)."""
 import os
 import re
 import subprocess
@@ -9,47 +9,23 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import engine, ksample, model_folder
+from conftest import engine, ksample, model_folder, trainer_config as config
 from asdm.harness import host
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    tm = engine("harness.models")
-    teacher = tm.sd_model(tm.TINY_SD1, seed=0)
-    engine("assembly").save_unet(teacher, str(d / "teacher.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    safetensors.torch.save_file({"latents": torch.randn(8, 4, 8, 8, generator=g),
-                                 "context": torch.randn(8, 77, 768, generator=g)}, str(d / "data.safetensors"))
-    return d
-
-
-def config(d, out, student='kind = "compress"\nlayout = "base"', data=None, **over):
-    lines = {"out": f'"{out}"', "steps": 6, "batch": 2, "save_every": 3, "log_every": 1, "lr": 1e-3, "seed": 1}
-    lines.update(over)
-    text = "\n".join(f"{k} = {v}" for k, v in lines.items())
-    text += f'\n[teacher]\nunet = "{d / "teacher.safetensors"}"\n'
-    text += "[data]\n" + (data or f'latents = "{d / "data.safetensors"}"') + "\n"
-    text += "[student]\n" + student + "\n"
-    p = d / f"{os.path.basename(str(out))}.toml"
-    p.write_text(text)
-    return str(p)
 
 
 def weights(out):
     return safetensors.torch.load_file(os.path.join(out, "unet.safetensors"))
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(files, N, tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted(trainer_files, N, tmp_path):
     tr = engine("training.trainer")
-    full = tr.train(tr.load_config(config(files, tmp_path / "full")))
+    full = tr.train(tr.load_config(config(trainer_files, tmp_path / "full")))
     assert len(full["history"]) == 6 and all(v > 0 for v in full["history"][0][1].values())
-    tr.train(tr.load_config(config(files, tmp_path / "parts", steps=3)))            # "interrupted" after 3
+    tr.train(tr.load_config(config(trainer_files, tmp_path / "parts", steps=3)))            # "interrupted" after 3
     meta = safetensors.safe_open(os.path.join(tmp_path / "parts", "unet.safetensors"), "pt").metadata()
     assert meta["asdm.train.step"] == "3"
     logs = []
-    tr.train(tr.load_config(config(files, tmp_path / "parts")), log=logs.append)    # resumes at 3
+    tr.train(tr.load_config(config(trainer_files, tmp_path / "parts")), log=logs.append)    # resumes at 3
     assert any(line.startswith("resuming from step 3") for line in logs)
     assert "perceptual term: off (no loss.perceptual_weights given)" in logs
     a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
@@ -63,22 +39,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(files, N, tmp_path):
     assert torch.isfinite(out).all()
 
 
-def run_cli(args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=host.REPO_ROOT)
-    return subprocess.run([sys.executable, *args], cwd=host.REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_torchrun_two_processes_end_with_identical_weights(files, tmp_path):
-    cfg = config(files, tmp_path / "ddp", steps=3, batch=4, save_every=3, grad_accum=2)
-    r = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "asdm.training", cfg], timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    digests = re.findall(r"rank (\d): weights sha256 (\w+)", r.stdout + r.stderr)
-    assert sorted(d[0] for d in digests) == ["0", "1"] and digests[0][1] == digests[1][1]
-    assert os.path.exists(tmp_path / "ddp" / "unet.safetensors")
-
-
-def test_bad_input_is_named_and_nothing_starts(files, tmp_path):
+def test_bad_input_is_named_and_nothing_starts(trainer_files, tmp_path):
     tr = engine("training.trainer")
     bad = tmp_path / "bad.toml"
     bad.write_text('out = "x"\n[teacher]\nunet = "t.safetensors"\n')
@@ -87,28 +48,25 @@ def test_bad_input_is_named_and_nothing_starts(files, tmp_path):
     g = torch.Generator().manual_seed(0)
     safetensors.torch.save_file({"latents": torch.randn(2, 4, 8, 8, generator=g),
                                  "context": torch.randn(2, 77, 1024, generator=g)}, str(tmp_path / "v2.safetensors"))
-    cfg = tr.load_config(config(files, tmp_path / "wrongctx"))
+    cfg = tr.load_config(config(trainer_files, tmp_path / "wrongctx"))
     cfg["data"]["latents"] = str(tmp_path / "v2.safetensors")
     with pytest.raises(tr.ConfigError, match="context dim 1024 but the teacher takes 768"):
         tr.train(cfg)
     assert not os.path.exists(tmp_path / "wrongctx" / "unet.safetensors")
     with pytest.raises(tr.ConfigError, match="student.kind = 'distill'"):
-        tr.load_config(_kind(files, tmp_path))
-    # the command line says it in one line, exit code 2
-    r = run_cli(["-m", "asdm.training", str(bad)])
-    assert r.returncode == 2 and "asdm.training:" in r.stderr and "'data.latents' is missing" in r.stderr
+        tr.load_config(_kind(trainer_files, tmp_path))
 
 
-def _kind(files, tmp_path):
-    p = config(files, tmp_path / "k")
+def _kind(trainer_files, tmp_path):
+    p = config(trainer_files, tmp_path / "k")
     text = open(p).read().replace('kind = "compress"', 'kind = "distill"')
     open(p, "w").write(text)
     return p
 
 
-def test_condconv_student_trains_its_experts_and_the_node_loads_them(files, N, tmp_path):
+def test_condconv_student_trains_its_experts_and_the_node_loads_them(trainer_files, N, tmp_path):
     tr, cc = engine("training.trainer"), engine("condconv")
-    res = tr.train(tr.load_config(config(files, tmp_path / "cc", steps=4, save_every=4,
+    res = tr.train(tr.load_config(config(trainer_files, tmp_path / "cc", steps=4, save_every=4,
                                          student='kind = "condconv"\nlayout = "small"\nexperts = 2\ninit = "identity"')))
     assert res["experts"] and os.path.exists(res["experts"])
     trained = safetensors.torch.load_file(res["experts"])
@@ -121,7 +79,7 @@ def test_condconv_student_trains_its_experts_and_the_node_loads_them(files, N, t
     assert not torch.equal(ksample(m, conds, steps=3), ksample(unet, conds, steps=3))
 
 
-def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(files, tmp_path):
+def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(trainer_files, tmp_path):
     from PIL import Image
     tr = engine("training.trainer")
     ckpt = os.path.join(host._cache(), "checkpoints", host.random_sd15_checkpoint())
@@ -134,51 +92,51 @@ def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(files, tmp_pa
     (imgs / "3.txt").write_text("broken")
     data = f'images = "{imgs}"\ncheckpoint = "{ckpt}"\nsize = 64'
     logs = []
-    tr.train(tr.load_config(config(files, tmp_path / "enc", steps=1, data=data)), log=logs.append)
+    tr.train(tr.load_config(config(trainer_files, tmp_path / "enc", steps=1, data=data)), log=logs.append)
     enc = safetensors.torch.load_file(str(tmp_path / "enc" / "encoded.safetensors"))
     assert enc["latents"].shape == (3, 4, 8, 8) and enc["context"].shape == (3, 77, 768)
     assert any("skipped 3.png" in line for line in logs)
     (imgs / "4.png").write_bytes((imgs / "0.png").read_bytes())   # no 4.txt
     with pytest.raises(tr.ConfigError, match="have no caption file, e.g. 4.png"):
-        tr.train(tr.load_config(config(files, tmp_path / "enc2", steps=1, data=data)))
+        tr.train(tr.load_config(config(trainer_files, tmp_path / "enc2", steps=1, data=data)))
 
 
-def test_optional_perceptual_term(files, tmp_path):
+def test_optional_perceptual_term(trainer_files, tmp_path):
     tr = engine("training.trainer")
     g = torch.Generator().manual_seed(0)
     vgg = {"features.0.weight": torch.randn(8, 3, 3, 3, generator=g), "features.0.bias": torch.zeros(8),
            "features.2.weight": torch.randn(8, 8, 3, 3, generator=g), "features.2.bias": torch.zeros(8),
            "features.5.weight": torch.randn(16, 8, 3, 3, generator=g), "features.5.bias": torch.zeros(16)}
     safetensors.torch.save_file(vgg, str(tmp_path / "vgg.safetensors"))
-    p = config(files, tmp_path / "perc", steps=2, save_every=2)
+    p = config(trainer_files, tmp_path / "perc", steps=2, save_every=2)
     open(p, "a").write(f'[loss]\nperceptual_weights = "{tmp_path / "vgg.safetensors"}"\nperceptual = 0.5\n')
     logs = []
     res = tr.train(tr.load_config(p), log=logs.append)
     assert any(line.startswith("perceptual term: on (vgg.safetensors, 3 convs, weight 0.5)") for line in logs)
     assert res["history"][-1][1]["perceptual"] > 0
     safetensors.torch.save_file({"x": torch.zeros(2)}, str(tmp_path / "notvgg.safetensors"))
-    p2 = config(files, tmp_path / "perc2", steps=1)
+    p2 = config(trainer_files, tmp_path / "perc2", steps=1)
     open(p2, "a").write(f'[loss]\nperceptual_weights = "{tmp_path / "notvgg.safetensors"}"\n')
     with pytest.raises(tr.ConfigError, match="perceptual_weights: the perceptual weights file holds no"):
         tr.train(tr.load_config(p2))
-    p3 = config(files, tmp_path / "perc3", steps=1)
+    p3 = config(trainer_files, tmp_path / "perc3", steps=1)
     open(p3, "a").write("[loss]\nfeat_kdd = 1.0\n")
     with pytest.raises(tr.ConfigError, match="unknown \\[loss\\] keys \\['feat_kdd'\\]"):
         tr.load_config(p3)
 
 
-def test_teacher_and_student_of_other_families_are_refused(files, tmp_path):
+def test_teacher_and_student_of_other_families_are_refused(trainer_files, tmp_path):
     tr, tm = engine("training.trainer"), engine("harness.models")
     v2 = tm.sd_model(dict(tm.TINY_SD1, model_channels=64, context_dim=1024, use_linear_in_transformer=True,
                           num_heads=-1, num_head_channels=64), seed=1)   # an SD2-family UNet (64-wide heads)
     engine("assembly").save_unet(v2, str(tmp_path / "v2.safetensors"))
-    p = config(files, tmp_path / "fam", steps=1,
+    p = config(trainer_files, tmp_path / "fam", steps=1,
                student=f'kind = "assemble"\ncompressed = "{tmp_path / "v2.safetensors"}"\nrecipe = "M2"')
     with pytest.raises(tr.ConfigError, match="student: .*different families"):
         tr.train(tr.load_config(p))
     teacher = tm.sd_model(tm.TINY_SD1, seed=0)
     engine("assembly").save_unet(engine("assembly").compress(teacher, "base"), str(tmp_path / "base.safetensors"))
-    p = config(files, tmp_path / "lay", steps=1,
+    p = config(trainer_files, tmp_path / "lay", steps=1,
                student=f'kind = "assemble"\ncompressed = "{tmp_path / "base.safetensors"}"\nrecipe = "dn0=B"')
     with pytest.raises(tr.ConfigError, match="student: .*one layer more"):
         tr.train(tr.load_config(p))

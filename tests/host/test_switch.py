@@ -8,18 +8,8 @@ STEPS, BOUNDARY = 8, 3
 
 
 @pytest.fixture(scope="module")
-def models():
-    tm = engine("harness.models")
-    sd = tm.sd_model(tm.TINY_SD1, seed=0)
-    base = engine("assembly").compress(sd, "base")
-    tm.fill_(base.model.diffusion_model, seed=5)
-    return sd, base
-
-
-@pytest.fixture(scope="module")
-def conds768():
-    tm = engine("harness.models")
-    return tm.conditioning(768, 1), tm.conditioning(768, 2)
+def models(sd_and_base):
+    return sd_and_base
 
 
 def adv(model, conds, start, end, add_noise=True, leftover=False, latent=None, sampler="euler"):
@@ -130,7 +120,7 @@ def test_switch_stacks_with_feature_inheritance(N, models, conds768):
     assert [modes[s] == "inherit" for s in sorted(modes)] == [s % 2 == 1 for s in range(BOUNDARY, STEPS)]
 
 
-def test_switch_errors(N, models, conds768):
+def test_switch_errors(N, models, conds768, sd2_tiny):
     sd, base = models
     node = N["ASDMUNetSwitch"]()
     common = dict(model_1=base, model_2=sd)
@@ -144,8 +134,7 @@ def test_switch_errors(N, models, conds768):
         node.switch("steps", **common, start_1=0.0, end_1=2.5, start_2=2.5, end_2=-1.0)
     with pytest.raises(ValueError, match="within 0-1"):
         node.switch("fraction", **common, start_1=0.0, end_1=10.0, start_2=10.0, end_2=-1.0)
-    tm = engine("harness.models")
-    v2 = tm.sd_model(dict(tm.TINY_SD1, context_dim=1024, use_linear_in_transformer=True), seed=1)
+    v2 = sd2_tiny
     with pytest.raises(ValueError, match="model_2 does not match model_1"):
         node.switch("steps", model_1=base, model_2=v2, start_1=0.0, end_1=3.0, start_2=3.0, end_2=-1.0)
     short = node.switch("steps", **common, start_1=0.0, end_1=3.0, start_2=3.0, end_2=5.0)[0]

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from asdm.harness.host import REPO_ROOT as ROOT
 
 
 def test_main_job_quick(tmp_path):

@@ -103,15 +103,6 @@ def test_real_topology_parameter_counts(cfg, want):
     assert abs(n - want) < 0.05, n
 
 
-@pytest.fixture(scope="module")
-def sd_and_base():
-    tm = engine("harness.models")
-    sd = tm.sd_model(tm.TINY_SD1, seed=0)
-    base = engine("assembly").compress(sd, "base")
-    tm.fill_(base.model.diffusion_model, seed=5)   # a "distilled" Base: weights differ from SD's
-    return sd, base
-
-
 def state(m):
     return m.model.diffusion_model.state_dict()
 
@@ -181,7 +172,7 @@ def test_save_load_roundtrip_is_exact(N, sd_and_base, unet_dir):
     assert torch.equal(forward(back), forward(m2))
 
 
-def test_assembly_errors(N, sd_and_base):
+def test_assembly_errors(N, sd_and_base, sd2_tiny):
     sd, base = sd_and_base
     small = engine("assembly").compress(sd, "small")
     tiny = engine("assembly").compress(sd, "tiny")
@@ -196,8 +187,7 @@ def test_assembly_errors(N, sd_and_base):
         node.assemble(sd, base, "custom", "dn7=B")
     with pytest.raises(ValueError, match="malformed recipe entry"):
         node.assemble(sd, base, "custom", "dn0 B")
-    tm = engine("harness.models")
-    v2 = tm.sd_model(dict(tm.TINY_SD1, context_dim=1024, use_linear_in_transformer=True), seed=1)
+    v2 = sd2_tiny
     with pytest.raises(ValueError, match="different families"):
         node.assemble(sd, v2, "M2", "")
     lora = base.clone()

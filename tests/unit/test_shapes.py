@@ -1,11 +1,10 @@
 """The procedural captioned dataset: deterministic, and its captions say what is drawn."""
 import numpy as np
 
-from conftest import engine
+import asdm.training.shapes as sh
 
 
 def test_same_seed_same_scenes_other_seed_other_scenes():
-    sh = engine("training.shapes")
     a, b, c = sh.generate(12, 48, seed=3), sh.generate(12, 48, seed=3), sh.generate(12, 48, seed=4)
     assert all(np.array_equal(x.image, y.image) and x.caption == y.caption for x, y in zip(a, b))
     assert any(not np.array_equal(x.image, y.image) for x, y in zip(a, c))
@@ -14,7 +13,6 @@ def test_same_seed_same_scenes_other_seed_other_scenes():
 
 
 def test_captions_state_what_is_drawn_where():
-    sh = engine("training.shapes")
     scenes = sh.generate(60, 64, seed=0)
     assert {len(s.items) for s in scenes} == {1, 2}
     for s in scenes:
@@ -31,7 +29,6 @@ def test_captions_state_what_is_drawn_where():
 
 
 def test_folder_layout_is_what_the_trainer_reads(tmp_path):
-    sh = engine("training.shapes")
     scenes = sh.write_folder(str(tmp_path), 3, 32, seed=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"0000{i}.{e}" for i in range(3) for e in ("png", "txt")]
     assert (tmp_path / "00001.txt").read_text().strip() == scenes[1].caption
