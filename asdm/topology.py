@@ -202,7 +202,8 @@ def valid_names_hint(topo: Topology) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Structure presets (paper Fig. 10, as DESIGN.md reads it): the units that inherit on
+# Structure presets (paper Fig. 10; the figure is not in the paper's text, so this table is the
+# project's reading of it): the units that inherit on
 # inheriting steps. Written for the SD layout; on other layouts tokens that name nothing are
 # skipped (and reported by the caller).
 # ---------------------------------------------------------------------------------------------
