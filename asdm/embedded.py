@@ -13,7 +13,8 @@ images with no download.
   side) and SD1.5's latent scale (0.18215), so EmptyLatentImage, VAEDecode and the SD1.5 latent
   format apply unchanged.
 
-Trained from ``asdm.shapes`` by ``scripts/train_embedded.py`` (see ``asdm.embedded_train``).
+Trained on ``asdm.training.shapes`` scenes by ``scripts/train_embedded.py`` (see
+``asdm.training.embedded``).
 """
 from __future__ import annotations
 

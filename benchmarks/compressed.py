@@ -34,7 +34,7 @@ def main():
     a = ap.parse_args()
 
     b = Bench(a.batch, a.size, a.reps)
-    tm, asm, flops = (engine(n) for n in ("testmodels", "assembly", "flops"))
+    tm, asm, flops = (engine(n) for n in ("harness.models", "assembly", "evaluation.flops"))
     mm, call_time, dev, x, t, ctx = b.mm, b.call_time, b.dev, b.x, b.t, b.ctx
 
     def gflops(model, size=None):

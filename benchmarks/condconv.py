@@ -27,7 +27,7 @@ def main():
     a = ap.parse_args()
 
     b = Bench(a.batch, a.size, a.reps)
-    tm, asm, cc, flops = (engine(n) for n in ("testmodels", "assembly", "condconv", "flops"))
+    tm, asm, cc, flops = (engine(n) for n in ("harness.models", "assembly", "condconv", "evaluation.flops"))
     mm, call_time = b.mm, b.call_time
 
     rows = []

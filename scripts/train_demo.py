@@ -22,7 +22,7 @@ def main():
     a = ap.parse_args()
     host.boot()
     import safetensors.torch
-    from asdm import assembly, testmodels, train
+    assembly, testmodels, train = (host.engine(n) for n in ("assembly", "harness.models", "training.trainer"))
     os.makedirs(a.dir, exist_ok=True)
     teacher = testmodels.sd_model(testmodels.TINY_SD1, seed=0)
     assembly.save_unet(teacher, os.path.join(a.dir, "teacher.safetensors"))

@@ -1,4 +1,4 @@
-"""Trains the embedded model into weights/embedded/ (see asdm/embedded_train.py):
+"""Trains the embedded model into weights/embedded/ (see asdm/training/embedded.py):
 
     python scripts/train_embedded.py [--stages checker,vae,unet,family] [--seed 0] [--force]
 
@@ -23,12 +23,14 @@ def main():
     ap.add_argument("--force", action="store_true", help="retrain stages whose weights exist")
     a = ap.parse_args()
     host.boot(pytorch_attention=True)
-    from asdm import embedded_train
+    training = host.engine("training.embedded")
     t0 = time.time()
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-    times = embedded_train.run(stages, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
-                               family_steps=a.family_steps, force=a.force,
-                               log=lambda m: print(m, flush=True))
+    log = lambda m: print(m, flush=True)   # noqa: E731
+    if "checker" in stages:   # the evaluation's attribute checker, trained on the same scenes
+        host.engine("evaluation.metrics").train_checker_file(seed=a.seed, force=a.force, log=log)
+    times = training.run([s for s in stages if s != "checker"], seed=a.seed, vae_steps=a.vae_steps,
+                         unet_steps=a.unet_steps, family_steps=a.family_steps, force=a.force, log=log)
     print(f"done in {time.time() - t0:.0f} s: {times}")
 
 

@@ -2,7 +2,7 @@
 
 * ``psnr`` / ``ssim``: error of an accelerated run against full-compute sampling with the same
   seed (the paper's reference is the original SD's output).
-* ``Checker``: a small CNN trained on ``asdm.shapes`` scenes that reads, for each region of the
+* ``Checker``: a small CNN trained on ``asdm.training.shapes`` scenes that reads, for each region of the
   image, the colour and the kind of shape in it (or none). ``adherence`` is the share of the
   attributes a caption states (each shape's colour and kind, at its region) that the checker
   finds in the image: the analogue of the paper's CLIP score.
@@ -14,6 +14,7 @@ Images are float arrays/tensors in [0, 1], [N, H, W, 3] (what ComfyUI's IMAGE ho
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -160,6 +161,20 @@ def train_checker(scenes, seed: int = 0, steps: int = 600, batch: int = 64, log=
     held_out = shapes.generate(500, scenes[0].image.shape[0], seed + 1)
     log(f"checker: held-out attribute accuracy {adherence(net, [s.image / 255.0 for s in held_out], held_out):.4f}")
     return net
+
+
+def train_checker_file(seed: int = 0, force: bool = False, log=print) -> None:
+    """Trains the checker on the embedded model's training scenes into weights/embedded
+    (skipped when the file exists, unless ``force``)."""
+    from .. import embedded
+    from ..training.embedded import N_SCENES, save_weights
+    if os.path.exists(embedded.path("checker")) and not force:
+        return
+    t0 = time.time()
+    net = train_checker(shapes.generate(N_SCENES, embedded.IMAGE_SIZE, seed), seed=seed, log=log)
+    save_weights(net.state_dict(), embedded.path("checker"), {"asdm.format": "asdm-embedded-v1",
+                                                              "asdm.seed": seed})
+    log(f"checker: {time.time() - t0:.0f} s")
 
 
 def load_checker(path: str) -> Checker:

@@ -1,5 +1,5 @@
 """Training of the embedded model (``asdm.embedded``) from the procedural scenes of
-``asdm.shapes``: ``python scripts/train_embedded.py`` (CPU, about half an hour on 2 cores).
+``asdm.training.shapes``: ``python scripts/train_embedded.py`` (CPU).
 
 Stages, each written to ``weights/embedded/`` and skipped when its file exists (``--force``):
 
@@ -10,7 +10,12 @@ Stages, each written to ``weights/embedded/`` and skipped when its file exists (
 2. ``unet``: UNet and text encoder together from scratch on the VAE's latent means and the
    captions, SD's objective (noise prediction, DDPM schedule of the SD1.5 model config), 10 % of
    captions dropped to "" so that classifier-free guidance works; EMA weights are saved.
-3. ``checker``: the metrics' attribute checker (``asdm.metrics``).
+3. ``family``: BK-SDM Base / Small / Tiny from the UNet, M2 (Base's shallow blocks in the UNet,
+   the UNet's blocks frozen), Small and Tiny continued with ME-CondConv experts, all with the
+   project's trainer (``asdm.training.trainer``).
+
+(The evaluation's attribute checker is trained on the same scenes by the same script:
+``asdm.evaluation.metrics``.)
 
 Every random draw comes from generators seeded by (seed, step): the same seed gives the same
 weights on the same machine and thread count.
@@ -188,7 +193,8 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def _save(sd: dict, path: str, meta: dict) -> None:
+def save_weights(sd: dict, path: str, meta: dict) -> None:
+    """Weights of the embedded model: fp16, written atomically."""
     from ..unet_files import write_safetensors
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
@@ -208,13 +214,6 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
     images = images_tensor(scenes)
     meta = {"asdm.format": "asdm-embedded-v1", "asdm.seed": seed}
 
-    if "checker" in stages and (force or not os.path.exists(embedded.path("checker"))):
-        t0 = time.time()
-        from ..evaluation import metrics
-        checker = metrics.train_checker(scenes, seed=seed, log=log)
-        _save(checker.state_dict(), embedded.path("checker"), meta)
-        times["checker_s"] = round(time.time() - t0, 1)
-
     if "vae" in stages and (force or not os.path.exists(embedded.path("vae"))):
         t0 = time.time()
         vae = train_vae(images, vae_steps, 16, seed, log)
@@ -222,7 +221,7 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
         c = 1.0 / (0.18215 * lat.std().item())
         rescale_vae(vae, c)
         log(f"vae: latent std {lat.std().item():.3f} -> rescaled by {c:.3f} to SD1.5's scale")
-        _save(vae.state_dict(), embedded.path("vae"), dict(meta, **{"asdm.steps": vae_steps}))
+        save_weights(vae.state_dict(), embedded.path("vae"), dict(meta, **{"asdm.steps": vae_steps}))
         times["vae_s"] = round(time.time() - t0, 1)
 
     if "unet" in stages and (force or not os.path.exists(embedded.path("unet"))):
@@ -236,7 +235,7 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
         assembly.save_unet(patcher, embedded.path("unet"), dtype=torch.float16,
                            extra_meta={"asdm.embedded": "teacher", "asdm.steps": str(unet_steps)},
                            state=model.diffusion_model.state_dict())
-        _save(embedded.text_state_dict(clip), embedded.path("text"), meta)
+        save_weights(embedded.text_state_dict(clip), embedded.path("text"), meta)
         times["unet_and_text_s"] = round(time.time() - t0, 1)
 
     if "family" in stages:
@@ -326,8 +325,8 @@ def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) 
         res = train.train(train.load_config(path), log=log)
         sd, meta = unet_files.read_safetensors(res["unet"])
         meta = dict(meta, **{"asdm.embedded": name, "asdm.train.seconds": f"{time.time() - t0:.0f}"})
-        _save(sd, out_file, meta)
+        save_weights(sd, out_file, meta)
         if res.get("experts"):
             esd, emeta = unet_files.read_safetensors(res["experts"])
-            _save(esd, os.path.join(embedded.FAMILY_EXPERTS, os.path.basename(out_file)), emeta)
+            save_weights(esd, os.path.join(embedded.FAMILY_EXPERTS, os.path.basename(out_file)), emeta)
     return True
