@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from typing import NamedTuple
 
 import torch
@@ -269,10 +270,16 @@ def _keep_up(items: list, count: int) -> list:
 # Saving
 # ---------------------------------------------------------------------------------------------
 
-def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, state: dict | None = None) -> None:
+def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, state: dict | None = None,
+              derive_from: str | None = None) -> None:
     """The UNet in ldm layout (what ComfyUI's own UNet loader reads), with its layout and the
-    assembly recipe (if any) in the metadata."""
-    from .unet_files import ASDM_FORMAT, write_safetensors
+    assembly recipe (if any) in the metadata.
+
+    ``derive_from``: a UNet file in the same folder this one derives from (an assembled UNet's
+    original, an ME-CondConv student's compressed UNet). The blocks whose weights equal that
+    file's (block by block, by name) are not stored; loading puts them back from it. Such a
+    file is read by A-SDM Load Compressed UNet, not by ComfyUI's own UNet loader."""
+    from .unet_files import ASDM_FORMAT
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
           for k, v in (state if state is not None else host_models.unet_state_dict(patcher)).items()}
     mc = patcher.model.model_config
@@ -283,4 +290,102 @@ def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, st
     if getattr(mc, "asdm_recipe", None):
         meta["asdm.recipe"] = mc.asdm_recipe
     meta.update(extra_meta or {})
+    write_unet(sd, meta, path, derive_from)
+
+
+def write_unet(sd: dict, meta: dict, path: str, derive_from: str | None = None) -> None:
+    """Writes a UNet state dict with its A-SDM metadata (``asdm.layout`` included), whole or as
+    what it adds to ``derive_from`` (see ``save_unet``)."""
+    from .unet_files import read_unet, write_safetensors
+    meta = dict(meta)
+    if derive_from is not None:
+        if os.path.dirname(os.path.abspath(derive_from)) != os.path.dirname(os.path.abspath(path)):
+            raise AssemblyError(f"{path} can derive only from a file in its own folder, not {derive_from}")
+        src_sd = read_unet(derive_from)[0]
+        sd, parts, taken = split_derived(sd, json.loads(meta["asdm.layout"]), src_sd)
+        meta.update({DERIVED_FROM: os.path.basename(derive_from), DERIVED_PARTS: json.dumps(parts),
+                     DERIVED_DIGEST: _digest(src_sd, taken)})
+    else:
+        for key in (DERIVED_FROM, DERIVED_PARTS, DERIVED_DIGEST):
+            meta.pop(key, None)
     write_safetensors(sd, path, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived files: a UNet stored as what it adds to the UNet it derives from
+# ---------------------------------------------------------------------------------------------
+
+DERIVED_FROM = "asdm.derived_from"     # the source file's name, in the same folder
+DERIVED_PARTS = "asdm.derived_parts"   # JSON list of the parts (blocks, stem) taken from it
+DERIVED_DIGEST = "asdm.derived_digest"  # sha256 of what it takes, so a changed source is noticed
+
+
+def _digest(sd: dict, keys) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(keys):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _topology_of_config(cfg: dict) -> Topology:
+    import comfy.supported_models as sm
+    from .unet_files import family_of
+    return describe(_build_empty((sm.SD20 if family_of(cfg) == "SD2" else sm.SD15)(dict(cfg))))
+
+
+def _part_map(src_topo: Topology, dst_topo: Topology) -> dict[str, tuple[list[str], list[str]]]:
+    """part -> (source entries, target entries) for the parts both UNets have with the same shape."""
+    out = {}
+    for part in list(dst_topo.entries):
+        src, dst = src_topo.entries.get(part), dst_topo.entries[part]
+        if src is not None and len(src) == len(dst):
+            out[part] = (src, dst)
+    return out
+
+
+def split_derived(sd: dict, cfg: dict, src_sd: dict) -> tuple[dict, list[str], list[str]]:
+    """``sd`` (a UNet of layout ``cfg``) without the parts whose weights are the source's, bit for
+    bit; those parts' names; the source's keys they take."""
+    from .unet_files import unet_config
+    mapping = _part_map(_topology_of_config(unet_config(src_sd)), _topology_of_config(cfg))
+    kept, same, taken = dict(sd), [], []
+    for part, (src, dst) in mapping.items():
+        mine = {}
+        _copy_entries(sd, dst, src, mine)      # this UNet's part, under the source's keys
+        theirs = {k: v for k, v in src_sd.items() if any(k.startswith(p + ".") for p in src)}
+        if mine and mine.keys() == theirs.keys() and all(
+                mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine):
+            same.append(part)
+            taken += list(theirs)
+            for p in dst:
+                kept = {k: v for k, v in kept.items() if not k.startswith(p + ".")}
+    return kept, same, taken
+
+
+def resolve_derived(stored: dict, meta: dict, src_sd: dict) -> dict:
+    """The whole state dict of a derived UNet: its stored tensors, plus the parts it takes from
+    the source UNet's state dict ``src_sd``."""
+    from .unet_files import UNetFileError, unet_config
+    try:
+        cfg = json.loads(meta["asdm.layout"])
+        parts = json.loads(meta[DERIVED_PARTS])
+    except (KeyError, ValueError) as e:
+        raise UNetFileError(f"its derived-file metadata is damaged ({type(e).__name__}: {e}); "
+                            "re-save it with A-SDM Save UNet or the trainer") from None
+    mapping = _part_map(_topology_of_config(unet_config(src_sd)), _topology_of_config(cfg))
+    missing = [p for p in parts if p not in mapping]
+    if missing:
+        raise UNetFileError(f"it takes {', '.join(missing)} from {meta[DERIVED_FROM]}, which has no "
+                            "such part of that shape: the source file is not the one it was made from")
+    taken = [k for part in parts for k in src_sd if any(k.startswith(p + ".") for p in mapping[part][0])]
+    if _digest(src_sd, taken) != meta.get(DERIVED_DIGEST):
+        raise UNetFileError(f"{meta[DERIVED_FROM]} is not the file it was made from (its weights differ); "
+                            "restore that file, or re-save this UNet whole")
+    out = dict(stored)
+    for part in parts:
+        src, dst = mapping[part]
+        _copy_entries(src_sd, src, dst, out)
+    return out

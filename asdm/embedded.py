@@ -40,8 +40,8 @@ TEXT_CONFIG = {"hidden_size": CONTEXT_DIM, "intermediate_size": 256, "num_attent
 VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": IMAGE_SIZE, "in_channels": 3, "out_ch": 3,
               "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
               "dropout": 0.0}
-FILES = {"unet": "unet.safetensors", "text": "text_encoder.safetensors", "vae": "vae.safetensors",
-         "checker": "checker.safetensors"}
+FILES = {"unet": "unet/asdm-embedded-full.safetensors",   # beside its family, which derives from it
+         "text": "text_encoder.safetensors", "vae": "vae.safetensors", "checker": "checker.safetensors"}
 TOKEN_ROWS = "token_rows"      # which rows of the token embedding the text encoder file stores
 
 

@@ -290,10 +290,35 @@ def _check_keys(unet: torch.nn.Module, sd_ldm: dict):
                             f"{tuple(sd_ldm[k].shape)}, expected {tuple(own[k].shape)}")
 
 
+def read_unet(path: str, _depth: int = 0) -> tuple[dict, dict]:
+    """(state dict, metadata) of a UNet file; a derived file (see ``assembly.save_unet``) comes
+    back whole, with the parts it takes from its source file (beside it) filled in."""
+    from . import assembly
+    sd, meta = read_safetensors(path)
+    source = meta.get(assembly.DERIVED_FROM)
+    if source is None:
+        return sd, meta
+    name = os.path.basename(path)
+    if os.path.basename(source) != source or source in ("", ".", ".."):
+        raise UNetFileError(f"{name} derives from {source!r}, which is not a file name; it must name "
+                            "a UNet file in the same folder")
+    src_path = os.path.join(os.path.dirname(path), source)
+    if not os.path.isfile(src_path):
+        raise UNetFileError(f"{name} stores only what it adds to {source}, which is not beside it in "
+                            f"{os.path.dirname(path)}; put both files in one folder")
+    if _depth > 8:
+        raise UNetFileError(f"{name}: derived files chain more than 8 deep (a loop?)")
+    try:
+        src_sd, _ = read_unet(src_path, _depth + 1)
+        return assembly.resolve_derived(sd, meta, to_ldm(src_sd)), meta
+    except UNetFileError as e:
+        raise UNetFileError(f"{name} (derived from {source}): {e}") from None
+
+
 def load_unet(path: str, prediction: str = "eps"):
     """A MODEL from a UNet safetensors file in either layout (a diffusers config.json beside it
-    is read for its head layout only)."""
-    sd, meta = read_safetensors(path)
+    is read for its head layout only), or a derived file whole."""
+    sd, meta = read_unet(path)
     config = None
     cfg_path = os.path.join(os.path.dirname(path), "config.json")
     if layout_of(sd) == "diffusers" and os.path.isfile(cfg_path):

@@ -1,27 +1,23 @@
-"""What the benchmark scripts share: the host, one fixed UNet input, and a timer that loads the
-MODEL through the host's model manager and times single UNet calls."""
+"""What the benchmark scripts share: the host, one fixed UNet input, and the timing method of
+asdm/evaluation/timing.py (also the main job's): every variant interleaved with its baseline
+round by round (A B A B ...), the median ratio with its spread, the baseline against itself
+reading 1.00x within its spread.
+"""
+from __future__ import annotations
+
 import logging
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from asdm.harness import host  # noqa: E402
 
-
 engine = host.engine
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+_timing = engine("evaluation.timing")
+sync, device_name, timed, interleaved, Ratio = (_timing.sync, _timing.device_name, _timing.timed,
+                                                _timing.interleaved, _timing.Ratio)
 
 
 class Bench:
@@ -41,13 +37,18 @@ class Bench:
     def call(self, model):
         return model.model.apply_model(self.x, self.t, c_crossattn=self.ctx)
 
-    def call_time(self, model) -> float:
-        """Median seconds of one UNet call, after a warm-up."""
-        self.mm.load_models_gpu([model])
-        self.call(model)
-        samples = []
-        for _ in range(self.reps):
-            sync(); t0 = time.perf_counter()
-            self.call(model)
-            sync(); samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+    def caller(self, model):
+        """A callable that makes one UNet call of ``model``; its untimed ``prepare`` makes the
+        model current through the model manager (clones of one UNet take turns)."""
+        def call():
+            return self.call(model)
+        call.prepare = lambda: self.mm.load_models_gpu([model])
+        return call
+
+    def compare(self, baseline, variants: dict) -> dict[str, Ratio]:
+        """UNet-call ratios baseline / variant, interleaved; includes the baseline against itself
+        under the name "baseline"."""
+        calls = {"_base": self.caller(baseline), "baseline": self.caller(baseline)}
+        calls.update({k: self.caller(m) for k, m in variants.items()})
+        t = interleaved(calls, self.reps)
+        return {k: Ratio.of(t["_base"], t[k]) for k in calls if k != "_base"}

@@ -1,296 +1,290 @@
-"""The main job: A-SDM's experiments in miniature, on the embedded model (weights/embedded).
+"""The main job: A-SDM's experiments in miniature. Fidelity on the embedded model, speed on the
+embedded model and on SD1.5-width UNets.
 
-Runs the bundled workflows (workflows/api/) headless through ComfyUI's own executor, with the
-checkpoint loader swapped for A-SDM Load Embedded Model: full compute; feature inheritance with
-every preset at P5, P5† and P2†; multi-UNet switching S1/S2/S3; the compressed (Base, Small,
-Tiny), assembled (M2) and ME-CondConv models. Each run samples the same captions and seeds.
-Writes to --out: grid.png (images), plot.png (speedup against PSNR), report.md (the table),
-results.json.
+1. Fidelity and embedded-model speed: every strategy (full compute; feature inheritance with every
+   preset at P5, P5† and P2†; switching S1/S2/S3; Base, Small, Tiny, M2 and ME-CondConv) samples
+   the same captions and seeds through ComfyUI's own executor, from the bundled graph
+   workflows/api/embedded_s1_inheritance.json rewired per strategy. Each caption's run is paired
+   with a full-compute run of the same caption right before it (A B A B ...); a timer node before
+   the sampler sums the UNet's own time (every model call, through ComfyUI's patching), and the
+   executor's wall time of the graph gives the end-to-end time (sampler, decode, save; the text
+   encoder is cached). Ratios: full / strategy per caption, median and spread.
+2. SD1.5-width speed (asdm.evaluation.speed): UNet time of each strategy's schedule on the
+   project-made random SD1.5 / BK-SDM UNets, composed from interleaved single calls, beside the
+   FLOP bound.
 
-    python scripts/main_job.py [--prompts 8] [--batch 4] [--steps 20] [--quick]
+Writes report.md, grid.png, plot.png and results.json to --out (default out/main-job, which git
+ignores); --publish also copies them to docs/report for the README. The host's own log goes to
+<out>/host.log.
 
-Speedup: wall time of the whole workflow run (sampling, decode, save) of full compute over the
-run's, summed over the captions, in one process; FLOP bound: the UNet FLOP ratio over the run.
+    python scripts/main_job.py [--prompts 8] [--seeds 4] [--steps 20] [--quick] [--publish]
 """
 import argparse
-import copy
 import glob
 import json
 import math
 import os
+import shutil
+import statistics
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from asdm.harness import graphs, host  # noqa: E402
+from asdm.harness import host  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = host.REPO_ROOT
 EVAL_SEED = 20261123      # the evaluation captions (not in the training set's seed)
 REFERENCE_SEED = 2        # dataset images for the Fréchet distance
-
-
 E = host.engine
 
 
-class Job:
+class Progress:
+    """One bar over the whole job. The ETA weighs each phase's remaining items by that phase's
+    own observed time per item (its calibrated estimate until the first item is done)."""
+
+    def __init__(self, phases: dict):
+        self.phases = {k: {"n": n, "done": 0, "spent": 0.0, "guess": g} for k, (n, g) in phases.items()}
+        self.t0 = self.mark = time.time()
+
+    def step(self, phase: str, label: str, done: int | None = None, total: int | None = None):
+        p = self.phases[phase]
+        if total is not None:
+            p["n"] = total
+        now = time.time()
+        p["spent"] += now - self.mark
+        self.mark = now
+        p["done"] = p["done"] + 1 if done is None else done
+        left = sum((q["n"] - q["done"]) * (q["spent"] / q["done"] if q["done"] else q["guess"])
+                   for q in self.phases.values())
+        done_all = sum(q["done"] for q in self.phases.values())
+        total = sum(q["n"] for q in self.phases.values())
+        filled = int(30 * done_all / total)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done_all}/{total} {label:<22} "
+                         f"{(now - self.t0) / 60:5.1f} min, about {left / 60:4.1f} min left ")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+class EmbeddedRuns:
+    """Runs strategies' graphs through the executor; keeps images and times per caption."""
+
     def __init__(self, a):
         self.a = a
         self.runner = host.Runner()
-        self.embedded = E("embedded")
-        self.fam = E("embedded").family_name
+        self.strategies = E("evaluation.strategies")
+        self.timing = E("harness.timing")
+        self.timing.register()
+        self.n = 0
 
-    # -- prompts from the bundled workflows --------------------------------------------------
-    def _common(self, api, caption, j, prefix, sampler):
-        api["1"] = {"class_type": "ASDMLoadEmbeddedModel", "inputs": {}}
-        api["2"]["inputs"]["text"] = caption
-        api["3"]["inputs"]["text"] = ""
-        api["4"]["inputs"].update(width=64, height=64, batch_size=self.a.batch)
-        api[sampler]["inputs"].update(seed=j, steps=self.a.steps, cfg=self.a.cfg, sampler_name="euler",
-                                      scheduler="normal")
-        save = next(k for k, v in api.items() if v["class_type"] == "SaveImage")
-        api[save]["inputs"]["filename_prefix"] = prefix
-        return api
-
-    def prompt(self, run, caption, j, prefix):
-        kind = run["kind"]
-        if kind in ("plain", "fi"):
-            api = self._common(graphs.load_api_workflow("feature_inheritance_sd15.json"), caption, j, prefix, "6")
-            if kind == "plain":
-                del api["5"]
-                api["6"]["inputs"]["model"] = ["1", 0]
-            else:
-                api["5"]["inputs"].update(preset=run["preset"], units="", period=run["period"],
-                                          final_full_steps=run["tail"])
-            return api
-        if kind == "switch":
-            api = self._common(graphs.load_api_workflow("switch_s1_sd15.json"), caption, j, prefix, "7")
-            api["5"]["inputs"].update(unet_name=self.fam("base"), prediction="auto")
-            src = {"base": ["5", 0], "full": ["1", 0]}
-            (m1, e1), (m2, _) = run["ranges"]
-            api["6"]["inputs"].update(unit="steps", model_1=src[m1], start_1=0.0, end_1=float(e1),
-                                      model_2=src[m2], start_2=float(e1), end_2=-1.0)
-            return api
-        # a compressed / assembled UNet, optionally with its ME-CondConv experts
-        api = self._common(graphs.load_api_workflow("assembly_m2_sd15.json"), caption, j, prefix, "7")
-        for k in ("6", "10"):
-            del api[k]
-        api["5"]["inputs"].update(unet_name=self.fam(run["unet"]), prediction="auto")
-        api["7"]["inputs"]["model"] = ["5", 0]
-        if run.get("experts"):
-            api["11"] = {"class_type": "ASDMMECondConv",
-                         "inputs": {"model": ["5", 0], "weights": self.fam(run["unet"]),
-                                    "units": "dn*.*.R, up*.*.R", "experts": 2, "init": "identity", "seed": 0}}
-            api["7"]["inputs"]["model"] = ["11", 0]
-        return api
-
-    def execute(self, run, captions, seed0=1000):
-        """Runs every caption; returns (seconds, [P*B, H, W, 3] uint8)."""
+    def run(self, s, caption: str, j: int):
+        """(UNet seconds, end-to-end seconds, [seeds, H, W, 3] uint8) of one caption."""
         from PIL import Image
-        total, images = 0.0, []
-        for j, c in enumerate(captions):
-            prefix = f"main/{run['name']}/p{j:02d}"
-            p = self.prompt(run, c, seed0 + j, prefix)
-            t0 = time.perf_counter()
-            self.runner.run(p)
-            total += time.perf_counter() - t0
-            files = sorted(glob.glob(os.path.join(host.workdir(), "output", prefix + "_*.png")))
-            if len(files) != self.a.batch:
-                raise RuntimeError(f"{run['name']}: expected {self.a.batch} images for caption {j}, found {len(files)}")
-            images += [np.asarray(Image.open(f).convert("RGB")) for f in files]
-            for f in files:
-                os.remove(f)
-        return total, np.stack(images)
+        self.n += 1
+        tag = f"{s.name}/{j}/{self.n}"          # a new tag per run: nothing served from the cache
+        prefix = f"main/{s.name.replace('/', '_')}/p{j:02d}_{self.n}"
+        api = self.strategies.graph(s, caption, 1000 + j, self.a.seeds, self.a.steps, self.a.cfg, prefix, tag)
+        t0 = time.perf_counter()
+        self.runner.run(api)
+        wall = time.perf_counter() - t0
+        files = sorted(glob.glob(os.path.join(host.workdir(), "output", prefix + "_*.png")))
+        if len(files) != self.a.seeds:
+            raise RuntimeError(f"{s.name}: expected {self.a.seeds} images for caption {j}, found {len(files)}")
+        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        for f in files:
+            os.remove(f)
+        return self.timing.SECONDS.pop(tag), wall, images
 
 
-def runs_list(a, presets):
-    out = [{"name": "full", "label": "full compute", "kind": "plain", "group": "plain"}]
-    k = max(1, round(a.steps * 0.4))
-    out += [{"name": "S1", "label": f"S1 Base {k} + full {a.steps - k}", "kind": "switch", "group": "switch",
-             "ranges": [("base", k), ("full", None)]},
-            {"name": "S2", "label": f"S2 full {a.steps - k} + Base {k}", "kind": "switch", "group": "switch",
-             "ranges": [("full", a.steps - k), ("base", None)]},
-            {"name": "S3", "label": f"S3 full {k} + Base {a.steps - k}", "kind": "switch", "group": "switch",
-             "ranges": [("full", k), ("base", None)]}]
-    for u, lab in (("base", "Base"), ("small", "Small"), ("tiny", "Tiny"), ("m2", "M2")):
-        out.append({"name": u, "label": lab, "kind": "unet", "unet": u, "group": "compressed"})
-    for u, lab in (("small-condconv", "Small + ME-CondConv"), ("tiny-condconv", "Tiny + ME-CondConv")):
-        out.append({"name": u, "label": lab, "kind": "unet", "unet": u, "experts": True, "group": "compressed"})
-    for mode, period, tail in (("P5", 5, 0), ("P5†", 5, a.tail), ("P2†", 2, a.tail)):
-        for p in presets:
-            out.append({"name": f"{p}-{mode.replace('†', 'd')}", "label": f"{p} {mode}", "kind": "fi",
-                        "group": mode, "preset": p, "period": period, "tail": tail})
-    return out
+def evaluate(rows, results, scenes, a, checker, ref_feats, metrics):
+    """Fidelity metrics against full compute (same captions and seeds), per image kept for the
+    findings' spreads."""
+    items = [s.items for s in scenes for _ in range(a.seeds)]
+    ref = results["full"]["images"] / 255.0
+    for r in rows:
+        imgs = results[r["name"]]["images"] / 255.0
+        r["psnr_each"] = [metrics.psnr(imgs[i:i + 1], ref[i:i + 1]) for i in range(len(imgs))]
+        r["adherence_each"] = [metrics.adherence(checker, imgs[i:i + 1], items[i:i + 1]) for i in range(len(imgs))]
+        r.update(psnr=metrics.psnr(imgs, ref), ssim=metrics.ssim(imgs, ref),
+                 adherence=float(np.mean(r["adherence_each"])),
+                 fd=metrics.frechet_distance(metrics.features(checker, imgs), ref_feats))
 
 
-def flop_bounds(runs, a):
-    """UNet FLOP ratio full / run over the whole run, counted on the embedded UNets at 64 px."""
-    import torch
-    flops, inh, unet_files, condconv = E("evaluation.flops"), E("inheritance"), E("unet_files"), E("condconv")
-    emb = E("embedded")
-    b = 2 * a.batch
-    x, t, ctx = torch.randn(b, 4, 8, 8), torch.full((b,), 500.0), torch.randn(b, 77, emb.CONTEXT_DIM)
-
-    def cost(model):
-        u = model.model.diffusion_model
-        return sum(flops.count(u, lambda: u(x, t, ctx)).values())
-
-    full_model = unet_files.load_unet(emb.path("unet"))
-    unet = full_model.model.diffusion_model
-    counted = flops.count(unet, lambda: unet(x, t, ctx))
-    full = sum(counted.values())
-    residual = flops.residual_flops(E("topology").describe(unet), counted)
-    per_unet = {}
-    for r in runs:
-        if r["kind"] == "plain":
-            r["bound"] = 1.0
-        elif r["kind"] == "fi":
-            p = inh.apply_inheritance(full_model, r["preset"], "", r["period"], r["tail"])
-            holder = p.model_options["transformer_options"]["asdm_inheritance"]
-            skipped = sum(residual[u.name] for u in holder.units)
-            r["bound"] = flops.speedup_bound(full, skipped, inh.Schedule(r["period"], r["tail"]).pattern(a.steps))
-        else:
-            name = "base" if r["kind"] == "switch" else r["unet"]
-            if name not in per_unet:
-                m = unet_files.load_unet(os.path.join(emb.FAMILY_UNETS, emb.family_name(name)))
-                extra = 0
-                if r.get("experts"):
-                    ex = condconv.load_experts(os.path.join(emb.FAMILY_EXPERTS, emb.family_name(name)),
-                                               m.model.diffusion_model)
-                    # mixing N expert kernels per sample (the routers are negligible)
-                    extra = sum(2 * b * me.n * me.experts[0].numel() for me in ex.values())
-                per_unet[name] = cost(m) + extra
-            if r["kind"] == "unet":
-                r["bound"] = full / per_unet[name]
-            else:
-                steps = {"base": 0, "full": 0}
-                (m1, e1), (m2, _) = r["ranges"]
-                steps[m1] += e1
-                steps[m2] += a.steps - e1
-                r["bound"] = a.steps * full / (steps["full"] * full + steps["base"] * per_unet["base"])
-    return full
-
-
-def bar(i, n, name, t0):
-    done = int(30 * i / n)
-    eta = (time.time() - t0) / max(i, 1) * (n - i)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {name:<16} eta {eta / 60:4.1f} min ")
-    sys.stderr.flush()
-
-
-def findings(rows):
+def compare(rows, a_names, b_names, key) -> tuple[float, float, float]:
+    """Mean of ``key`` over runs a minus over runs b, per image (same caption and seed), and the
+    spread of that difference over the images: (difference, its standard error, images)."""
     by = {r["name"]: r for r in rows}
-    mean = lambda names, key="psnr": float(np.mean([by[n][key] for n in names if n in by]))
-    presets = sorted({r["preset"] for r in rows if r["kind"] == "fi"})
+    a_vals = np.mean([by[n][key + "_each"] for n in a_names if n in by], axis=0)
+    b_vals = np.mean([by[n][key + "_each"] for n in b_names if n in by], axis=0)
+    d = np.asarray(a_vals, dtype=float) - np.asarray(b_vals, dtype=float)
+    d = d[np.isfinite(d)]
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf, len(d)
+
+
+def findings(rows, presets):
+    """The paper's findings on this model; each states whether the difference exceeds twice its
+    standard error over the caption x seed images (the seed-to-seed spread)."""
     out = []
-    p5 = mean([f"{p}-P5" for p in presets])
-    p5d = mean([f"{p}-P5d" for p in presets])
-    out.append(("P5† better than P5", p5d > p5, f"mean PSNR over the {len(presets)} presets: P5† {p5d:.2f} dB, P5 {p5:.2f} dB"))
+
+    def claim(text, a_names, b_names, key="psnr", unit="dB"):
+        d, se, n = compare(rows, a_names, b_names, key)
+        holds = d > 0
+        sure = abs(d) > 2 * se
+        out.append((text, holds, sure, f"difference {d:+.3f} {unit}, standard error {se:.3f} over {n} images"))
+
+    claim("P5† closer to full compute than P5", [f"{p}-P5d" for p in presets], [f"{p}-P5" for p in presets])
     for mode in ("P5", "P5d"):
-        ext = mean([f"{p}-{mode}" for p in presets if p.startswith(("EX", "DE"))])
-        inner = mean([f"{p}-{mode}" for p in presets if p.startswith(("IN", "EN"))])
-        out.append((f"external/decoder loops better than inner/encoder loops ({mode.replace('d', '†')})", ext > inner,
-                    f"mean PSNR EX1-3 + DE1-3 {ext:.2f} dB, IN1-3 + EN1-3 {inner:.2f} dB"))
-    s1, s2, s3 = by["S1"]["psnr"], by["S2"]["psnr"], by["S3"]["psnr"]
-    out.append(("S1 better than S2 and S3", s1 > max(s2, s3), f"PSNR S1 {s1:.2f}, S2 {s2:.2f}, S3 {s3:.2f} dB"))
-    ad = (by["S1"]["adherence"], by["S2"]["adherence"], by["S3"]["adherence"])
-    out.append(("S1 adherence >= S2 and S3", ad[0] >= max(ad[1:]), "adherence S1 {:.3f}, S2 {:.3f}, S3 {:.3f}".format(*ad)))
-    out.append(("M2 closer to the full model than Base", by["m2"]["psnr"] > by["base"]["psnr"],
-                f"PSNR M2 {by['m2']['psnr']:.2f} dB, Base {by['base']['psnr']:.2f} dB"))
+        claim(f"external/decoder loops better than inner/encoder loops ({mode.replace('d', '†')})",
+              [f"{p}-{mode}" for p in presets if p.startswith(("EX", "DE"))],
+              [f"{p}-{mode}" for p in presets if p.startswith(("IN", "EN"))])
+    claim("S1 closer to full compute than S2", ["S1"], ["S2"])
+    claim("S1 closer to full compute than S3", ["S1"], ["S3"])
+    claim("S1 adherence above S2", ["S1"], ["S2"], "adherence", "")
+    claim("M2 closer to the full model than Base", ["m2"], ["base"])
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=8, help="evaluation captions")
-    ap.add_argument("--batch", type=int, default=4, help="images (seeds) per caption")
+    ap.add_argument("--prompts", type=int, default=8, help="evaluation captions (also the timing rounds)")
+    ap.add_argument("--seeds", type=int, default=4, help="images (seeds) per caption")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--tail", type=int, default=4, help="final full steps of P5† and P2†")
     ap.add_argument("--presets", default="", help="comma-separated subset of presets (default: all)")
-    ap.add_argument("--quick", action="store_true", help="2 captions x 2 images, presets CO6,EX3,IN3")
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "report"))
+    ap.add_argument("--sd15-size", type=int, default=16, help="latent side of the SD1.5-width timing (16 = 128 px)")
+    ap.add_argument("--sd15-rounds", type=int, default=3, help="timing rounds on the SD1.5-width UNets")
+    ap.add_argument("--quick", action="store_true", help="2 captions x 2 seeds, presets CO6,EX3,IN3, SD1.5 latent 8")
+    ap.add_argument("--out", default=os.path.join(ROOT, "out", "main-job"))
+    ap.add_argument("--publish", action="store_true", help="also copy the report to docs/report (the README's)")
     a = ap.parse_args()
     if a.quick:
-        a.prompts, a.batch, a.presets = 2, 2, a.presets or "CO6,EX3,IN3"
-    host.boot(pytorch_attention=True)
-    shapes, metrics, report, topology = E("training.shapes"), E("evaluation.metrics"), E("evaluation.report"), E("topology")
-    emb = E("embedded")
-    presets = [p.strip() for p in a.presets.split(",") if p.strip()] or list(topology.PRESETS)
+        a.prompts, a.seeds, a.presets = 2, 2, a.presets or "CO6,EX3,IN3"
+        a.sd15_size, a.sd15_rounds = 8, 2
+    os.makedirs(a.out, exist_ok=True)
+    t_start = time.time()
+    host.boot(pytorch_attention=True, log_file=os.path.join(a.out, "host.log"))
+    import torch
+    shapes, metrics, report = E("training.shapes"), E("evaluation.metrics"), E("evaluation.report")
+    strat_mod, speed, emb = E("evaluation.strategies"), E("evaluation.speed"), E("embedded")
+    presets = [p.strip() for p in a.presets.split(",") if p.strip()] or list(E("topology").PRESETS)
+    strategies = strat_mod.strategies(a.steps, presets)
     scenes = shapes.generate(a.prompts, emb.IMAGE_SIZE, EVAL_SEED)
     captions = [s.caption for s in scenes]
-    runs = runs_list(a, presets)
-    full_flops = flop_bounds(runs, a)
+
+    runs = EmbeddedRuns(a)
+    full = strategies[0]
+    t0 = time.time()
+    runs.run(full, captions[0], -1)                    # warm-up: loads the models
+    guess = time.time() - t0
+    sd15_calls = (8 + 2 * len(presets)) * (a.sd15_rounds + 1)   # refined by speed.measure's own count
+    progress = Progress({"embedded": (len(strategies) * a.prompts, 2 * guess),
+                         "sd15": (sd15_calls, 0.02 * a.sd15_size ** 2)})
+
+    # 1. embedded model: A B A B over the captions, the strategy's images kept
+    results = {}
+    for s in strategies:
+        unet, wall, imgs = {"full": [], s.name: []}, {"full": [], s.name: []}, []
+        for j, c in enumerate(captions):
+            u, w, full_imgs = runs.run(full, c, j)
+            unet["full"].append(u)
+            wall["full"].append(w)
+            u, w, im = runs.run(s, c, j)
+            unet[s.name].append(u)
+            wall[s.name].append(w)
+            imgs.append(im)
+            if s.name == "full":
+                assert np.array_equal(full_imgs, im), "full compute is not deterministic"
+            progress.step("embedded", s.label)
+        Ratio = E("evaluation.timing").Ratio
+        results[s.name] = {"images": np.concatenate(imgs),
+                           "unet_ratio": Ratio.of(unet["full"], unet[s.name]),
+                           "e2e_ratio": Ratio.of(wall["full"], wall[s.name]),
+                           "unet_seconds": statistics.median(unet[s.name]),
+                           "full_unet_seconds": statistics.median(unet["full"])}
+
+    # 2. SD1.5 widths: composed UNet time beside the FLOP bound
+    sd15 = speed.measure(strategies, a.steps, a.sd15_size, a.sd15_rounds,
+                         progress=lambda done, total: progress.step("sd15", "SD1.5-width calls", done, total))
+    progress.close()
+
     checker = metrics.load_checker(emb.path("checker"))
     ref = shapes.generate(1000, emb.IMAGE_SIZE, REFERENCE_SEED)
     ref_feats = metrics.features(checker, np.stack([s.image for s in ref]) / 255.0)
-    job = Job(a)
-    # warm-up (loads the model, first-call costs) with another seed: the executor would
-    # otherwise serve the first real run from its cache
-    job.execute(runs[0], captions[:1], seed0=0)
-    t_start = time.time()
-    results = {}
-    order = runs + [runs[0]]              # full compute again at the end: the drift of the machine
-    for i, r in enumerate(order):
-        bar(i, len(order), r["name"], t_start)
-        secs, imgs = job.execute(r, captions)
-        if r["name"] in results:
-            results["full"]["seconds_end"] = secs
-            continue
-        results[r["name"]] = dict(r, seconds=secs, images=imgs)
-    bar(len(order), len(order), "done", t_start)
-    sys.stderr.write("\n")
-    full = results["full"]
-    t_full = (full["seconds"] + full["seconds_end"]) / 2
-    items = [s.items for s in scenes for _ in range(a.batch)]
-    ref_imgs = full["images"] / 255.0
-    rows = []
-    for r in results.values():
-        imgs = r["images"] / 255.0
-        rows.append(dict({k: v for k, v in r.items() if k != "images"},
-                         speedup=t_full / r["seconds"], psnr=metrics.psnr(imgs, ref_imgs),
-                         ssim=metrics.ssim(imgs, ref_imgs), adherence=metrics.adherence(checker, imgs, items),
-                         fd=metrics.frechet_distance(metrics.features(checker, imgs), ref_feats)))
+    rows = [{"name": s.name, "label": s.label, "group": s.group, "kind": s.kind, "preset": s.preset,
+             "unet_ratio": results[s.name]["unet_ratio"], "e2e_ratio": results[s.name]["e2e_ratio"],
+             "sd15_ratio": sd15[s.name]["ratio"], "bound": sd15[s.name]["bound"]} for s in strategies]
+    evaluate(rows, results, scenes, a, checker, ref_feats, metrics)
     data_adh = metrics.adherence(checker, np.stack([s.image for s in scenes]) / 255.0, scenes)
-    os.makedirs(a.out, exist_ok=True)
+
     grid_rows = [n for n in ("full", "S1", "S2", "S3", "base", "m2", "small", "small-condconv", "tiny",
                              "tiny-condconv", "CO6-P5", "CO6-P5d", "CO6-P2d", "EX3-P5d", "IN3-P5d", "LI1-P5d")
                  if n in results]
-    cols = [f"caption {j + 1}" for j in range(a.prompts)]
-    g = report.grid([(results[n]["label"], results[n]["images"][::a.batch]) for n in grid_rows], cols)
-    g.save(os.path.join(a.out, "grid.png"))
+    labels = {s.name: s.label for s in strategies}
+    grid = report.grid([(labels[n], results[n]["images"][::a.seeds]) for n in grid_rows], captions)
+    grid.save(os.path.join(a.out, "grid.png"))
     report.plot(rows).save(os.path.join(a.out, "plot.png"))
-    import torch
-    dev = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    dev = E("evaluation.timing").device_name()
+    job_min = (time.time() - t_start) / 60
+    f_full = rows[0]
     lines = [
-        "# A-SDM main job: the embedded model",
+        "# A-SDM main job",
         "",
-        f"{a.prompts} captions x {a.batch} seeds, 64x64 px (latent 8x8), {a.steps} steps euler, cfg {a.cfg}, "
-        f"P5†/P2† with the last {a.tail} steps full; {dev}, PyTorch attention; the embedded UNet "
-        f"{full_flops / 2 / a.batch / 1e6:.0f} MFLOP per image per call. Full compute: {t_full:.1f} s for all "
-        f"captions (start {full['seconds']:.1f} s, end {full['seconds_end']:.1f} s: the machine's drift). "
-        f"Job time {time.time() - t_start:.0f} s.",
+        f"Fidelity: the embedded model, {a.prompts} captions x {a.seeds} seeds, 64x64 px (latent 8x8), "
+        f"{a.steps} steps euler, cfg {a.cfg}; P5† and P2† with the last 20 % of the steps full. Speed on "
+        f"{dev}, PyTorch attention; job time {job_min:.1f} min (`python scripts/main_job.py"
+        f"{' --quick' if a.quick else ''}`).",
         "",
-        "Speedup: whole workflow time (sampling, decode, save) of full compute over the run's; FLOP bound: "
-        "UNet FLOPs of full compute over the run's. PSNR/SSIM: against full compute with the same seeds. "
-        f"Adherence: share of caption attributes the checker finds (dataset images: {data_adh:.3f}). "
-        "Fréchet distance: checker features of the run's images against 1000 dataset images.",
+        "- **UNet time, embedded**: the embedded UNet's own time over the sampling run (every model call, "
+        "summed by a timer wrapper through ComfyUI's patching), full compute's over the strategy's, one pair "
+        f"of runs per caption (A B A B); median (lowest-highest) over the {a.prompts} pairs. Full compute "
+        f"against itself: {f_full['unet_ratio']}. One run's UNet time: "
+        f"{results['full']['full_unet_seconds']:.2f} s for {a.seeds} images; the embedded UNet is too small "
+        "for its time to follow its FLOPs on a CPU.",
+        "- **End to end, embedded**: the executor's wall time of the graph (sampler, VAE decode, save; the "
+        f"text encoder is cached), same pairs. Full compute against itself: {f_full['e2e_ratio']}.",
+        f"- **UNet time, SD1.5 width**: the project-made random-weight SD1.5 / BK-SDM UNets at latent "
+        f"{speed.CFG_BATCH}x4x{a.sd15_size}x{a.sd15_size} (cond + uncond, {a.sd15_size * 8} px), each strategy's "
+        f"{a.steps}-step schedule composed from single UNet calls timed interleaved over {a.sd15_rounds} rounds "
+        f"(asdm/evaluation/speed.py); median (lowest-highest). Full compute against itself: {f_full['sd15_ratio']}. "
+        "ME-CondConv experts there are random (cond and uncond route differently, as when trained).",
+        f"- **FLOP bound**: UNet FLOPs of full compute over the strategy's on the same SD1.5-width UNets and "
+        "schedule.",
+        "- PSNR / SSIM against full compute with the same seeds; adherence: the share of caption attributes "
+        f"the checker finds (dataset images: {data_adh:.3f}); Fréchet distance: checker features against 1000 "
+        "dataset images.",
         "",
         "## Paper findings on this model",
         "",
     ]
-    for claim, holds, detail in findings(rows):
-        lines.append(f"- {claim}: **{'holds' if holds else 'does not hold'}** ({detail})")
-    lines += ["", "## All runs", "", report.table(rows), "",
-              "![grid](grid.png)", "", "![plot](plot.png)", ""]
+    for text, holds, sure, detail in findings(rows, presets):
+        verdict = ("holds" if holds else "does not hold") + ("" if sure else ", within the seed-to-seed spread")
+        lines.append(f"- {text}: **{verdict}** ({detail})")
+    lines += ["", "## All runs", "", report.table(rows), "", "![grid](grid.png)", "", "![plot](plot.png)", ""]
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump([{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()}
-                   for r in rows], f, indent=1)
-    print("\n".join(lines))
-    print(f"\nwritten: {a.out}/report.md, grid.png, plot.png")
+        json.dump([report.jsonable(r) for r in rows], f, indent=1)
+    if a.publish:
+        dst = os.path.join(ROOT, "docs", "report")
+        os.makedirs(dst, exist_ok=True)
+        for name in ("report.md", "grid.png", "plot.png", "results.json"):
+            shutil.copy(os.path.join(a.out, name), os.path.join(dst, name))
+    by = {r["name"]: r for r in rows}
+    best = max((r for r in rows if r["kind"] == "fi"), key=lambda r: r["sd15_ratio"].median, default=None)
+    print(f"report: {os.path.join(a.out, 'report.md')} (grid.png, plot.png, results.json beside it)"
+          + (f"; copied to docs/report" if a.publish else ""))
+    print(f"job time {job_min:.1f} min; full compute against itself: embedded UNet {by['full']['unet_ratio']}, "
+          f"SD1.5 width {by['full']['sd15_ratio']}")
+    if best is not None:
+        print(f"fastest inheritance at SD1.5 width: {best['label']} {best['sd15_ratio']} (FLOP bound "
+              f"{best['bound']:.2f}x), {best['psnr']:.1f} dB, adherence {best['adherence']:.3f}")
+    for n in ("S1", "m2", "small-condconv"):
+        if n in by:
+            r = by[n]
+            print(f"{r['label']}: SD1.5 width {r['sd15_ratio']} (FLOP bound {r['bound']:.2f}x), {r['psnr']:.1f} dB")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ engine = host.engine
 
 @pytest.fixture(scope="session")
 def N():
+    host.boot()   # first: ComfyUI's own ``nodes`` module comes with the host
     import nodes
     return nodes.NODE_CLASS_MAPPINGS
 

@@ -11,18 +11,31 @@ def _ascii(text: str) -> str:
     return text.replace("†", "+")   # Pillow's default font has no dagger: P5+ stands for P5†
 
 
-def grid(rows: list[tuple[str, np.ndarray]], columns: list[str], cell: int = 64, label_w: int = 150,
-         col_h: int = 14) -> "Image.Image":
-    """rows: (label, [C, H, W, 3] uint8 images, one per column)."""
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines
+
+
+def grid(rows: list[tuple[str, np.ndarray]], captions: list[str], cell: int = 96, label_w: int = 150,
+         line_h: int = 11) -> "Image.Image":
+    """rows: (label, [C, H, W, 3] uint8 images, one per column); each column headed by its
+    caption, wrapped."""
     from PIL import Image, ImageDraw
-    w = label_w + cell * len(columns)
-    h = col_h + cell * len(rows)
-    im = Image.new("RGB", (w, h), "white")
+    wrapped = [_wrap(c, cell // 6) for c in captions]
+    head = 4 + line_h * max((len(w) for w in wrapped), default=1)
+    im = Image.new("RGB", (label_w + cell * len(captions), head + cell * len(rows)), "white")
     d = ImageDraw.Draw(im)
-    for j, c in enumerate(columns):
-        d.text((label_w + j * cell + 2, 1), c, fill="black")
+    for j, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            d.text((label_w + j * cell + 2, 2 + k * line_h), line, fill="black")
     for i, (label, imgs) in enumerate(rows):
-        y = col_h + i * cell
+        y = head + i * cell
         d.text((4, y + cell // 2 - 6), _ascii(label), fill="black")
         for j, img in enumerate(imgs):
             im.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (label_w + j * cell, y))
@@ -33,9 +46,10 @@ _GROUP_COLORS = {"plain": (0, 0, 0), "P5": (230, 120, 30), "P5†": (40, 110, 22
                  "switch": (30, 160, 70), "compressed": (200, 40, 40)}
 
 
-def plot(points: list[dict], x_key: str = "speedup", y_key: str = "psnr", size=(900, 600),
-         title: str = "") -> "Image.Image":
-    """Scatter of points {x_key, y_key, group, label}; labels drawn beside the points."""
+def plot(rows: list[dict], size=(900, 600)) -> "Image.Image":
+    """Fidelity (PSNR against full compute) against the SD1.5-width UNet-time ratio, per run."""
+    points = [dict(r, speedup=r["sd15_ratio"].median) for r in rows]
+    x_key, y_key, title = "speedup", "psnr", "PSNR (embedded model) against UNet-time ratio at SD1.5 width"
     from PIL import Image, ImageDraw
     pts = [p for p in points if math.isfinite(p[x_key]) and math.isfinite(p[y_key])]
     W, H = size
@@ -57,7 +71,7 @@ def plot(points: list[dict], x_key: str = "speedup", y_key: str = "psnr", size=(
         d.text((X(xv) - 12, H - bottom + 6), f"{xv:.2f}x", fill="black")
         d.line([left - 4, Y(yv), left, Y(yv)], fill="black")
         d.text((8, Y(yv) - 6), f"{yv:.1f}", fill="black")
-    d.text((W // 2 - 80, H - 18), f"{x_key} vs full compute (measured)", fill="black")
+    d.text((W // 2 - 160, H - 18), "UNet-time ratio vs full compute, SD1.5 width (measured, median)", fill="black")
     d.text((left, 8), title or f"{y_key} against full-compute sampling, same seeds", fill="black")
     lx = W - right - 110
     for i, (g, col) in enumerate(_GROUP_COLORS.items()):
@@ -76,9 +90,23 @@ def fmt(v: float, spec: str = ".2f", inf: str = "—") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| run | speedup measured | FLOP bound | PSNR (dB) | SSIM | adherence | Fréchet dist. |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| run | PSNR (dB) | SSIM | adherence | Fréchet dist. | UNet time, embedded | end to end, embedded "
+           "| UNet time, SD1.5 width | FLOP bound |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        out.append(f"| {r['label']} | {r['speedup']:.2f}x | {r['bound']:.2f}x | {fmt(r['psnr'])} | "
-                   f"{fmt(r['ssim'], '.3f')} | {r['adherence']:.3f} | {r['fd']:.2f} |")
+        out.append(f"| {r['label']} | {fmt(r['psnr'])} | {fmt(r['ssim'], '.3f')} | {r['adherence']:.3f} | "
+                   f"{r['fd']:.1f} | {r['unet_ratio']} | {r['e2e_ratio']} | {r['sd15_ratio']} | {r['bound']:.2f}x |")
     return "\n".join(out)
+
+
+def jsonable(row: dict) -> dict:
+    """A report row for results.json: ratios as {median, low, high}, non-finite numbers as null."""
+    def conv(v):
+        if hasattr(v, "as_dict"):
+            return v.as_dict()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+    return {k: conv(v) for k, v in row.items()}

@@ -14,6 +14,26 @@ def load_api_workflow(name: str) -> dict:
         return json.load(f)
 
 
+def find(api: dict, class_type: str, title: str | None = None) -> str:
+    """The id of the one node of ``class_type`` (and ``title``, when given) in an API graph."""
+    hits = [k for k, v in api.items() if v["class_type"] == class_type
+            and (title is None or v.get("_meta", {}).get("title") == title)]
+    if len(hits) != 1:
+        raise KeyError(f"{len(hits)} nodes of class {class_type}" + (f" titled {title!r}" if title else ""))
+    return hits[0]
+
+
+def reachable(api: dict, output: str) -> dict:
+    """The part of an API graph that ``output`` depends on (the other nodes dropped)."""
+    keep, todo = set(), [output]
+    while todo:
+        nid = todo.pop()
+        if nid not in keep:
+            keep.add(nid)
+            todo += [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list)]
+    return {k: v for k, v in api.items() if k in keep}
+
+
 def stock_node(class_type: str, **inputs) -> dict:
     """An API-format node of the host's own ``class_type``; required widget inputs not given
     take the host's default (hosts differ: current ComfyUI's UNETLoader has a weight_dtype)."""

@@ -32,12 +32,34 @@ def comfyui_path() -> str:
     return os.path.join(os.path.dirname(spec.origin), "_comfyui")
 
 
-def boot(workdir: str | None = None, pytorch_attention: bool = False):
+def boot(workdir: str | None = None, pytorch_attention: bool = False, log_file: str | None = None):
     """Imports the host once and loads the pack; returns the loaded pack module.
     ``pytorch_attention``: as ComfyUI's --use-pytorch-cross-attention (its default on GPUs;
-    on a CPU the host otherwise picks its slower sub-quadratic attention)."""
+    on a CPU the host otherwise picks its slower sub-quadratic attention).
+    ``log_file``: the host's own output (its log lines, what it prints while starting) goes
+    there instead of the console, and its per-run progress bars are off."""
     if "pack" in _state:
         return _state["pack"]
+    if log_file is None:
+        return _boot(workdir, pytorch_attention)
+    import contextlib
+    import logging
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    with open(log_file, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        pack = _boot(workdir, pytorch_attention)
+    for h in list(root.handlers):   # whatever the host set up while starting writes to the console
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    return pack
+
+
+def _boot(workdir, pytorch_attention):
     root = comfyui_path()
     if root not in sys.path:
         sys.path.insert(0, root)

@@ -1,7 +1,7 @@
-"""The main job end to end (--quick: 2 captions x 2 seeds, presets CO6/EX3/IN3), in its own
-process as the README runs it: it writes the report, the grid and the plot from scratch."""
+"""The main job end to end (--quick: 2 captions x 2 seeds, presets CO6/EX3/IN3, SD1.5-width
+timing at latent 8), in its own process as the README runs it: it writes the report, the grid
+and the plot from scratch, into the folder it is given, and keeps the host's log off the console."""
 import json
-import os
 import subprocess
 import sys
 
@@ -10,24 +10,30 @@ from asdm.harness.host import REPO_ROOT as ROOT
 
 def test_main_job_quick(tmp_path):
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "main_job.py"), "--quick", "--steps", "10",
-                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, f"{ROOT}/scripts/main_job.py", "--quick", "--steps", "10", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    for f in ("report.md", "grid.png", "plot.png", "results.json"):
+    for f in ("report.md", "grid.png", "plot.png", "results.json", "host.log"):
         assert (out / f).stat().st_size > 0, f
     rows = {row["name"]: row for row in json.load(open(out / "results.json"))}
     want = {"full", "S1", "S2", "S3", "base", "small", "tiny", "m2", "small-condconv", "tiny-condconv"}
     want |= {f"{p}-{m}" for p in ("CO6", "EX3", "IN3") for m in ("P5", "P5d", "P2d")}
     assert set(rows) == want
     assert rows["full"]["psnr"] is None and rows["full"]["bound"] == 1.0    # the reference itself
+    for row in rows.values():   # every speed column has a median inside its spread
+        for key in ("unet_ratio", "e2e_ratio", "sd15_ratio"):
+            assert row[key]["low"] <= row[key]["median"] <= row[key]["high"], (row["name"], key)
     # a run that inherits features changes the images but stays close to full compute
     assert 12 < rows["CO6-P5"]["psnr"] < 60
     # FLOP bounds follow the schedule and structure: more inheriting steps, higher bound;
-    # CO6 skips more than EX1; compressed UNets cost fewer FLOPs
+    # CO6 skips more than EX3; compressed UNets cost fewer FLOPs
     assert rows["CO6-P5"]["bound"] > rows["CO6-P5d"]["bound"] > rows["CO6-P2d"]["bound"] > 1.0
     assert rows["CO6-P5"]["bound"] > rows["EX3-P5"]["bound"] > 1.0
     assert rows["tiny"]["bound"] > rows["small"]["bound"] > rows["base"]["bound"] > 1.0
     assert rows["S2"]["bound"] == rows["S1"]["bound"]          # same step counts on each UNet
     report = (out / "report.md").read_text()
-    assert "| CO6 P2† |" in report and "Paper findings" in report
-    assert "[" in r.stderr and "done" in r.stderr              # the progress bar
+    assert "| CO6 P2† |" in report and "Paper findings" in report and "seed-to-seed" not in report.split("##")[0]
+    assert "[" in r.stderr and "min left" in r.stderr           # the one progress bar
+    # the host's own lines stay in host.log, not on the console
+    assert "Requested to load" not in r.stdout + r.stderr and "model_type" not in r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[0].startswith("report: ")

@@ -172,6 +172,35 @@ def test_save_load_roundtrip_is_exact(N, sd_and_base, unet_dir):
     assert torch.equal(forward(back), forward(m2))
 
 
+def test_derived_file_stores_only_what_it_adds(N, sd_and_base, tmp_path):
+    """An assembled UNet saved as what it adds to its original: the original's blocks are not
+    stored, loading puts them back bit for bit; a changed or missing source is refused."""
+    import json
+    asm = engine("assembly")
+    sd, base = sd_and_base
+    m2 = asm.assemble(sd, base, asm.recipe_spec("M2"))
+    asm.save_unet(sd, str(tmp_path / "sd.safetensors"))
+    asm.save_unet(m2, str(tmp_path / "m2.safetensors"), derive_from=str(tmp_path / "sd.safetensors"))
+    asm.save_unet(m2, str(tmp_path / "m2-whole.safetensors"))
+    meta = safetensors.safe_open(str(tmp_path / "m2.safetensors"), "pt").metadata()
+    assert sorted(json.loads(meta["asdm.derived_parts"])) == ["dn2", "dn3", "mid", "time", "up0", "up1"]
+    assert os.path.getsize(tmp_path / "m2.safetensors") < 0.5 * os.path.getsize(tmp_path / "m2-whole.safetensors")
+    with model_folder(engine("compat").unet_folder(), tmp_path):
+        derived, whole = load_node(N, "m2.safetensors"), load_node(N, "m2-whole.safetensors")
+        a, b = state(derived), state(whole)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        # the source changed since: refused, naming it
+        other = engine("harness.models").sd_model(engine("harness.models").TINY_SD1, seed=9)
+        asm.save_unet(other, str(tmp_path / "sd.safetensors"))
+        with pytest.raises(ValueError, match="sd.safetensors is not the file it was made from"):
+            load_node(N, "m2.safetensors")
+        os.remove(tmp_path / "sd.safetensors")
+        with pytest.raises(ValueError, match="stores only what it adds to sd.safetensors, which is not beside it"):
+            load_node(N, "m2.safetensors")
+    with pytest.raises(asm.AssemblyError, match="in its own folder"):
+        asm.save_unet(m2, str(tmp_path / "m2b.safetensors"), derive_from=str(tmp_path.parent / "x.safetensors"))
+
+
 def test_assembly_errors(N, sd_and_base, sd2_tiny):
     sd, base = sd_and_base
     small = engine("assembly").compress(sd, "small")

@@ -1,0 +1,86 @@
+"""The strategies the main job compares, and the graph each one runs on the embedded model.
+
+Every graph is the bundled ``workflows/api/embedded_s1_inheritance.json`` rewired (by node class,
+never by id): the stock CLIP Text Encode, KSampler, VAE Decode and Save Image nodes, A-SDM's
+loaders and patch nodes, and a timer (``asdm.harness.timing``) right before the sampler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+WORKFLOW = "embedded_s1_inheritance.json"
+MODES = (("P5", 5, 0.0), ("P5†", 5, 0.2), ("P2†", 2, 0.2))   # name, period, final_full_steps
+
+
+@dataclass
+class Strategy:
+    name: str                 # key in results: "full", "S1", "base", "CO6-P5d"
+    label: str                # as the report shows it: "CO6 P5†"
+    group: str                # "plain", "switch", "compressed", or the mode "P5", "P5†", "P2†"
+    kind: str                 # "plain" | "fi" | "switch" | "unet"
+    preset: str = ""          # fi
+    period: int = 0
+    tail: float = 0.0
+    ranges: list = field(default_factory=list)   # switch: [(model, steps)], model "base" | "full"
+    unet: str = ""            # unet: the family member ("base", "m2", "small-condconv", ...)
+    experts: bool = False     # unet: with its ME-CondConv experts
+
+
+def strategies(steps: int, presets: list[str]) -> list[Strategy]:
+    k = max(1, round(steps * 0.4))   # the paper's 10 of 25 steps on the small UNet
+    out = [Strategy("full", "full compute", "plain", "plain"),
+           Strategy("S1", f"S1 Base {k} + full {steps - k}", "switch", "switch", ranges=[("base", k), ("full", steps - k)]),
+           Strategy("S2", f"S2 full {steps - k} + Base {k}", "switch", "switch", ranges=[("full", steps - k), ("base", k)]),
+           Strategy("S3", f"S3 full {k} + Base {steps - k}", "switch", "switch", ranges=[("full", k), ("base", steps - k)])]
+    for member, label in (("base", "Base"), ("small", "Small"), ("tiny", "Tiny"), ("m2", "M2")):
+        out.append(Strategy(member, label, "compressed", "unet", unet=member))
+    for member, label in (("small-condconv", "Small + ME-CondConv"), ("tiny-condconv", "Tiny + ME-CondConv")):
+        out.append(Strategy(member, label, "compressed", "unet", unet=member, experts=True))
+    for mode, period, tail in MODES:
+        for p in presets:
+            out.append(Strategy(f"{p}-{mode.replace('†', 'd')}", f"{p} {mode}", mode, "fi", preset=p,
+                                period=period, tail=tail))
+    return out
+
+
+def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: float, prefix: str,
+          tag: str) -> dict:
+    """The API graph that samples ``batch`` images of ``caption`` with strategy ``s``."""
+    from .. import embedded
+    from ..harness import graphs, timing
+    api = graphs.load_api_workflow(WORKFLOW)
+    sampler = graphs.find(api, "KSampler")
+    ks = api[sampler]["inputs"]
+    api[ks["positive"][0]]["inputs"]["text"] = caption
+    api[ks["negative"][0]]["inputs"]["text"] = ""
+    api[ks["latent_image"][0]]["inputs"].update(width=embedded.IMAGE_SIZE, height=embedded.IMAGE_SIZE,
+                                                batch_size=batch)
+    ks.update(seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal")
+    api[graphs.find(api, "SaveImage")]["inputs"]["filename_prefix"] = prefix
+    full = [graphs.find(api, "ASDMLoadEmbeddedModel"), 0]
+    small = graphs.find(api, "ASDMLoadCompressedUNet")
+    fi = graphs.find(api, "ASDMFeatureInheritance")
+    switch = graphs.find(api, "ASDMUNetSwitch")
+    if s.kind == "plain":
+        model = full
+    elif s.kind == "fi":
+        api[fi]["inputs"].update(model=full, preset=s.preset, units="", period=s.period, final_full_steps=s.tail)
+        model = [fi, 0]
+    elif s.kind == "switch":
+        api[small]["inputs"].update(unet_name=embedded.family_name("base"), prediction="auto")
+        src = {"base": [small, 0], "full": full}
+        (m1, n1), (m2, _) = s.ranges
+        api[switch]["inputs"].update(unit="steps", model_1=src[m1], start_1=0.0, end_1=float(n1),
+                                     model_2=src[m2], start_2=float(n1), end_2=-1.0)
+        model = [switch, 0]
+    else:
+        api[small]["inputs"].update(unet_name=embedded.family_name(s.unet), prediction="auto")
+        model = [small, 0]
+        if s.experts:
+            api["asdm_condconv"] = {"class_type": "ASDMMECondConv", "inputs": {
+                "model": model, "weights": embedded.family_name(s.unet), "units": "dn*.*.R, up*.*.R",
+                "experts": 2, "init": "identity", "seed": 0}}
+            model = ["asdm_condconv", 0]
+    api["asdm_timer"] = {"class_type": timing.NODE, "inputs": {"model": model, "tag": tag}}
+    ks["model"] = ["asdm_timer", 0]
+    return graphs.reachable(api, graphs.find(api, "SaveImage"))

@@ -1,0 +1,74 @@
+"""The project's timing method, shared by the benchmarks and the main job.
+
+Every variant is timed in the same process, interleaved with its baseline round by round
+(A B A B ...); each round gives one ratio baseline / variant, and a result is the median ratio
+with its spread (lowest - highest round). The baseline is also timed against itself and must
+read 1.00x within its spread, or the measurement is not to be trusted. On a shared, drifting
+machine the drift then shows as spread, not as a speed-up.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def timed(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def interleaved(variants: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each callable per round; within a round they run in the given order, so a
+    baseline listed first and its variants alternate (A B C A B C ...). A callable's optional
+    ``prepare`` attribute runs untimed before it (e.g. making its model current). ``warmup``
+    rounds are run and discarded (first-call allocations, model loading)."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            getattr(fn, "prepare", lambda: None)()
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            getattr(fn, "prepare", lambda: None)()
+            times[k].append(timed(fn))
+    return times
+
+
+@dataclass
+class Ratio:
+    """baseline time / variant time over rounds: >1 means the variant is faster."""
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, base: list[float], other: list[float]) -> "Ratio":
+        return cls.of_ratios([b / o for b, o in zip(base, other)])
+
+    @classmethod
+    def of_ratios(cls, ratios: list[float]) -> "Ratio":
+        return cls(statistics.median(ratios), min(ratios), max(ratios))
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f})"
+
+    def holds(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def as_dict(self) -> dict:
+        return {"median": self.median, "low": self.low, "high": self.high}
