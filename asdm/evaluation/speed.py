@@ -20,25 +20,37 @@ CFG_BATCH = 2   # a cond and an uncond image per UNet call, as CFG batches them
 
 
 class SD15Models:
-    """SD1.5 (random weights, the harness's seeds) and what every strategy derives from it."""
+    """SD1.5 (random weights, the harness's seeds) and the UNets the strategies derive from it,
+    made when first asked for: "base", "small", "tiny", "m2", "small-condconv", "tiny-condconv"."""
 
     def __init__(self):
-        from .. import assembly, condconv
         from ..harness import models as tm
         self.sd = tm.sd_model(tm.SD15_UNET, seed=0)
         self.unets = {}
-        base = assembly.compress(self.sd, "base")
-        tm.fill_(base.model.diffusion_model, seed=11)   # a "distilled" Base: weights differ from SD's
-        self.unets["base"] = base
-        for layout in ("small", "tiny"):
-            self.unets[layout] = assembly.compress(self.sd, layout)
-        self.unets["m2"] = assembly.assemble(self.sd, base, assembly.recipe_spec("M2"))
-        for layout in ("small", "tiny"):
-            plain = self.unets[layout]
+
+    def unet(self, name: str):
+        if name not in self.unets:
+            self.unets[name] = self._make(name)
+        return self.unets[name]
+
+    def _make(self, name: str):
+        from .. import assembly, condconv
+        from ..harness import models as tm
+        if name == "base":
+            base = assembly.compress(self.sd, "base")
+            tm.fill_(base.model.diffusion_model, seed=11)   # a "distilled" Base: weights differ from SD's
+            return base
+        if name in ("small", "tiny"):
+            return assembly.compress(self.sd, name)
+        if name == "m2":
+            return assembly.assemble(self.sd, self.unet("base"), assembly.recipe_spec("M2"))
+        if name.endswith("-condconv"):
+            plain = self.unet(name[:-len("-condconv")])
             unet = plain.model.diffusion_model
             experts = condconv.make_experts(unet, condconv.select_convs(unet, condconv.DEFAULT_UNITS), 2,
                                             "paper", seed=0)   # cond and uncond route differently
-            self.unets[f"{layout}-condconv"] = condconv.apply_condconv(plain, experts)
+            return condconv.apply_condconv(plain, experts)
+        raise KeyError(name)
 
 
 def _input(size: int, device):
@@ -55,7 +67,6 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> di
     called after each timed call."""
     import comfy.model_management as mm
     from .. import inheritance
-    from . import flops
     models = SD15Models()
     x, t, ctx, keys = _input(size, mm.get_torch_device())
 
@@ -95,7 +106,9 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> di
         return store, inherit, holder
 
     calls = {"sd": plain_caller(models.sd), "sd again": plain_caller(models.sd)}
-    calls.update({name: plain_caller(m) for name, m in models.unets.items()})
+    for name in sorted({k for s in strategies for k in schedule(s, steps)} - {"sd", "sd again"}):
+        if ":" not in name:
+            calls[name] = plain_caller(models.unet(name))
     holders = {}
     for preset in sorted({s.preset for s in strategies if s.kind == "fi"}):
         calls[f"{preset}:store"], calls[f"{preset}:inherit"], holders[preset] = inheritance_callers(preset)
@@ -112,7 +125,8 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> di
             calls[k] = counted
     with torch.no_grad():
         times = interleaved(calls, rounds)
-        cost = _flops(models, call, x, t, ctx, holders)
+        mm.load_models_gpu([models.sd])   # unpatched, for counting
+        cost = _flops(models, x, t, ctx, holders)
     mm.unload_all_models()
 
     out = {}
@@ -121,7 +135,12 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> di
         composed = [sum(n * times[k][r] for k, n in kinds.items()) for r in range(rounds)]
         baseline = [steps * v for v in times["sd"]]
         bound = steps * cost["sd"] / sum(n * cost[k] for k, n in kinds.items())
-        out[s.name] = {"ratio": Ratio.of(baseline, composed), "bound": bound}
+        out[s.name] = {"ratio": Ratio.of(baseline, composed), "bound": bound,
+                       "call_seconds": {k: sorted(times[k])[len(times[k]) // 2] for k in kinds},
+                       "call_flops": {k: cost[k] for k in kinds}}
+        if s.kind == "fi":
+            holder = holders[s.preset]
+            out[s.name].update(units=len(holder.units), skipped=1 - cost[f"{s.preset}:inherit"] / cost["sd"])
     return out
 
 
@@ -144,7 +163,7 @@ def schedule(s, steps: int) -> dict[str, int]:
             f"{s.preset}:inherit": pattern.count("I")}
 
 
-def _flops(models, call, x, t, ctx, holders) -> dict[str, float]:
+def _flops(models, x, t, ctx, holders) -> dict[str, float]:
     """FLOPs of each measured kind of call, counted on one forward (a storing call computes
     what a plain one does; an inheriting one skips its units' residual branches)."""
     from ..topology import describe

@@ -4,13 +4,23 @@ Steps of A-SDM model assembly (§IV-A), as ``[student] kind``:
 
 * ``compress``: a BK-SDM layout (base / small / tiny) initialised from the teacher (BK-SDM §3.1);
 * ``assemble``: a recipe (M1/M2/M3/custom) of a step-1 result and the teacher, the teacher's
-  blocks frozen unless ``train_original = true`` (the paper's M‡ rows).
+  blocks frozen unless ``train_original = true`` (the paper's M‡ rows);
+* ``condconv``: a compressed UNet (``layout`` from the teacher, or ``unet`` = a trained file)
+  with ME-CondConv experts (``experts``, ``init``, ``units``; A-SDM §IV-B) trained with it, or
+  alone with ``train_unet = false``.
 
 Data: a safetensors file of pre-encoded ``latents`` [N, 4, h, w] (as the VAE encodes them,
-unscaled) and text ``context`` [N, 77, C] (``[data] latents``). Losses: ``asdm.training.distill``. Checkpoints: ``<out>/unet.safetensors``
-(loads in A-SDM Load Compressed UNet) and ``<out>/train-state.safetensors`` (optimizer, step);
-a run with the same ``out`` resumes from them with no lost steps. Each step draws its batch and
-noise from a generator seeded by (seed, step), so a resumed run repeats an uninterrupted one.
+unscaled) and text ``context`` [N, 77, C] (``[data] latents``), or a folder of captioned images
+(``[data] images`` + ``checkpoint``). Losses: ``asdm.training.distill``. Every key of the config
+is checked (type, range; an unknown key is refused with the nearest valid one).
+
+Checkpoints: ``<out>/checkpoint.safetensors`` holds the student, its experts, the optimizer state
+and the step with a digest, committed by renames so a crash at any instant leaves a whole
+checkpoint (see ``_commit``); a run with the same ``out`` resumes from it with no lost or repeated
+steps. ``<out>/unet.safetensors`` (A-SDM Load Compressed UNet) and ``<out>/condconv.safetensors``
+(A-SDM ME-CondConv) are exports of it. Each step draws its batch and noise from a generator seeded
+by (seed, step), so a resumed run repeats an uninterrupted one bit for bit. A non-finite loss
+stops the run at that step with the last good checkpoint kept.
 
 Multi-GPU / multi-process: launch with ``torchrun --nproc_per_node N -m asdm.training CONFIG``;
 PyTorch DDP averages gradients (gloo on CPU, nccl on GPUs) and each rank takes its share of the
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -32,13 +43,78 @@ from .steps import step_generator
 
 DEFAULTS = {
     "seed": 0, "steps": 1000, "batch": 8, "grad_accum": 1, "lr": 5e-5, "save_every": 200, "log_every": 10,
-    "student": {"kind": "compress", "layout": "base", "recipe": "M2", "train_original": False},
+    "student": {"kind": "compress", "layout": "base", "recipe": "M2", "train_original": False, "train_unet": True},
     "loss": {"task": 1.0, "out_kd": 1.0, "feat_kd": 1.0, "mid": 1.0},
+}
+
+# Every key a config may hold: section -> key -> (what it must be, the check). A key not here is
+# refused (with the nearest valid key), so a typo never silently falls back to a default.
+_whole = ("a whole number >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+_number = ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+_text = ("a text (a path or a name)", lambda v: isinstance(v, str) and v.strip() != "")
+_flag = ("true or false", lambda v: isinstance(v, bool))
+
+
+def _one_of(*choices):
+    return (f"one of {', '.join(choices)}", lambda v: v in choices)
+
+
+SCHEMA = {
+    "": {"out": _text, "steps": _whole, "batch": _whole, "grad_accum": _whole, "save_every": _whole,
+         "log_every": _whole, "seed": ("a whole number >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+         "lr": ("a number > 0 (e.g. 5e-5)", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                and 0 < v < 1e3)},
+    "teacher": {"unet": _text},
+    "student": {"kind": _one_of("compress", "assemble", "condconv"), "layout": _one_of("base", "small", "tiny"),
+                "recipe": _text, "train_original": _flag, "compressed": _text, "unet": _text,
+                "experts": ("a whole number from 2 to 16", lambda v: isinstance(v, int) and 2 <= v <= 16),
+                "init": _one_of("identity", "paper", "cross-layer"), "units": _text, "train_unet": _flag},
+    "data": {"latents": _text, "images": _text, "checkpoint": _text,
+             "size": ("a whole number >= 64, a multiple of 8", lambda v: isinstance(v, int) and v >= 64 and v % 8 == 0)},
+    "loss": {"task": _number, "out_kd": _number, "feat_kd": _number, "mid": _number, "perceptual": _number,
+             "perceptual_weights": _text},
 }
 
 
 class ConfigError(ValueError):
     pass
+
+
+class TrainingError(RuntimeError):
+    """Training had to stop (a non-finite loss); the message says where the last good checkpoint is."""
+
+
+def _check_schema(path: str, raw: dict) -> None:
+    import difflib
+    for key, value in raw.items():
+        section = key if isinstance(value, dict) else ""
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        if section and section not in SCHEMA:
+            near = difflib.get_close_matches(section, [s for s in SCHEMA if s], n=1)
+            raise ConfigError(f"{path}: unknown table [{section}]" + (f"; did you mean [{near[0]}]?" if near else
+                              f"; tables: {', '.join('[' + s + ']' for s in SCHEMA if s)}"))
+        for name, v in items:
+            where = f"{section}.{name}" if section else name
+            if name not in SCHEMA[section]:
+                near = difflib.get_close_matches(name, list(SCHEMA[section]), n=1)
+                raise ConfigError(f"{path}: unknown key '{where}'" + (
+                    f"; did you mean '{(section + '.') if section else ''}{near[0]}'?" if near else
+                    f"; known: {', '.join(SCHEMA[section])}"))
+            what, ok = SCHEMA[section][name]
+            if not ok(v):
+                raise ConfigError(f"{path}: '{where}' must be {what} (got {v!r})")
+
+
+def _check_writable(path: str, out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".asdm-write-test")
+        with open(probe, "w") as f:
+            f.write("")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{path}: 'out' = {out} cannot be written ({type(e).__name__}: {e.strerror or e}); "
+                          "choose a folder you can write to") from None
 
 
 def load_config(path: str) -> dict:
@@ -50,6 +126,7 @@ def load_config(path: str) -> dict:
             raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    _check_schema(path, raw)
     cfg = json.loads(json.dumps(DEFAULTS))
     for k, v in raw.items():
         if isinstance(v, dict):
@@ -72,7 +149,7 @@ def load_config(path: str) -> dict:
         val = cfg.get(sec, {}).get(name) if sec else cfg.get(name)
         if not val:
             raise ConfigError(f"{path}: '{key}' is missing: {what}")
-    resolve = lambda p: p if os.path.isabs(p) else os.path.join(base, p)
+    resolve = lambda p: p if os.path.isabs(p) else os.path.join(base, p)   # noqa: E731
     cfg["out"] = resolve(cfg["out"])
     cfg["teacher"]["unet"] = resolve(cfg["teacher"]["unet"])
     for k in ("latents", "images", "checkpoint"):
@@ -81,18 +158,10 @@ def load_config(path: str) -> dict:
     for k in ("compressed", "unet"):
         if cfg["student"].get(k):
             cfg["student"][k] = resolve(cfg["student"][k])
-    unknown = set(cfg["loss"]) - {"task", "out_kd", "feat_kd", "mid", "perceptual", "perceptual_weights"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown [loss] keys {sorted(unknown)}; known: task, out_kd, feat_kd, mid, "
-                          "perceptual, perceptual_weights")
     kind = cfg["student"]["kind"]
-    if kind not in ("compress", "assemble", "condconv"):
-        raise ConfigError(f"{path}: student.kind = {kind!r}; one of compress, assemble, condconv")
     if kind == "assemble" and not cfg["student"].get("compressed"):
         raise ConfigError(f"{path}: student.kind = 'assemble' needs student.compressed (the step-1 UNet)")
-    for k in ("steps", "batch", "grad_accum", "save_every", "log_every"):
-        if not isinstance(cfg[k], int) or cfg[k] < 1:
-            raise ConfigError(f"{path}: '{k}' must be a whole number >= 1 (got {cfg[k]!r})")
+    _check_writable(path, cfg["out"])
     return cfg
 
 
@@ -113,6 +182,11 @@ def load_data(path: str, context_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     if ctx.shape[2] != context_dim:
         raise ConfigError(f"data.latents: context dim {ctx.shape[2]} but the teacher takes {context_dim}; "
                           "encode the captions with the text encoder of the teacher's family")
+    for name, t in (("latents", lat), ("context", ctx)):
+        bad = (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten()
+        if len(bad):
+            raise ConfigError(f"data.latents: {os.path.basename(path)}: '{name}' of {len(bad)} samples are not "
+                              f"finite (NaN or Inf), e.g. sample {int(bad[0])}; re-encode the data")
     return lat, ctx
 
 
@@ -223,34 +297,78 @@ def _experts_active(unet, experts):
                               for p, me in (experts or {}).items()})
 
 
-def _save_state(path, opt, names, step):
-    from ..unet_files import write_safetensors
-    sd = {}
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        for k, v in opt.state.get(p, {}).items():
+# ---------------------------------------------------------------------------------------------
+# Checkpoints. One file holds everything a resume needs (student weights, experts, optimizer
+# state, the step) with a digest of its tensors, and is committed by a rename: at any instant
+# `checkpoint.safetensors` (or, between the two renames of a commit, `checkpoint-prev`) is a
+# whole, consistent checkpoint. unet.safetensors and condconv.safetensors are exports of it for
+# the nodes, rewritten after each commit; a resume never reads them.
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "asdm-train-checkpoint-v1"
+
+
+def _tensor_digest(sd: dict) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _checkpoint_tensors(run: "Training") -> dict:
+    sd = {f"unet.{k}": v.detach().cpu() for k, v in run.unet.state_dict().items()}
+    for conv, me in (run.experts or {}).items():
+        sd.update({f"experts.{conv}.{k}": v.detach().cpu() for k, v in me.state_dict().items()})
+    for i, p in enumerate(run.opt.param_groups[0]["params"]):
+        for k, v in run.opt.state.get(p, {}).items():
             if torch.is_tensor(v) and v.dim() > 0:
-                sd[f"{k}.{names[i]}"] = v.contiguous()
+                sd[f"opt.{k}.{run.names[i]}"] = v.detach().cpu()
             elif k == "step":
-                sd[f"step.{names[i]}"] = torch.as_tensor(v, dtype=torch.float64).reshape(1)
-    write_safetensors(sd, path, {"asdm.step": step})
+                sd[f"opt.step.{run.names[i]}"] = torch.as_tensor(v, dtype=torch.float64).reshape(1).cpu()
+    return sd
 
 
-def _load_state(path, opt, names) -> int:
-    import safetensors
-    import safetensors.torch
-    sd = safetensors.torch.load_file(path)
-    with safetensors.safe_open(path, "pt") as f:
-        step = int(f.metadata()["asdm.step"])
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        st = {}
+def _commit(run: "Training", step: int) -> None:
+    from ..unet_files import write_safetensors
+    sd = _checkpoint_tensors(run)
+    path, prev, nxt = run.path("checkpoint"), run.path("checkpoint-prev"), run.path("checkpoint") + ".next"
+    write_safetensors(sd, nxt, {"asdm.format": CHECKPOINT_FORMAT, "asdm.step": step, "asdm.digest": _tensor_digest(sd)})
+    if os.path.exists(path):
+        os.replace(path, prev)
+    os.replace(nxt, path)
+
+
+def _read_checkpoint(path: str) -> tuple[tuple[dict, int] | None, str]:
+    """((tensors, step), "") of a whole, untouched checkpoint file, else (None, the reason)."""
+    from ..unet_files import UNetFileError, read_safetensors
+    try:
+        sd, meta = read_safetensors(path)
+    except UNetFileError as e:
+        return None, str(e)
+    if meta.get("asdm.format") != CHECKPOINT_FORMAT:
+        return None, "not a trainer checkpoint"
+    if meta.get("asdm.digest") != _tensor_digest(sd):
+        return None, "its contents do not match its digest (damaged)"
+    return (sd, int(meta["asdm.step"])), ""
+
+
+def _restore(run: "Training", sd: dict) -> None:
+    run.unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    for conv, me in (run.experts or {}).items():
+        pre = f"experts.{conv}."
+        me.load_state_dict({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})
+    for i, p in enumerate(run.opt.param_groups[0]["params"]):
+        state = {}
         for k in ("exp_avg", "exp_avg_sq"):
-            if f"{k}.{names[i]}" in sd:
-                st[k] = sd[f"{k}.{names[i]}"].to(p.device)
-        if f"step.{names[i]}" in sd:
-            st["step"] = sd[f"step.{names[i]}"].reshape(()).float()
-        if st:
-            opt.state[p] = st
-    return step
+            if f"opt.{k}.{run.names[i]}" in sd:
+                state[k] = sd[f"opt.{k}.{run.names[i]}"].to(p.device)
+        if f"opt.step.{run.names[i]}" in sd:
+            state["step"] = sd[f"opt.step.{run.names[i]}"].reshape(()).float()
+        if state:
+            run.opt.state[p] = state
 
 
 @dataclass
@@ -280,8 +398,9 @@ class Training:
         return self.student.model.diffusion_model
 
     def path(self, what: str) -> str:
-        return os.path.join(self.cfg["out"], {"unet": "unet.safetensors", "state": "train-state.safetensors",
-                                              "experts": "condconv.safetensors"}[what])
+        return os.path.join(self.cfg["out"], {"unet": "unet.safetensors", "experts": "condconv.safetensors",
+                                              "checkpoint": "checkpoint.safetensors",
+                                              "checkpoint-prev": "checkpoint-prev.safetensors"}[what])
 
 
 def _perceptual(cfg: dict, log):
@@ -357,17 +476,22 @@ def setup(cfg: dict, log=print) -> Training:
 
 
 def resume(run: Training, log=print) -> None:
-    """Continues from the run's own checkpoint in ``out`` when there is one."""
-    if not (os.path.exists(run.path("state")) and os.path.exists(run.path("unet"))):
+    """Continues from the run's last whole checkpoint in ``out``, if any, and says which."""
+    for what in ("checkpoint", "checkpoint-prev"):
+        path = run.path(what)
+        if not os.path.exists(path):
+            continue
+        found, why = _read_checkpoint(path)
+        if found is None:
+            log(f"skipping {path}: {why}")
+            continue
+        sd, step = found
+        _restore(run, sd)
+        run.start = step
+        log(f"resuming from step {step} ({path})")
         return
-    from ..unet_files import read_safetensors
-    run.unet.load_state_dict(read_safetensors(run.path("unet"))[0])   # same dtype as saved
-    if run.experts:
-        from ..condconv import load_experts
-        for conv, me in load_experts(run.path("experts"), run.unet).items():
-            run.experts[conv].load_state_dict(me.state_dict())
-    run.start = _load_state(run.path("state"), run.opt, run.names)
-    log(f"resuming from step {run.start} ({run.path('state')})")
+    if os.path.exists(run.path("unet")) and not os.path.exists(run.path("checkpoint")):
+        log(f"{run.path('unet')} is an export without a checkpoint to resume from: starting at step 0")
 
 
 def train_step(run: Training, step: int) -> list[dict]:
@@ -396,14 +520,19 @@ def train_step(run: Training, step: int) -> list[dict]:
 
 
 def checkpoint(run: Training, step: int) -> None:
-    """Writes the student (and its experts) and the optimizer state after ``step`` steps."""
+    """Commits the checkpoint after ``step`` steps, then exports the student (and its experts)
+    for the nodes."""
+    _commit(run, step)
+    export(run, step)
+
+
+def export(run: Training, step: int) -> None:
     from .. import assembly
     assembly.save_unet(run.student, run.path("unet"), extra_meta={"asdm.train.step": str(step)},
                        state={k: v.detach().cpu() for k, v in run.unet.state_dict().items()})
     if run.experts:
         from ..condconv import save_experts
         save_experts(run.experts, run.path("experts"), {"asdm.train.step": str(step)})
-    _save_state(run.path("state"), run.opt, run.names, step)
 
 
 def train(cfg: dict, log=print) -> dict:
@@ -411,9 +540,17 @@ def train(cfg: dict, log=print) -> dict:
     run = setup(cfg, log)
     resume(run, log)
     terms_log, t0, history = [], time.time(), []
+    last_saved = run.start
     with distill.trainable(run.teacher, run.unet), _experts_active(run.unet, run.experts):
         for step in range(run.start, cfg["steps"]):
-            terms_log += train_step(run, step)
+            terms = train_step(run, step)
+            bad = [k for d in terms for k, v in d.items() if not math.isfinite(v)]
+            if bad:
+                kept = (f"the last good checkpoint (step {last_saved}) is kept in {cfg['out']}" if last_saved
+                        else "no checkpoint was written")
+                raise TrainingError(f"the {bad[0]} loss is not finite (NaN or Inf) at step {step + 1}; "
+                                    f"training stopped and {kept}. Lower lr, or check the data and the teacher")
+            terms_log += terms
             done = step + 1
             if done % cfg["log_every"] == 0 and run.rank == 0:
                 mean = {k: sum(d[k] for d in terms_log) / len(terms_log) for k in terms_log[0]}
@@ -423,6 +560,9 @@ def train(cfg: dict, log=print) -> dict:
                 terms_log, t0 = [], time.time()
             if run.rank == 0 and (done % cfg["save_every"] == 0 or done == cfg["steps"]):
                 checkpoint(run, done)
+                last_saved = done
+    if run.rank == 0 and run.start >= cfg["steps"]:   # resumed a finished run: its exports made whole
+        export(run, run.start)
     if run.world > 1:
         import hashlib
         import torch.distributed as dist
@@ -448,5 +588,8 @@ def main(argv=None):
     except ConfigError as e:
         print(f"asdm.training: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"asdm.training: {e}", file=sys.stderr)
+        return 3
     return 0
 
