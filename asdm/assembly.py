@@ -42,22 +42,33 @@ def recipe_spec(recipe: str) -> str:
     if recipe in RECIPES:
         return RECIPES[recipe][0]
     if "=" not in recipe:
-        raise AssemblyError(f"unknown recipe {recipe!r}: one of {', '.join(RECIPES)}, or a spec such "
+        raise AssemblyError(f"unknown recipe {_short(recipe)}: one of {', '.join(RECIPES)}, or a spec such "
                             "as 'dn0=B, up3=B'")
     return recipe
+
+
+def _short(text: str, n: int = 60) -> str:
+    """A user's text quoted in an error, cut short: a pasted megabyte is not echoed back."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
 
 
 def parse_recipe(recipe: str, blocks: list[str]) -> dict[str, str]:
     """part -> 'A' or 'B' for every block in ``blocks`` and every stem part."""
     given: dict[str, str] = {}
     valid = list(blocks) + list(STEM) + ["*"]
+    if len(recipe) > 4000:
+        raise AssemblyError(f"the recipe is {len(recipe)} characters long; a recipe names at most a dozen "
+                            "parts, e.g. 'dn0=B, dn1=B, up2=B, up3=B'")
     for tok in [t.strip() for t in recipe.replace(";", ",").split(",") if t.strip()]:
         part, eq, src = (s.strip() for s in tok.partition("="))
         if not eq or src.upper() not in ("A", "B"):
-            raise AssemblyError(f"malformed recipe entry {tok!r}: write part=A or part=B, e.g. 'dn0=B, up3=B'")
+            raise AssemblyError(f"malformed recipe entry {_short(tok)}: write part=A or part=B, e.g. 'dn0=B, up3=B'")
         if part not in valid:
-            raise AssemblyError(f"recipe entry {tok!r} names {part!r}, which is not a part of this UNet; "
-                                f"parts: {', '.join(valid)}")
+            raise AssemblyError(f"recipe entry {_short(tok)} names {_short(part, 20)}, which is not a part of this "
+                                f"UNet; parts: {', '.join(valid)}")
+        if part in given and given[part] != src.upper():
+            raise AssemblyError(f"the recipe gives {part} twice, from {given[part]} and from {src.upper()}; "
+                                "name each part once")
         given[part] = src.upper()
     default = given.get("*", "A")
     out = {b: given.get(b, default) for b in blocks}

@@ -79,24 +79,31 @@ def add_step_tracking(model, holder) -> None:
 
 
 def current_run(holder):
+    pos = _sampler_position()
+    if pos is ADAPTIVE:
+        if not getattr(holder, "_warned_adaptive", False):
+            holder._warned_adaptive = True
+            log.warning("A-SDM: dpm_adaptive chooses its own steps as it samples, so there is no fixed "
+                        "schedule to count; computing every step fully (choose a sampler with a fixed "
+                        "number of steps to accelerate)")
+        return None
     if has_sampler_wrappers():
         run = holder.run
-        if run is not None:
-            pos = _sampler_position()
-            if pos is not None:
-                run.step = pos[2]
+        if run is not None and pos is not None:
+            run.step = pos[2]
+            if pos[3] is not None:
+                run.total = pos[3]
         return run
-    pos = _sampler_position()
     if pos is None:
         if not getattr(holder, "_warned_no_step", False):
             holder._warned_no_step = True
             log.warning("A-SDM: could not find the sampler step for this sampler on this ComfyUI; "
                         "computing every step fully")
         return None
-    run_obj, sigmas, step = pos
+    run_obj, sigmas, step, own_total = pos
     run = _legacy_runs.get(run_obj, {}).get(id(holder))
     if run is None:
-        run = holder.start_run(total=len(sigmas) - 1)
+        run = holder.start_run(total=own_total if own_total is not None else len(sigmas) - 1)
         _legacy_runs.setdefault(run_obj, {})[id(holder)] = run
         # The run ends when the sampler lets go of its per-run object (normal end or error).
         weakref.finalize(run_obj, holder.end_run, run)
@@ -107,8 +114,13 @@ def current_run(holder):
 _legacy_runs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+ADAPTIVE = "adaptive"   # _sampler_position(): a sampler that picks its steps as it goes
+
+
 def _sampler_position():
-    """(per-run KSamplerX0Inpaint, its sigmas, the sampler loop's step index), or None."""
+    """(per-run KSamplerX0Inpaint, its sigmas, the sampler loop's step index, the loop's own
+    length when it is not the schedule's), ADAPTIVE, or None. dpm_fast groups the schedule into
+    fewer, higher-order steps (its ``orders``): its steps are those, not the schedule's."""
     import comfy.samplers as cs
     inpaint = cs.KSamplerX0Inpaint
     # early host: an nn.Module (forward); current ComfyUI: a plain class (__call__)
@@ -116,11 +128,13 @@ def _sampler_position():
     outer_code = cs.KSAMPLER.sample.__code__
     f = sys._getframe(1)
     run_obj = None
-    step_i = step_index = None
+    step_i = step_index = own_total = None
     while f is not None:
         code = f.f_code
         if code is outer_code:
             break
+        if code.co_name == "dpm_solver_adaptive":
+            return ADAPTIVE
         if run_obj is None:
             if code is inpaint_code:
                 run_obj = f.f_locals["self"]
@@ -130,11 +144,13 @@ def _sampler_position():
                 step_index = loc["step_index"]
             elif isinstance(loc.get("i"), int):
                 step_i = loc["i"]  # keeps the outermost: the sampler's own step loop
+                orders = loc.get("orders")
+                own_total = len(orders) if isinstance(orders, list) else None
         f = f.f_back
     step = step_index if step_index is not None else step_i
     if run_obj is None or step is None or f is None:
         return None
-    return run_obj, run_obj.sigmas, step
+    return run_obj, run_obj.sigmas, step, (own_total if step_index is None else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,11 +6,15 @@ routing ``r(x) = sigmoid(Linear(GlobalAvgPool(x)))``, biases mixed alike. Expert
 original convolution's own weight, read live from the module (so a LoRA on it still acts and
 the parameter path is unchanged); experts 1..N-1 and the router are held by the patch.
 
-Per-sample kernels run as one grouped convolution over the batch (groups = batch). When every
-sample routes alike (e.g. ``identity`` init) the batch shares one kernel and runs as a plain
-convolution, so ``identity`` init reproduces the original convolution bit for bit: the router
-gives expert 0 a weight of exactly 1.0 (sigmoid of a large logit rounds to 1 in fp32, fp16 and
-bf16) and the zero experts add exactly 0.
+Per-sample routing runs one of two paths, picked per call by a cost model from the shapes
+(``choose_path``): the kernel mix (each sample's kernel, then one grouped convolution over the
+batch), cheap on large maps, or the stacked path (``conv(x, sum_i r_i W_i) = sum_i r_i conv(x,
+W_i)``: the plain convolution plus one matmul of the other experts, then each sample's weighted
+sum), cheap on small maps, where the kernels outweigh the activations. When every sample routes
+alike (e.g. ``identity`` init) the batch shares one kernel and runs as a plain convolution, so
+``identity`` init reproduces the original convolution bit for bit: the router gives expert 0 a
+weight of exactly 1.0 (sigmoid of a large logit rounds to 1 in fp32, fp16 and bf16) and the
+zero experts add exactly 0.
 
 Init modes: ``paper`` (other experts random, §IV-B), ``identity`` (other experts zero: the safe
 start for distillation), ``cross-layer`` (early version §2.3: the other experts are the
@@ -53,26 +57,120 @@ class MEExperts(torch.nn.Module):
         return self.router.out_features
 
 
-def me_conv(x, conv, me: MEExperts, shared: bool | None = None):
+# ---------------------------------------------------------------------------------------------
+# The forward: two ways to convolve with per-sample mixed kernels, and a cost model between them
+# ---------------------------------------------------------------------------------------------
+
+PATHS = ("mix", "stacked")
+# None: the cost model picks the path per call (choose_path). "mix" / "stacked" forces one for
+# every ME-CondConv in the process: the exactness tests and benchmarks/condconv.py set it.
+PATH: str | None = None
+
+
+def me_conv(x, conv, me: MEExperts, shared: bool | None = None, path: str | None = None):
     """The ME-CondConv forward of ``conv`` (a Conv2d whose weight is expert 0). ``shared``: the
-    routing is known to be the same for every sample (a zero router weight); None = look."""
+    routing is known to be the same for every sample (a zero router weight); None = look.
+    ``path``: "mix" or "stacked" for per-sample routing; None = the module's PATH, else
+    ``choose_path``."""
     w0 = conv.weight.to(device=x.device, dtype=x.dtype)
     b0 = (conv.bias.to(device=x.device, dtype=x.dtype) if conv.bias is not None
           else torch.zeros(w0.shape[0], dtype=x.dtype, device=x.device))
-    experts, biases = me.experts.to(x.dtype).flatten(1), me.expert_bias.to(x.dtype)   # experts 1..N-1
+    experts, biases = me.experts.to(x.dtype), me.expert_bias.to(x.dtype)   # experts 1..N-1
     r = torch.sigmoid(F.linear(x.mean((2, 3)), me.router.weight.to(x.dtype), me.router.bias.to(x.dtype)))  # [B, N]
     kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     if shared if shared is not None else bool((r == r[:1]).all()):   # one kernel for the batch: a plain conv
         r0 = r[:1]
-        k = torch.addmm(r0[:, :1] * w0.reshape(1, -1), r0[:, 1:], experts).view_as(w0)
+        k = torch.addmm(r0[:, :1] * w0.reshape(1, -1), r0[:, 1:], experts.flatten(1)).view_as(w0)
         return F.conv2d(x, k, torch.addmm(r0[:, :1] * b0[None], r0[:, 1:], biases)[0], **kw)
-    # Per-sample kernels (sum_n r_bn W_n, one GEMM over the experts, expert 0 without a copy),
-    # then one grouped convolution with the batch as groups.
+    if path is None:
+        path = PATH
+    if path is None:
+        out_pixels = x.shape[2] * x.shape[3] // (conv.stride[0] * conv.stride[1])
+        path = choose_path(x.shape[0], out_pixels, me.n, w0.numel(), x.device.type, x.element_size())
+    if path == "stacked" and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        return _stacked(x, w0, b0, experts, biases, r, kw)
+    return _kernel_mix(x, w0, b0, experts, biases, r, kw)
+
+
+def _kernel_mix(x, w0, b0, experts, biases, r, kw):
+    """The kernel-mix path: each sample's kernel sum_i r_bi W_i, then one grouped convolution
+    with the batch as groups. Cost: reading the N experts and writing B kernels."""
     b, i, h, w = x.shape
-    k = torch.addmm(r[:, :1] * w0.reshape(1, -1), r[:, 1:], experts).view(b * w0.shape[0], *w0.shape[1:])
-    bias = torch.addmm(r[:, :1] * b0[None], r[:, 1:], biases).flatten()
-    out = F.conv2d(x.reshape(1, b * i, h, w), k, bias, groups=b, **kw)
+    # r_b1.. @ experts, then + r_b0 W0 in place: one pass less over the B kernels than adding
+    # into a scaled copy of W0 (addmm), and expert 0 is read without a copy
+    k = torch.mm(r[:, 1:], experts.flatten(1)).addcmul_(r[:, :1], w0.reshape(1, -1))
+    bias = torch.addmm(r[:, :1] * b0[None], r[:, 1:], biases)
+    # Measured on the calibration CPU against a loop of B plain convolutions (batch 2): the
+    # grouped convolution is as fast single-threaded and faster with 2 threads at the sizes
+    # where this path is chosen (16x16 and up); the loop only wins on small maps with large
+    # kernels, where the stacked path wins by more.
+    out = F.conv2d(x.reshape(1, b * i, h, w), k.view(b * w0.shape[0], *w0.shape[1:]), bias.flatten(),
+                   groups=b, **kw)
     return out.view(b, w0.shape[0], *out.shape[2:])
+
+
+def _stacked(x, w0, b0, experts, biases, r, kw):
+    """The stacked path, from conv(x, sum_i r_i W_i) = sum_i r_i conv(x, W_i): expert 0 runs as
+    the plain convolution (the very op of the plain model), the other experts as one matmul of
+    their stacked kernels [(N-1)*O, I*kh*kw] (a view, no copy) with the unfolded input, then
+    each sample's weighted sum and mixed bias. Cost: (N-1) more convolutions' arithmetic, no
+    per-sample kernels."""
+    b, o = x.shape[0], w0.shape[0]
+    n1 = experts.shape[0]
+    y0 = F.conv2d(x, w0, b0, **kw)                                          # [B, O, H', W']
+    out = torch.addcmul((r[:, 1:] @ biases)[:, :, None, None], y0, r[:, :1, None, None])   # r_b0 conv(x_b, W0) + mixed bias
+    if n1 == 0:
+        return out
+    # The unfolded input with batch and pixels as the matmul's rows, [B, H'W', I*kh*kw]: one
+    # matmul then reads each expert once (a batched matmul [O', K] @ [B, K, H'W'] reads it B
+    # times, the costly part on small maps, where the kernels outweigh the activations).
+    cols = F.unfold(x, tuple(w0.shape[2:]), kw["dilation"], kw["padding"], kw["stride"]).transpose(1, 2)
+    ye = F.linear(cols, experts.reshape(n1 * o, -1))                       # [B, H'W', (N-1)*O]
+    mixed = torch.matmul(r[:, None, None, 1:], ye.view(b, -1, n1, o))      # sum_i>0 r_bi conv(x_b, W_i): [B, H'W', 1, O]
+    return out.add_(mixed.view(b, -1, o).transpose(1, 2).view_as(out))
+
+
+# The cost model. Both paths cost extra time in proportion to the kernel's K = O*I*kh*kw
+# weights, so per weight, with B the batch and L the output pixels:
+#   stacked  (N-1) * (read + 2*B*L * flop)     reading each other expert once (as a matmul
+#                                              operand) and its B*L outputs' multiply-adds
+#   mix      N * read + B * fresh              reading the N experts, writing the B per-sample
+#                                              kernels and convolving with them (the grouped
+#                                              convolution reads and re-lays out B kernels, not 1)
+# so the stacked path wins on small maps, the mix on large ones; K matters only through
+# `fresh`, which jumps once the B kernels no longer fit in cache (fresh memory).
+# Constants in ns per weight at 4 bytes (read and fresh scale with the element size):
+_COST = {
+    # Calibrated on the project's 2-core AMD EPYC VM (torch 2.14 CPU, fp32, batch 2, single convs
+    # at SD1.5 widths, N = 2: benchmarks/condconv.py --calibrate): read from the stacked path's time at 2x2
+    # (GEMM packing of the expert kernels, ~3 GB/s), flop from it at 8x8-32x32 (~40 GFLOP/s),
+    # fresh from the mix path at 1280 channels (118 MB of per-sample kernels: page faults
+    # dominate) and at 320 channels (7 MB, stays in cache). The crossover this gives at N = 2,
+    # B = 2: stacked up to 8x8 for 640-1280 channels, mix from 16x16, and mix at 320 channels
+    # from 8x8; at N = 4 the stacked path keeps only the maps up to about 4x4.
+    "cpu": dict(read=1.2, flop=0.025, fresh=4.0, fresh_cached=0.5, cache_bytes=16 << 20),
+    # GPUs (cuda and anything else): NOT measured (no GPU on the calibration machine); estimated
+    # for a current datacenter GPU at fp16/bf16: ~3 TB/s (read = 2 bytes / 3 TB/s, scaled to
+    # 4 bytes), ~200 TFLOP/s on tensor cores for these skinny matmuls (fp32: 4x slower, see
+    # choose_path), fresh = a write and a read, no page faults. Crossover at N = 2, B = 2:
+    # about 15x15 outputs.
+    "gpu": dict(read=0.0013, flop=0.000005, fresh=0.0027, fresh_cached=0.0027, cache_bytes=0),
+}
+
+
+def choose_path(batch: int, out_pixels: int, n: int, kernel_numel: int, device_type: str = "cpu",
+                itemsize: int = 4) -> str:
+    """"stacked" or "mix" for a convolution with per-sample routing: whichever the cost model
+    above says costs less extra time. Plain arithmetic on shapes: no device work, no sync."""
+    if n < 2:
+        return "mix"
+    c = _COST["cpu" if device_type == "cpu" else "gpu"]
+    scale = itemsize / 4
+    flop = c["flop"] * (4 if device_type != "cpu" and itemsize == 4 else 1)   # GPU fp32: no fp16 tensor cores
+    fresh = c["fresh_cached"] if batch * kernel_numel * itemsize <= c["cache_bytes"] else c["fresh"]
+    stacked = (n - 1) * (c["read"] * scale + 2 * batch * out_pixels * flop)
+    mix = n * c["read"] * scale + batch * fresh * scale
+    return "stacked" if stacked < mix else "mix"
 
 
 def _version(t: torch.Tensor) -> int:
@@ -84,25 +182,51 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
+def _stamp(tensors) -> tuple:
+    """What tells whether tensors changed without reading them: identity, storage and in-place
+    change counter (inference tensors have no counter; see _version)."""
+    return tuple((id(t), t.data_ptr(), _version(t)) for t in tensors)
+
+
 class MEForward:
-    """The object patch for one conv's ``forward``: calls ``me_conv`` with the experts placed
-    on the model's device and dtype, and the routing decision (input-independent or not) made,
-    once per placement and per change of the router, not once per call."""
+    """The object patch for one conv's ``forward``: ``me_conv`` with the experts placed on the
+    model's device and dtype, and the routing decision (input-independent or not) made once
+    per placement and per change of the experts, not once per call (no device sync per call).
+
+    What is cached, and on what: the placed experts (the patch's own, moved to the device, or a
+    converted copy in another dtype; their stacked kernels for the stacked path are a view of
+    them) and the shared-routing flag, keyed on device, dtype and each expert tensor's identity,
+    storage and version, so a trainer updating the experts in place gets them fresh. Expert 0
+    (the conv's own weight) is never cached: ComfyUI patches weights by swapping in a new
+    Parameter (no version to compare: it may be an inference tensor) or, for hooked LoRAs, by
+    ``param.data.copy_`` (which bumps no version at all), so only reading it live honours every
+    LoRA. In training (grad mode, trainable experts) nothing is cached and the routing is always
+    treated as per-sample, so gradients reach the experts and the router from every sample."""
 
     def __init__(self, conv, me: MEExperts):
         self.conv, self.me = conv, me
         self._key = None
 
-    def __call__(self, x):
+    def _params(self):
         me = self.me
-        key = (x.device, x.dtype, _version(me.router.weight))
+        return (me.experts, me.expert_bias, me.router.weight, me.router.bias)
+
+    def __call__(self, x):
+        params = self._params()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            if self.me.experts.device != x.device:
+                self.me.to(x.device)   # in place: the trainer's optimizer holds these parameters
+            return me_conv(x, self.conv, self.me, shared=False)
+        key = (x.device, x.dtype, _stamp(params))
         if self._key != key:
+            me = self.me
             if me.experts.dtype == x.dtype:
-                placed = me.to(x.device)   # in place: a trainer keeps updating the same parameters
+                placed = me.to(x.device)   # in place: one copy of the experts, the patch's own
             else:                          # inference in another dtype: convert once, not per call
                 placed = copy.deepcopy(me).to(device=x.device, dtype=x.dtype)
             self._placed, self._shared = placed, not bool(placed.router.weight.any())
-            self._key = (x.device, x.dtype, _version(me.router.weight))
+            params = self._params()
+            self._key, self._pinned = (x.device, x.dtype, _stamp(params)), params   # pinned: ids stay unique
         return me_conv(x, self.conv, self._placed, self._shared)
 
     def __deepcopy__(self, memo):

@@ -67,12 +67,20 @@ def _require(p: str) -> str:
 
 
 def text_config_file() -> str:
-    """The host's SDClipModel reads its transformer config from a JSON file."""
+    """The host's SDClipModel reads its transformer config from a JSON file; it ships with the
+    pack and must describe the embedded text encoder (TEXT_CONFIG)."""
     p = os.path.join(WEIGHTS, "text_encoder.json")
-    if not os.path.isfile(p):
-        os.makedirs(WEIGHTS, exist_ok=True)
-        with open(p, "w") as f:
-            json.dump(TEXT_CONFIG, f, indent=1)
+    fix = "restore it from the pack (e.g. git checkout weights/embedded/text_encoder.json)"
+    try:
+        with open(p) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EmbeddedModelError(f"{p} is missing or not valid JSON ({type(e).__name__}: {e}); {fix}") from None
+    if found != TEXT_CONFIG:
+        diff = sorted(k for k in set(found) | set(TEXT_CONFIG) if found.get(k) != TEXT_CONFIG.get(k)) \
+            if isinstance(found, dict) else ["(not a JSON object)"]
+        raise EmbeddedModelError(f"{p} does not describe the embedded text encoder (differs in "
+                                 f"{', '.join(diff[:4])}); {fix}")
     return p
 
 
@@ -165,7 +173,11 @@ def load(folder: str | None = None):
     folder = folder or WEIGHTS
     files = {k: _require(os.path.join(folder, v)) for k, v in FILES.items() if k != "checker"}
     model = unet_files.load_unet(files["unet"], "eps")
+    text_config_file()   # checked before the host reads it
     clip = new_clip()
     load_text_state(clip, unet_files.read_safetensors(files["text"])[0])
-    vae = host_models.make_vae(unet_files.read_safetensors(files["vae"])[0], VAE_CONFIG)
+    try:
+        vae = host_models.make_vae(unet_files.read_safetensors(files["vae"])[0], VAE_CONFIG)
+    except ValueError as e:
+        raise EmbeddedModelError(f"{files['vae']}: {e}; restore the pack's own vae.safetensors") from None
     return model, clip, vae

@@ -67,12 +67,17 @@ def make_clip(model_cls, tokenizer_cls):
 def make_vae(sd: dict, ddconfig: dict):
     """A host VAE object of an AutoencoderKL with ``ddconfig`` holding exactly ``sd``."""
     import comfy.sd
+    import comfy.ldm.models.autoencoder as ae
+    import torch
     missing = [k for k in ("encoder.conv_in.weight", "decoder.conv_out.weight") if k not in sd]
     if missing:
         raise ValueError(f"not an AutoencoderKL state dict (no {missing[0]})")
-    vae = comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
-    own = vae.first_stage_model.state_dict()
+    with torch.device("meta"):   # the shapes the architecture wants, before the host loads anything
+        own = ae.AutoencoderKL(ddconfig=ddconfig, embed_dim=4).state_dict()
     bad = [k for k in own if k not in sd or own[k].shape != sd[k].shape]
     if bad:   # the host loads non-strictly and only logs; a partial VAE must not pass silently
-        raise ValueError(f"the VAE weights do not fit the architecture ({len(bad)} keys, e.g. {bad[0]})")
-    return vae
+        k = bad[0]
+        got = tuple(sd[k].shape) if k in sd else "missing"
+        raise ValueError(f"the VAE weights do not fit the architecture ({len(bad)} tensors, e.g. {k}: "
+                         f"{got}, expected {tuple(own[k].shape)}); it is another model's VAE")
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})

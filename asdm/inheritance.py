@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import hooks
+from .switch import SwitchError, refuse_switch
 from .topology import PRESETS, Topology, TopologyError, Unit, describe, parse_unit_spec
 
 log = logging.getLogger("A-SDM")
@@ -232,6 +233,10 @@ def resolve_units(topo: Topology, preset: str, units: str) -> tuple[list[Unit], 
 def apply_inheritance(model, preset: str, units: str, period: int, tail: float):
     """Returns a clone of ``model`` (a ComfyUI ModelPatcher) with feature inheritance."""
     schedule = Schedule(period, tail)
+    try:
+        refuse_switch(model, "A-SDM Feature Inheritance")
+    except SwitchError as e:
+        raise InheritanceError(str(e)) from None
     unet = getattr(model.model, "diffusion_model", None)
     if unet is None:
         raise InheritanceError("this MODEL has no diffusion_model; connect an SD1.x/SD2.x-family MODEL")

@@ -145,6 +145,21 @@ def merge_options(base: dict, own: dict) -> dict:
 
 
 WRAPPER_KEY = "asdm_switch"
+HOLDER_KEY = "asdm_switch"   # transformer_options key of the UNetSwitch (for reports, tests, other nodes)
+
+
+def switch_of(model) -> "UNetSwitch | None":
+    """The switch a MODEL routes through, if it is (a clone of) an A-SDM UNet Switch's output."""
+    return model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
+
+
+def refuse_switch(model, what: str) -> None:
+    """For nodes that act on one UNet's weights or modules: a switch MODEL holds several."""
+    sw = switch_of(model)
+    if sw is not None:
+        raise SwitchError(f"this MODEL is an A-SDM UNet Switch of {len(sw.patchers)} models, and {what} "
+                          "acts on one UNet; connect it to the models before the switch (each one whose "
+                          "range it should change)")
 
 
 def make_switch(models: list, ranges: list[Range], unit: str = "steps"):
@@ -167,5 +182,5 @@ def make_switch(models: list, ranges: list[Range], unit: str = "steps"):
         if not m.is_clone(out) and not any(m.is_clone(e) for e in extra):
             extra.append(m)
     compat.add_extra_models(out, WRAPPER_KEY, extra)
-    out.model_options["transformer_options"]["asdm_switch"] = sw
+    out.model_options["transformer_options"][HOLDER_KEY] = sw
     return out

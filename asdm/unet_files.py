@@ -72,6 +72,23 @@ def write_safetensors(sd: dict, path: str, metadata: dict | None = None) -> None
     os.replace(tmp, path)
 
 
+UNET_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_weights(sd: dict) -> None:
+    """Refuses weights a UNet cannot use: non-float dtypes (int8 and other quantized formats
+    this loader does not dequantize) and non-finite values (one NaN makes every image NaN)."""
+    for k, v in sd.items():
+        if v.dtype not in UNET_DTYPES:
+            raise UNetFileError(f"tensor {k} is {str(v.dtype).replace('torch.', '')}; a UNet needs "
+                                "float16, bfloat16 or float32 weights (this file is quantized or not a UNet)")
+    for k, v in sd.items():
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise UNetFileError(f"tensor {k} holds {bad} NaN/Inf values; the file is damaged — "
+                                "re-download or re-save it")
+
+
 def layout_of(sd: dict) -> str:
     if any(p + "input_blocks.0.0.weight" in sd for p in ("",) + LDM_PREFIXES):
         return "ldm"
@@ -321,9 +338,16 @@ def load_unet(path: str, prediction: str = "eps"):
     sd, meta = read_unet(path)
     config = None
     cfg_path = os.path.join(os.path.dirname(path), "config.json")
+    check_weights(sd)
     if layout_of(sd) == "diffusers" and os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            config = json.load(f)
+        try:
+            with open(cfg_path) as f:
+                config = json.load(f)
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as e:
+            raise UNetFileError(f"{cfg_path} is not a readable JSON config ({type(e).__name__}: {e}); fix it "
+                                "or delete it (it is read for the attention head layout only)") from None
     if meta.get("asdm.prediction") and prediction == "auto":
         prediction = meta["asdm.prediction"]
     return build_model(to_ldm(sd), "eps" if prediction == "auto" else prediction, config)

@@ -4,6 +4,7 @@ import os
 
 from ..asdm import compat
 from ..asdm.assembly import RECIPES, AssemblyError, assemble, recipe_spec, save_unet
+from ..asdm.switch import SwitchError, refuse_switch
 from ..asdm.topology import TopologyError
 from ..asdm.unet_files import PICKLE_EXTENSIONS, UNetFileError, load_unet
 
@@ -79,9 +80,11 @@ class AssembleUNet:
 
     def assemble(self, original, compressed, recipe, custom_recipe):
         try:
+            refuse_switch(original, "A-SDM Assemble UNet")
+            refuse_switch(compressed, "A-SDM Assemble UNet")
             spec = custom_recipe if recipe == "custom" else recipe_spec(recipe)
             return (assemble(original, compressed, spec),)
-        except (AssemblyError, TopologyError) as e:
+        except (AssemblyError, TopologyError, SwitchError) as e:
             raise ValueError(f"A-SDM Assemble UNet: {e}") from None
 
 
@@ -107,15 +110,37 @@ class SaveUNet:
 
     def save(self, model, filename_prefix):
         import folder_paths
+        try:
+            refuse_switch(model, "A-SDM Save UNet")
+        except SwitchError as e:
+            raise ValueError(f"A-SDM Save UNet: {e}") from None
         if model.object_patches:
             raise ValueError(
                 f"A-SDM Save UNet: this MODEL carries {len(model.object_patches)} object patches (e.g. "
                 "A-SDM Feature Inheritance or ME-CondConv); they are not weights and would be lost. "
                 "Connect the MODEL from before those nodes")
         out_dir = folder_paths.get_output_directory()
-        full, name, counter, sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        try:
+            full, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        except Exception as e:   # the host refuses prefixes that leave the output folder
+            raise ValueError(f"A-SDM Save UNet: filename_prefix {filename_prefix[:80]!r}: {e}; give a "
+                             "prefix inside the output folder, e.g. unet/asdm") from None
         path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
-        save_unet(model, path)
+        if max(len(os.fsencode(p)) for p in os.path.relpath(path, out_dir).split(os.sep)) > 250:
+            raise ValueError(f"A-SDM Save UNet: filename_prefix {filename_prefix[:80]!r}... makes a file or folder "
+                             "name longer than the filesystem allows; choose a shorter or simpler filename_prefix")
+        # The host checks the prefix as written; a link inside the output folder could still lead
+        # out of it, so the resolved path is checked too.
+        real_out = os.path.realpath(out_dir)
+        if os.path.commonpath([real_out, os.path.realpath(path)]) != real_out:
+            raise ValueError(f"A-SDM Save UNet: filename_prefix {filename_prefix[:80]!r} leads outside the "
+                             f"output folder (through a link to {os.path.realpath(full)}); choose another prefix")
+        try:
+            os.makedirs(full, exist_ok=True)
+            save_unet(model, path)
+        except OSError as e:
+            raise ValueError(f"A-SDM Save UNet: cannot write {os.path.relpath(path, out_dir)[:120]} "
+                             f"({e.strerror or e}); choose a shorter or simpler filename_prefix") from None
         return {"ui": {"text": [os.path.relpath(path, out_dir)]}}
 
 

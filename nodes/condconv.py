@@ -4,6 +4,7 @@ import os
 
 from ..asdm.condconv import (DEFAULT_UNITS, INIT_MODES, CondConvError, apply_condconv, load_experts,
                              make_experts, select_convs)
+from ..asdm.switch import SwitchError, refuse_switch
 from ..asdm.topology import TopologyError
 
 FOLDER = "asdm_condconv"   # models/asdm_condconv: trained experts (from the A-SDM trainer)
@@ -65,6 +66,7 @@ class MECondConv:
         import folder_paths
         unet = getattr(model.model, "diffusion_model", None)
         try:
+            refuse_switch(model, "A-SDM ME-CondConv")
             if weights != "none":
                 path = folder_paths.get_full_path(FOLDER, weights)
                 if path is None:
@@ -81,7 +83,7 @@ class MECondConv:
                 teacher_unet = teacher.model.diffusion_model if teacher is not None else None
                 me = make_experts(unet, paths, experts, init, seed, teacher_unet)
             return (apply_condconv(model, me),)
-        except (CondConvError, TopologyError) as e:
+        except (CondConvError, TopologyError, SwitchError) as e:
             raise ValueError(f"A-SDM ME-CondConv: {e}") from None
 
 

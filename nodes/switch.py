@@ -14,7 +14,8 @@ class UNetSwitch:
         "Multi-UNet switching (A-SDM §IV-C): a small UNet draws the rough image early, the full "
         "UNet polishes it late. The paper's S1: BK-SDM Base for the first 10 of 25 steps, SD for "
         "the last 15. Ranges are [start, end) in sampler steps or fractions of the schedule; they "
-        "must start at 0 and touch; end -1 = until the end. Each model keeps its own LoRA and A-SDM "
+        "must start at 0 and touch; end -1 = until the end. Steps count the steps the sampler "
+        "samples: with KSamplerAdvanced's start_at_step, step 0 is that step. Each model keeps its own LoRA and A-SDM "
         "patches within its range (patch them before this node). All models must share a family "
         "(SD1.x with BK-SDM v1, SD2.x with v2).")
 

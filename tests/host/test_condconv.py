@@ -1,5 +1,8 @@
-"""ME-CondConv on the real host: exact where it claims, grouped = per-sample reference,
+"""ME-CondConv on the real host: exact where it claims, both per-sample paths (kernel mix,
+stacked) = per-sample reference, the cost model, caches that follow changes, gradients,
 input-dependent routing, save/load, stacking and clean undo."""
+import copy
+
 import pytest
 import torch
 
@@ -39,17 +42,103 @@ def reference(x, conv, me):
     return torch.cat(outs)
 
 
+# Both paths compute the same sum as the reference in another order (kernel mix: one grouped
+# conv with per-sample kernels; stacked: the plain conv plus a matmul of the other experts over
+# the unfolded input, then a weighted sum): fp32 rounding only, well under 1e-5 of the output scale.
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("size", [4, 32])
 @pytest.mark.parametrize("experts", [2, 4])
-def test_grouped_path_equals_per_sample_loop(tiny, experts):
+@pytest.mark.parametrize("path", ["mix", "stacked"])
+def test_each_path_equals_per_sample_loop(tiny, path, experts, size):
     unet = tiny.model.diffusion_model
-    path = "input_blocks.4.0.in_layers.2"
-    me = cc().make_experts(unet, [path], experts, "paper", seed=3)[path]
-    conv = unet.get_submodule(path)
-    x = torch.randn(3, conv.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    p = "input_blocks.4.0.in_layers.2"
+    me = cc().make_experts(unet, [p], experts, "paper", seed=3)[p]
+    conv = unet.get_submodule(p)
+    x = torch.randn(3, conv.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got, want = cc().me_conv(x, conv, me), reference(x, conv, me)
-    # same math, different kernels (grouped vs. single conv, summation order): fp32 rounding
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        got, want = cc().me_conv(x, conv, me, path=path), reference(x, conv, me)
+    assert (got - want).abs().max() <= TOL * want.abs().max()
+
+
+def test_the_path_switch_reaches_sampling_and_both_paths_take_a_lora(N, tiny, conds, monkeypatch):
+    """PATH forces every ME-CondConv of a sampled MODEL onto one path; both sample alike, and
+    on both a LoRA on expert 0 acts and its unpatching leaves nothing stale behind."""
+    m = node(N, tiny, init="paper", experts=3)
+    lora = m.clone()
+    key = "diffusion_model.output_blocks.3.0.out_layers.3.weight"   # an ME-CondConv's expert 0 (4x4 map)
+    shape = m.model.diffusion_model.get_submodule("output_blocks.3.0.out_layers.3").weight.shape
+    lora.add_patches({key: (0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(1)),)}, 1.0)
+    outs = {}
+    for path in ("mix", "stacked"):
+        monkeypatch.setattr(cc(), "PATH", path)
+        outs[path] = ksample(m, conds, steps=4)
+        assert not torch.equal(ksample(lora, conds, steps=4), outs[path])
+        assert torch.equal(ksample(m, conds, steps=4), outs[path])
+    scale = outs["mix"].abs().max()
+    assert (outs["mix"] - outs["stacked"]).abs().max() <= 1e-4 * scale   # 4 steps of fp32 rounding
+
+
+def test_cost_model_takes_stacked_on_small_maps_and_mix_on_large():
+    choose = cc().choose_path
+    sd_kernel = 1280 * 1280 * 9
+    assert choose(2, 2 * 2, 2, sd_kernel) == "stacked"        # SD's deepest level at latent 16
+    assert choose(2, 64 * 64, 2, 320 * 320 * 9) == "mix"      # SD's top level at latent 64
+    # fewer outputs never move a conv from stacked to mix; more experts never the other way
+    for k in (320 * 320 * 9, 640 * 640 * 9, sd_kernel):
+        for n in (2, 3, 4, 8):
+            picks = [choose(2, hw * hw, n, k) for hw in (1, 2, 4, 8, 16, 32, 64)]
+            assert picks == sorted(picks, key=lambda p: p == "mix"), (k, n, picks)
+            assert all(choose(2, hw * hw, n + 1, k) == "mix" for hw, p in zip((1, 2, 4, 8, 16, 32, 64), picks)
+                       if p == "mix")
+    assert choose(2, 4, 1, sd_kernel) == "mix"                # one expert: nothing to stack
+    assert choose(2, 4, 2, sd_kernel, "cuda", 2) == "stacked"
+
+
+def test_cached_experts_follow_in_place_changes():
+    """MEForward caches the placed experts (a converted copy in another dtype) and the
+    shared-routing flag: a trainer's in-place updates, and expert 0 changed behind autograd's
+    back (ComfyUI's ``param.data.copy_``, no version bump), still show in the next call."""
+    g = torch.Generator().manual_seed(5)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    me = cc().MEExperts(3, 6, 8, 3)
+    with torch.no_grad():
+        me.router.weight.zero_()                                   # shared routing first
+        me.router.bias.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        me.experts.normal_(0, 0.1, generator=g)
+    fwd = cc().MEForward(conv, me)
+    changes = [lambda: me.experts.mul_(-2),                        # a trainer's in-place step
+               lambda: me.router.weight.normal_(0, 0.5, generator=g),   # routing now per sample
+               lambda: conv.weight.data.copy_(torch.randn(conv.weight.shape, generator=g)),
+               lambda: me.router.weight.zero_()]                   # shared again
+    for dtype in (torch.float32, torch.float64):                   # float64: a converted copy
+        x = torch.randn(2, 8, 5, 5, generator=g, dtype=dtype)
+        with torch.no_grad():
+            for change in [lambda: None] + changes:
+                change()
+                got = fwd(x)
+                want = reference(x, copy.deepcopy(conv).to(dtype), copy.deepcopy(me).to(dtype))
+                assert got.dtype == dtype and (got - want).abs().max() <= TOL * want.abs().max()
+
+
+@pytest.mark.parametrize("path", ["mix", "stacked"])
+def test_experts_and_router_train_through_each_path(path, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    me = cc().MEExperts(2, 6, 8, 3)
+    with torch.no_grad():
+        me.router.weight.normal_(0, 0.5, generator=g)
+        me.experts.normal_(0, 0.1, generator=g)
+    x = torch.randn(2, 8, 6, 6, generator=g)
+    params = [me.experts, me.expert_bias, me.router.weight, me.router.bias, conv.weight, conv.bias]
+    want = torch.autograd.grad(reference(x, conv, me).square().sum(), params)
+    monkeypatch.setattr(cc(), "PATH", path)
+    fwd = cc().MEForward(conv, me)
+    for _ in range(2):   # the second call must not reuse anything of the first's graph
+        got = torch.autograd.grad(fwd(x).square().sum(), params)
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
 def test_routing_depends_on_the_input(tiny):

@@ -55,7 +55,7 @@ def test_images_follow_their_captions(N, loaded):
 
 def test_missing_weights_error(N, monkeypatch, tmp_path):
     monkeypatch.setattr(engine("embedded"), "WEIGHTS", str(tmp_path))
-    with pytest.raises(ValueError, match="A-SDM Load Embedded Model: .*unet.safetensors is missing.*train_embedded"):
+    with pytest.raises(ValueError, match="A-SDM Load Embedded Model: .*asdm-embedded-full.safetensors is missing.*train_embedded"):
         N["ASDMLoadEmbeddedModel"]().load()
 
 

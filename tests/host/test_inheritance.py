@@ -203,3 +203,32 @@ def test_non_unet_model_is_a_clear_node_error(N, tiny):
     with pytest.raises(ValueError, match="not an SD-style UNet"):
         patch(N, m)
 
+
+
+def test_final_full_steps_hold_for_every_sampler_of_the_host(N, tiny, conds):
+    """Pn† for every sampler this ComfyUI offers: the last 20 % of the sampler's own steps are
+    full, and every model call of a step agrees. dpm_fast counts its own (fewer, higher-order)
+    steps; dpm_adaptive picks its steps as it goes, so it computes fully (bit for bit plain)."""
+    import comfy.samplers
+    failures = []
+    for name in comfy.samplers.KSampler.SAMPLERS:
+        p = patch(N, tiny, "LI1", period=2, tail=0.2)
+        out = ksample(p, conds, sampler=name, steps=10, size=8)
+        # On the early host a run ends when the sampler's per-run object is freed; dpm_fast's
+        # solver holds it in a reference cycle, so it is freed by the cycle collector
+        gc.collect()
+        run = holder_of(p).last_run
+        if name == "dpm_adaptive":
+            assert (run is None or run.calls == []) and torch.equal(out, ksample(tiny, conds, sampler=name, steps=10, size=8))
+            continue
+        if run is None:
+            failures.append((name, "no run: the step was not found"))
+            continue
+        steps = sorted({s for s, _ in run.calls})
+        modes = {s: {m for s2, m in run.calls if s2 == s} for s in steps}
+        tail = inh.Schedule(2, 0.2).tail_steps(run.total)
+        if steps != list(range(run.total)) or any(len(m) != 1 for m in modes.values()) \
+                or any(modes[s] == {"inherit"} for s in steps[run.total - tail:]) \
+                or not any(modes[s] == {"inherit"} for s in steps):
+            failures.append((name, run.total, "".join("I" if modes[s] == {"inherit"} else "F" for s in steps)))
+    assert not failures

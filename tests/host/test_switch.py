@@ -141,3 +141,14 @@ def test_switch_errors(N, models, conds768, sd2_tiny):
     with pytest.raises(ValueError, match="step 5 of a 8-step schedule is in no range"):
         single(short, conds768)
     unload_all()
+
+
+def test_ranges_count_the_steps_the_sampler_samples(N, models, conds768):
+    """With KSamplerAdvanced's start_at_step / end_at_step, the switch's step 0 is the window's
+    first step (the node says so): steps 3-7 of an 8-step schedule with ranges [0, 2) and [2, end)
+    run the first two of them on model_1."""
+    sd, base = models
+    sw = switch(N, [base, sd], [2, -1])
+    adv(sw, conds768, 3, 8)
+    calls = sw.model_options["transformer_options"]["asdm_switch"].last_run.calls
+    assert [(s, i) for s, i in calls] == [(0, 0), (1, 0), (2, 1), (3, 1), (4, 1)]

@@ -1,0 +1,68 @@
+"""Node: A-SDM GRI Attention (global-regional interactive self-attention, A-SDM early version §1)."""
+from ..asdm.gri import DEFAULT_UNITS, GRIError, apply_gri
+
+
+class GRIAttention:
+    CATEGORY = "A-SDM/acceleration"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The MODEL with GRI self-attention in the chosen units; connect it to any sampler.",)
+    FUNCTION = "patch"
+    DESCRIPTION = (
+        "Speeds up the self-attention of the high-resolution attention units (A-SDM's GRI "
+        "attention): each latent token attends, in one softmax, to the tokens of its own region "
+        "(a window of the latent, full resolution) and to a global set pooled over the whole "
+        "latent, instead of to every token. Regions shift every step so no seam stays. Cost per "
+        "token: window^2 + tokens/pool^2 keys instead of all tokens (SD1.5 at 512 px, window 16, "
+        "pool 4: 512 instead of 4096). Without training it approximates full attention; a UNet "
+        "distilled with GRI (the A-SDM trainer) matches it best. Cross-attention is unchanged; "
+        "outside start-end the MODEL computes exactly as before. Stacks with LoRA, FreeU and the "
+        "other A-SDM nodes (units whose tokens ToMe or HyperTile changed keep full attention).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD1.x/SD2.x-family MODEL (SD, BK-SDM, assembled UNets)."}),
+            "units": ("STRING", {"default": DEFAULT_UNITS, "multiline": False, "tooltip":
+                "Which attention units use GRI self-attention. Comma-separated names: a block "
+                "('dn0', 'up3'), a layer ('dn0.1') or an A unit ('up3.2.A'); '*' is a wildcard "
+                "('up3.*.A'). Blocks and layers mean their attention (A) units. dn0 and up3 are the "
+                "highest resolution, where self-attention costs the most (default). Empty = MODEL "
+                "unchanged."}),
+            "window": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip":
+                "Largest region side, in latent tokens of the unit (the latent is 1/8 of the image "
+                "at dn0/up3): 16 splits a 512 px image's 64x64 latent into 16 regions. Sides that do "
+                "not divide are split into equal regions (a 90-token side: 6 of 15). A window at "
+                "least the latent's side is plain attention there."}),
+            "pool": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
+                "Global set: keys and values averaged over pool x pool latent tokens (4: a 64x64 "
+                "latent gives 256 global tokens). Larger is faster and coarser; 1 = every token "
+                "(full attention, slower)."}),
+            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "First part of the schedule that uses GRI, as a fraction of the sampler's steps "
+                "(0 = from the first step). Steps before it compute exactly as the MODEL did."}),
+            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "Where GRI stops, as a fraction of the sampler's steps (1 = to the last step; "
+                "0.5 = the first half). Steps from it on compute exactly as the MODEL did."}),
+        }}
+
+    def patch(self, model, units, window, pool, start, end):
+        try:
+            return (apply_gri(model, units, window, pool, start, end),)
+        except GRIError as e:
+            raise ValueError(f"A-SDM GRI Attention: {_named(e)}") from None
+
+
+def _named(e: GRIError) -> str:
+    """The engine's message with the node's input name in front where it is about one."""
+    msg = str(e)
+    for name in ("window", "pool", "start", "end"):
+        if msg.startswith(name + " "):
+            return msg
+    if "unit" in msg or "names no" in msg:
+        return f"units: {msg}"
+    return msg
+
+
+NODE_CLASS_MAPPINGS = {"ASDMGRIAttention": GRIAttention}
+NODE_DISPLAY_NAME_MAPPINGS = {"ASDMGRIAttention": "A-SDM GRI Attention"}
