@@ -328,7 +328,7 @@ def save_experts(experts: dict, path: str, meta: dict | None = None) -> None:
 
 def load_experts(path: str, unet) -> dict:
     """Experts from a file, checked against this UNet's convs."""
-    from .unet_files import UNetFileError, read_safetensors
+    from .unet_files import UNetFileError, check_weights, read_safetensors
     try:
         sd, meta = read_safetensors(path)
     except UNetFileError as e:
@@ -336,18 +336,36 @@ def load_experts(path: str, unet) -> dict:
     if meta.get("asdm.format") != FORMAT:
         raise CondConvError(f"{path.split('/')[-1]} is not an A-SDM ME-CondConv file (no "
                             f"'asdm.format: {FORMAT}' in its metadata)")
-    layout = json.loads(meta["asdm.condconv.layout"])
+    name = path.split("/")[-1]
+    fix = "re-export it with the trainer, or restore the original file"
+    try:
+        layout = json.loads(meta["asdm.condconv.layout"])
+        entries = [(p, *(int(d) for d in dims)) for p, dims in layout.items()]
+        if any(len(e) != 6 for e in entries):
+            raise ValueError("each conv needs [experts, out, in, kh, kw]")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise CondConvError(f"{name}: its layout metadata ('asdm.condconv.layout') is missing or damaged "
+                            f"({type(e).__name__}: {e}); {fix}") from None
+    try:
+        check_weights(sd)
+    except UNetFileError as e:
+        raise CondConvError(f"{name}: {e}") from None
     out = {}
-    for p, (n, o, i, k, _k2) in layout.items():
+    for p, n, o, i, k, _k2 in entries:
         try:
             conv = unet.get_submodule(p)
         except AttributeError:
             raise CondConvError(f"the experts were trained for a conv at {p}, which this MODEL does "
                                 "not have; they belong to another layout (e.g. Small vs Tiny)") from None
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise CondConvError(f"{name}: the experts name {p}, which in this MODEL is a "
+                                f"{type(conv).__name__}, not a convolution; {fix}")
         shape = tuple(conv.weight.shape)
         if shape != (o, i, k, _k2):
             raise CondConvError(f"the experts for {p} are {o}x{i}x{k}x{_k2} but this MODEL's conv there "
                                 f"is {'x'.join(map(str, shape))}; they belong to another layout")
+        if not 2 <= n <= 64:
+            raise CondConvError(f"{name}: the layout metadata gives {p} {n} experts; {fix}")
         me = MEExperts(n, o, i, k)
         try:
             me.load_state_dict({k2: sd[f"{p}.{k2}"] for k2 in me.state_dict()})

@@ -129,3 +129,44 @@ def test_recipes_quoted_short_and_contradictions_refused(N, sd_and_base):
         node.assemble(sd, base, "custom", "dn0=B," * 166668)
     with pytest.raises(ValueError, match="gives dn0 twice, from B and from A"):
         node.assemble(sd, base, "custom", "dn0=B, dn0=A")
+
+
+def experts_file(tiny, path, sd_edit=None, meta_edit=None):
+    cc = engine("condconv")
+    unet = tiny.model.diffusion_model
+    cc.save_experts(cc.make_experts(unet, cc.select_convs(unet, cc.DEFAULT_UNITS), 2, "paper", 0), str(path))
+    sd = safetensors.torch.load_file(str(path))
+    meta = safetensors.safe_open(str(path), "pt").metadata()
+    (sd_edit or (lambda s: None))(sd)
+    (meta_edit or (lambda m: None))(meta)
+    safetensors.torch.save_file(sd, str(path), metadata=meta)
+
+
+def first_expert_key(sd):
+    return sorted(k for k in sd if k.endswith(".experts"))[0]
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("layout-json", "layout metadata ('asdm.condconv.layout') is missing or damaged (JSONDecodeError"),
+    ("layout-missing", "layout metadata ('asdm.condconv.layout') is missing or damaged (KeyError"),
+    ("not-a-conv", "in this MODEL is a ResBlock, not a convolution"),
+    ("nan", "holds 1 NaN/Inf values"),
+    ("int8", "is int8; a UNet needs float16"),
+    ("missing-tensor", "are incomplete or malformed"),
+])
+def test_damaged_experts_files_are_named(N, tiny, tmp_path, case, needle):
+    def relayout(m, fn):
+        layout = json.loads(m["asdm.condconv.layout"])
+        m["asdm.condconv.layout"] = json.dumps(fn(layout))
+    edits = {
+        "layout-json": dict(meta_edit=lambda m: m.update({"asdm.condconv.layout": "{ broken"})),
+        "layout-missing": dict(meta_edit=lambda m: m.pop("asdm.condconv.layout")),
+        "not-a-conv": dict(meta_edit=lambda m: relayout(m, lambda l: {"input_blocks.1.0": next(iter(l.values())), **l})),
+        "nan": dict(sd_edit=lambda s: s.update({first_expert_key(s): one_nan(s[first_expert_key(s)])})),
+        "int8": dict(sd_edit=lambda s: s.update({first_expert_key(s): s[first_expert_key(s)].to(torch.int8)})),
+        "missing-tensor": dict(sd_edit=lambda s: s.pop(first_expert_key(s))),
+    }
+    experts_file(tiny, tmp_path / "bad.safetensors", **edits[case])
+    with model_folder("asdm_condconv", tmp_path), pytest.raises(ValueError) as e:
+        N["ASDMMECondConv"]().patch(tiny, "bad.safetensors", "", 2, "identity", 0)
+    assert str(e.value).startswith("A-SDM ME-CondConv: ") and needle in str(e.value), str(e.value)

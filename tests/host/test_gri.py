@@ -382,7 +382,9 @@ def test_bare_unet_context_matches_the_model_patch_and_trains(N, tiny):
     weight = s_unet.get_submodule("input_blocks.1.1.transformer_blocks.0.attn1.to_k").weight
     weight.requires_grad_(True)
     xg = x.clone().requires_grad_()
-    with torch.enable_grad(), gri.gri_unet(s_unet, "dn0", window=4, pool=2, step=1) as handle:
+    # with the trainer's out-of-place transformer blocks (the early host's add in place)
+    with torch.enable_grad(), engine("training.distill").trainable(s_unet), \
+            gri.gri_unet(s_unet, "dn0", window=4, pool=2, step=1) as handle:
         assert handle.step == 1
         loss = (student.model.apply_model(xg, t, c_crossattn=ctx) - plain.detach()).square().mean()
         loss.backward()
