@@ -12,8 +12,11 @@ embedded model and on SD1.5-width UNets.
 2. SD1.5-width speed (asdm.evaluation.speed): UNet time of each strategy's schedule on the
    project-made random SD1.5 / BK-SDM UNets, composed from interleaved single calls, beside the
    FLOP bound.
+3. Self-attention at 256 px (the embedded model's top level over 1024 tokens): GRI attention
+   against ComfyUI's ToMe and HyperTile, each paired with full attention per caption: UNet-time
+   ratio, PSNR / SSIM against full attention, adherence.
 
-Writes report.md, grid.png, plot.png and results.json to --out (default out/main-job, which git
+Writes report.md, grid.png, plot.png, attention.png and results.json to --out (default out/main-job, which git
 ignores); --publish also copies them to docs/report for the README. The host's own log goes to
 <out>/host.log.
 
@@ -113,6 +116,50 @@ def evaluate(rows, results, scenes, a, checker, ref_feats, metrics):
                  fd=metrics.frechet_distance(metrics.features(checker, imgs), ref_feats))
 
 
+def attention_section(a, captions, scenes, checker, metrics, progress):
+    """Self-attention accelerators (GRI, ToMe, HyperTile) on the embedded model at 256 px, where
+    its top level attends over 1024 tokens: each paired with full attention per caption (A B A B),
+    UNet-time ratio and fidelity against full attention. Returns (rows, grid rows)."""
+    from PIL import Image
+    strategies = E("evaluation.strategies").attention_strategies()
+    runs = EmbeddedRuns(argparse.Namespace(**dict(vars(a), seeds=1, steps=a.attention_steps)))
+    Ratio = E("evaluation.timing").Ratio
+    n = min(a.attention_prompts, len(captions))
+    results = {}
+    for s in strategies:
+        unet, wall, imgs = {"full": [], "s": []}, {"full": [], "s": []}, []
+        for j, c in enumerate(captions[:n]):
+            u, w, _ = runs.run(strategies[0], c, j)
+            unet["full"].append(u)
+            wall["full"].append(w)
+            u, w, im = runs.run(s, c, j)
+            unet["s"].append(u)
+            wall["s"].append(w)
+            imgs.append(im)
+            progress.step("attention", s.label)
+        results[s.name] = dict(images=np.concatenate(imgs), unet_ratio=Ratio.of(unet["full"], unet["s"]),
+                               e2e_ratio=Ratio.of(wall["full"], wall["s"]), seconds=statistics.median(unet["s"]))
+    ref = results[strategies[0].name]["images"] / 255.0
+    small = lambda ims: np.stack([np.asarray(Image.fromarray(i).resize((64, 64), Image.BOX)) for i in ims]) / 255.0  # noqa: E731
+    rows = []
+    for s in strategies:
+        r = results[s.name]
+        imgs = r["images"] / 255.0
+        rows.append(dict(name=s.name, label=s.label, unet_ratio=r["unet_ratio"], e2e_ratio=r["e2e_ratio"],
+                         seconds=r["seconds"], psnr=metrics.psnr(imgs, ref), ssim=metrics.ssim(imgs, ref),
+                         adherence=metrics.adherence(checker, small(r["images"]), scenes[:n])))
+    return rows, [(s.label, results[s.name]["images"]) for s in strategies]
+
+
+def attention_table(rows) -> list[str]:
+    out = ["| run | UNet time ratio | end to end | UNet s / image | PSNR vs full attention | SSIM | adherence |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['unet_ratio']} | {r['e2e_ratio']} | {r['seconds']:.2f} | "
+                   f"{r['psnr']:.2f} dB | {r['ssim']:.3f} | {r['adherence']:.3f} |")
+    return out
+
+
 def compare(rows, a_names, b_names, key) -> tuple[float, float, float]:
     """Mean of ``key`` over runs a minus over runs b, per image (same caption and seed), and the
     spread of that difference over the images: (difference, its standard error, images)."""
@@ -156,6 +203,10 @@ def main():
     ap.add_argument("--presets", default="", help="comma-separated subset of presets (default: all)")
     ap.add_argument("--sd15-size", type=int, default=16, help="latent side of the SD1.5-width timing (16 = 128 px)")
     ap.add_argument("--sd15-rounds", type=int, default=3, help="timing rounds on the SD1.5-width UNets")
+    ap.add_argument("--attention-prompts", type=int, default=3,
+                    help="captions (one seed each) for the self-attention section at 256 px")
+    ap.add_argument("--attention-steps", type=int, default=10,
+                    help="sampler steps in the self-attention section (256 px runs cost ~16x a 64 px one)")
     ap.add_argument("--quick", action="store_true", help="2 captions x 2 seeds, presets CO6,EX3,IN3, SD1.5 latent 8")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "main-job"))
     ap.add_argument("--publish", action="store_true", help="also copy the report to docs/report (the README's)")
@@ -163,6 +214,7 @@ def main():
     if a.quick:
         a.prompts, a.seeds, a.presets = 2, 2, a.presets or "CO6,EX3,IN3"
         a.sd15_size, a.sd15_rounds = 8, 2
+        a.attention_prompts = min(a.attention_prompts, 2)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
     host.boot(pytorch_attention=True, log_file=os.path.join(a.out, "host.log"))
@@ -180,8 +232,10 @@ def main():
     runs.run(full, captions[0], -1)                    # warm-up: loads the models
     guess = time.time() - t0
     sd15_calls = (8 + 2 * len(presets)) * (a.sd15_rounds + 1)   # refined by speed.measure's own count
+    n_attn = len(strat_mod.attention_strategies()) * min(a.attention_prompts, a.prompts)
     progress = Progress({"embedded": (len(strategies) * a.prompts, 2 * guess),
-                         "sd15": (sd15_calls, 0.02 * a.sd15_size ** 2)})
+                         "sd15": (sd15_calls, 0.02 * a.sd15_size ** 2),
+                         "attention": (n_attn, guess * 16 * a.attention_steps / (a.steps * a.seeds))})
 
     # 1. embedded model: A B A B over the captions, the strategy's images kept
     results = {}
@@ -208,9 +262,11 @@ def main():
     # 2. SD1.5 widths: composed UNet time beside the FLOP bound
     sd15 = speed.measure(strategies, a.steps, a.sd15_size, a.sd15_rounds,
                          progress=lambda done, total: progress.step("sd15", "SD1.5-width calls", done, total))
+    checker = metrics.load_checker(emb.path("checker"))
+    # 3. self-attention accelerators at 256 px
+    attn_rows, attn_grid = attention_section(a, captions, scenes, checker, metrics, progress)
     progress.close()
 
-    checker = metrics.load_checker(emb.path("checker"))
     ref = shapes.generate(1000, emb.IMAGE_SIZE, REFERENCE_SEED)
     ref_feats = metrics.features(checker, np.stack([s.image for s in ref]) / 255.0)
     rows = [{"name": s.name, "label": s.label, "group": s.group, "kind": s.kind, "preset": s.preset,
@@ -226,6 +282,7 @@ def main():
     grid = report.grid([(labels[n], results[n]["images"][::a.seeds]) for n in grid_rows], captions)
     grid.save(os.path.join(a.out, "grid.png"))
     report.plot(rows).save(os.path.join(a.out, "plot.png"))
+    report.grid(attn_grid, captions[:len(attn_grid[0][1])], cell=128).save(os.path.join(a.out, "attention.png"))
     dev = E("evaluation.timing").device_name()
     job_min = (time.time() - t_start) / 60
     f_full = rows[0]
@@ -263,14 +320,23 @@ def main():
         verdict = ("holds" if holds else "does not hold") + ("" if sure else ", within the seed-to-seed spread")
         lines.append(f"- {text}: **{verdict}** ({detail})")
     lines += ["", "## All runs", "", report.table(rows), "", "![grid](grid.png)", "", "![plot](plot.png)", ""]
+    lines += ["## Self-attention at 256 px: GRI, ToMe, HyperTile", "",
+              f"The embedded model at 256x256 px (latent 32x32: its top level, dn0 / up3, attends over 1024 "
+              f"tokens), {len(attn_grid[0][1])} captions x 1 seed, {a.attention_steps} steps euler, cfg {a.cfg}; each run paired with full "
+              "attention on the same caption (A B A B); UNet-time ratio median (lowest-highest). PSNR / SSIM "
+              "against full attention; adherence on the images scaled to 64 px (the model was trained at "
+              "64 px, so 256 px images are out of its training range for every row alike). GRI on dn0 + "
+              "up3; ToMe and HyperTile are ComfyUI's own nodes (HyperTile with 128 px tiles: its default "
+              "256 px tile does not split a 256 px image).", ""]
+    lines += attention_table(attn_rows) + ["", "![attention](attention.png)", ""]
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump([report.jsonable(r) for r in rows], f, indent=1)
+        json.dump([report.jsonable(r) for r in rows + attn_rows], f, indent=1)
     if a.publish:
         dst = os.path.join(ROOT, "docs", "report")
         os.makedirs(dst, exist_ok=True)
-        for name in ("report.md", "grid.png", "plot.png", "results.json"):
+        for name in ("report.md", "grid.png", "plot.png", "attention.png", "results.json"):
             shutil.copy(os.path.join(a.out, name), os.path.join(dst, name))
     by = {r["name"]: r for r in rows}
     best = max((r for r in rows if r["kind"] == "fi"), key=lambda r: r["sd15_ratio"].median, default=None)

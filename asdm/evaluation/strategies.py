@@ -24,6 +24,8 @@ class Strategy:
     ranges: list = field(default_factory=list)   # switch: [(model, steps)], model "base" | "full"
     unet: str = ""            # unet: the family member ("base", "m2", "small-condconv", ...)
     experts: bool = False     # unet: with its ME-CondConv experts
+    patch: tuple = ()         # attn: (node class, its inputs) applied to the full model
+    size: int = 0             # image side in px (0: the embedded model's own, 64)
 
 
 def strategies(steps: int, presets: list[str]) -> list[Strategy]:
@@ -43,6 +45,23 @@ def strategies(steps: int, presets: list[str]) -> list[Strategy]:
     return out
 
 
+ATTENTION_SIZE = 256   # px: latent 32x32, so the top level attends over 1024 tokens
+
+
+def attention_strategies() -> list[Strategy]:
+    """Self-attention accelerators at ATTENTION_SIZE: GRI (A-SDM) against ComfyUI's own ToMe and
+    HyperTile. HyperTile's default tile (256 px) does not split a 256 px image, so it runs with
+    128 px tiles (a 2x2 split of the top level, as its default gives at 512 px)."""
+    px = ATTENTION_SIZE
+    gri = lambda w, p: ("ASDMGRIAttention", {"units": "dn0, up3", "window": w, "pool": p, "start": 0.0, "end": 1.0})  # noqa: E731
+    return [Strategy("attn-full", "full attention", "attention", "attn", size=px),
+            Strategy("gri-16x4", "GRI w16 s4", "attention", "attn", patch=gri(16, 4), size=px),
+            Strategy("gri-8x2", "GRI w8 s2", "attention", "attn", patch=gri(8, 2), size=px),
+            Strategy("tome", "ToMe 0.5", "attention", "attn", patch=("TomePatchModel", {"ratio": 0.5}), size=px),
+            Strategy("hypertile", "HyperTile 128", "attention", "attn", size=px, patch=(
+                "HyperTile", {"tile_size": 128, "swap_size": 2, "max_depth": 0, "scale_depth": False}))]
+
+
 def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: float, prefix: str,
           tag: str) -> dict:
     """The API graph that samples ``batch`` images of ``caption`` with strategy ``s``."""
@@ -53,8 +72,8 @@ def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: flo
     ks = api[sampler]["inputs"]
     api[ks["positive"][0]]["inputs"]["text"] = caption
     api[ks["negative"][0]]["inputs"]["text"] = ""
-    api[ks["latent_image"][0]]["inputs"].update(width=embedded.IMAGE_SIZE, height=embedded.IMAGE_SIZE,
-                                                batch_size=batch)
+    px = s.size or embedded.IMAGE_SIZE
+    api[ks["latent_image"][0]]["inputs"].update(width=px, height=px, batch_size=batch)
     ks.update(seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal")
     api[graphs.find(api, "SaveImage")]["inputs"]["filename_prefix"] = prefix
     full = [graphs.find(api, "ASDMLoadEmbeddedModel"), 0]
@@ -63,6 +82,11 @@ def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: flo
     switch = graphs.find(api, "ASDMUNetSwitch")
     if s.kind == "plain":
         model = full
+    elif s.kind == "attn":
+        model = full
+        if s.patch:
+            api["asdm_attention"] = {"class_type": s.patch[0], "inputs": dict(s.patch[1], model=full)}
+            model = ["asdm_attention", 0]
     elif s.kind == "fi":
         api[fi]["inputs"].update(model=full, preset=s.preset, units="", period=s.period, final_full_steps=s.tail)
         model = [fi, 0]
