@@ -9,6 +9,15 @@ Steps of A-SDM model assembly (§IV-A), as ``[student] kind``:
   with ME-CondConv experts (``experts``, ``init``, ``units``; A-SDM §IV-B) trained with it, or
   alone with ``train_unet = false``.
 
+``[gri]`` (optional, any kind): the student trains with GRI attention (``asdm.gri``) in the A units
+``units`` (default ``asdm.gri.DEFAULT_UNITS``, the highest-resolution level), regions of at most
+``window`` tokens a side (default 16) and global keys pooled ``pool`` x ``pool`` (default 4), while
+the teacher keeps full attention: a "tuned GRI" UNet. The training step plays the sampler step's
+part in the region shift (it alternates every step), so both layouts are trained and a resume
+repeats it. The settings go into the export's metadata (``asdm.gri``, JSON ``{"units", "window",
+"pool"}``) and the checkpoint's; resuming a checkpoint made with other GRI settings (or without
+GRI) is refused.
+
 Data: a safetensors file of pre-encoded ``latents`` [N, 4, h, w] (as the VAE encodes them,
 unscaled) and text ``context`` [N, 77, C] (``[data] latents``), or a folder of captioned images
 (``[data] images`` + ``checkpoint``). Losses: ``asdm.training.distill``. Every key of the config
@@ -73,7 +82,14 @@ SCHEMA = {
              "size": ("a whole number >= 64, a multiple of 8", lambda v: isinstance(v, int) and v >= 64 and v % 8 == 0)},
     "loss": {"task": _number, "out_kd": _number, "feat_kd": _number, "mid": _number, "perceptual": _number,
              "perceptual_weights": _text},
+    "gri": {"units": ("a text naming A units, blocks or layers (e.g. 'dn0, up3')",
+                      lambda v: isinstance(v, str) and v.strip() != ""),
+            "window": ("a whole number >= 1 (the largest region side, in latent tokens)", _whole[1]),
+            "pool": ("a whole number >= 1 (global keys pooled pool x pool)", _whole[1])},
 }
+
+# [gri]: its keys' defaults where the table is given (the GRI Attention node's defaults).
+GRI_DEFAULTS = {"window": 16, "pool": 4}
 
 
 class ConfigError(ValueError):
@@ -158,6 +174,11 @@ def load_config(path: str) -> dict:
     for k in ("compressed", "unet"):
         if cfg["student"].get(k):
             cfg["student"][k] = resolve(cfg["student"][k])
+    if "gri" in cfg:
+        from ..gri import DEFAULT_UNITS
+        cfg["gri"] = {"units": cfg["gri"].get("units", DEFAULT_UNITS),
+                      "window": cfg["gri"].get("window", GRI_DEFAULTS["window"]),
+                      "pool": cfg["gri"].get("pool", GRI_DEFAULTS["pool"])}
     kind = cfg["student"]["kind"]
     if kind == "assemble" and not cfg["student"].get("compressed"):
         raise ConfigError(f"{path}: student.kind = 'assemble' needs student.compressed (the step-1 UNet)")
@@ -274,7 +295,37 @@ def build(cfg: dict):
             raise ConfigError(f"student: {e}") from None
         student = base
         trainable = [n for n, _ in unet.named_parameters()]
+    if cfg.get("gri") is not None:
+        gri_sites(student.model.diffusion_model, cfg["gri"])   # bad settings: told before training
     return teacher.model.diffusion_model, student, trainable, experts
+
+
+def gri_sites(unet, settings: dict) -> list:
+    """The transformer blocks ``[gri]`` puts GRI attention in (``asdm.gri.Site``); a bad setting
+    is a ConfigError naming its key."""
+    from .. import gri
+    from ..topology import describe
+    for key in ("window", "pool"):
+        try:
+            gri.Settings(**{"window": 1, "pool": 1, key: settings[key]})
+        except gri.GRIError as e:
+            raise ConfigError(f"gri.{key}: {e}") from None
+    topo = describe(unet)
+    try:
+        units = gri.resolve_units(topo, settings["units"])
+    except gri.GRIError as e:
+        raise ConfigError(f"gri.units: {e}") from None
+    if not units:
+        raise ConfigError(f"gri.units: {settings['units']!r} names no unit; name the A units (or their "
+                          f"blocks or layers) to train with GRI attention, e.g. {gri.DEFAULT_UNITS!r}")
+    return gri.sites(unet, topo, units)
+
+
+def gri_meta(settings: dict | None) -> str | None:
+    """The ``asdm.gri`` metadata of a UNet trained with these ``[gri]`` settings (None: without)."""
+    if settings is None:
+        return None
+    return json.dumps({"units": settings["units"], "window": settings["window"], "pool": settings["pool"]})
 
 
 class _Student(torch.nn.Module):
@@ -335,14 +386,18 @@ def _commit(run: "Training", step: int) -> None:
     from ..unet_files import write_safetensors
     sd = _checkpoint_tensors(run)
     path, prev, nxt = run.path("checkpoint"), run.path("checkpoint-prev"), run.path("checkpoint") + ".next"
-    write_safetensors(sd, nxt, {"asdm.format": CHECKPOINT_FORMAT, "asdm.step": step, "asdm.digest": _tensor_digest(sd)})
+    meta = {"asdm.format": CHECKPOINT_FORMAT, "asdm.step": step, "asdm.digest": _tensor_digest(sd)}
+    if run.gri is not None:
+        meta["asdm.gri"] = gri_meta(run.gri)
+    write_safetensors(sd, nxt, meta)
     if os.path.exists(path):
         os.replace(path, prev)
     os.replace(nxt, path)
 
 
-def _read_checkpoint(path: str) -> tuple[tuple[dict, int] | None, str]:
-    """((tensors, step), "") of a whole, untouched checkpoint file, else (None, the reason)."""
+def _read_checkpoint(path: str) -> tuple[tuple[dict, int, str | None] | None, str]:
+    """((tensors, step, its asdm.gri metadata or None), "") of a whole, untouched checkpoint
+    file, else (None, the reason)."""
     from ..unet_files import UNetFileError, read_safetensors
     try:
         sd, meta = read_safetensors(path)
@@ -352,7 +407,7 @@ def _read_checkpoint(path: str) -> tuple[tuple[dict, int] | None, str]:
         return None, "not a trainer checkpoint"
     if meta.get("asdm.digest") != _tensor_digest(sd):
         return None, "its contents do not match its digest (damaged)"
-    return (sd, int(meta["asdm.step"])), ""
+    return (sd, int(meta["asdm.step"]), meta.get("asdm.gri")), ""
 
 
 def _restore(run: "Training", sd: dict) -> None:
@@ -392,6 +447,8 @@ class Training:
     pairs: list               # the block outputs feature-KD compares
     sigmas: torch.Tensor
     start: int = 0            # the first step this run computes (> 0 when resumed)
+    gri: dict | None = None   # [gri] settings: the student trains with GRI attention
+    gri_handle: object = None  # the open asdm.gri.UNetGRI while training (its step: the shift parity)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -468,11 +525,33 @@ def setup(cfg: dict, log=print) -> Training:
         model = torch.nn.parallel.DistributedDataParallel(model)
     if perceptual is not None:
         perceptual.to(dev)
+    if cfg.get("gri") is not None:
+        _log_gri(cfg["gri"], gri_sites(unet, cfg["gri"]), tuple(lat.shape[-2:]), log)
     return Training(cfg=cfg, rank=rank, world=world, device=dev, teacher=teacher, student=student,
                     experts=experts, model=model, latents=lat, context=ctx, params=params, names=names,
                     opt=opt, weights=distill.LossWeights(**loss_weights), perceptual=perceptual,
                     pairs=distill.shared_blocks(teacher, unet),
-                    sigmas=student.model.model_sampling.sigmas.float())
+                    sigmas=student.model.model_sampling.sigmas.float(), gri=cfg.get("gri"))
+
+
+def _log_gri(settings: dict, sites: list, latent: tuple[int, int], log) -> None:
+    """Says where the student trains with GRI attention, and where a region covers a unit's
+    whole grid at the data's latent size (full attention there: nothing GRI-specific to learn)."""
+    from ..gri import covers
+    grids = {}
+    for s in sites:
+        h, w = latent
+        for _ in range(s.level):
+            h, w = -(-h // 2), -(-w // 2)
+        grids[s.unit.name] = (h, w)
+    full = [u for u, g in grids.items() if covers(g, settings["window"])]
+    sizes = ", ".join(sorted({f"{h}x{w}" for h, w in grids.values()}))
+    log(f"GRI attention in the student: {', '.join(grids)} (window {settings['window']}, pool {settings['pool']}; "
+        f"grids at {latent[0]}x{latent[1]} latents: {sizes})")
+    if full:
+        log(f"GRI attention: window {settings['window']} covers the whole grid of {', '.join(full)} at "
+            f"{latent[0]}x{latent[1]} latents, so {'they compute' if len(full) > 1 else 'it computes'} full "
+            "attention there; a smaller window trains GRI in them")
 
 
 def resume(run: Training, log=print) -> None:
@@ -485,7 +564,8 @@ def resume(run: Training, log=print) -> None:
         if found is None:
             log(f"skipping {path}: {why}")
             continue
-        sd, step = found
+        sd, step, gri_saved = found
+        _check_same_gri(run, path, gri_saved)
         _restore(run, sd)
         run.start = step
         log(f"resuming from step {step} ({path})")
@@ -494,9 +574,45 @@ def resume(run: Training, log=print) -> None:
         log(f"{run.path('unet')} is an export without a checkpoint to resume from: starting at step 0")
 
 
+def _check_same_gri(run: Training, path: str, saved: str | None) -> None:
+    """A checkpoint resumes only into a run with the same GRI attention (the same units, window
+    and pool): its weights were trained for that attention."""
+    def units(settings):
+        return sorted((s.unit.name, s.transformer_index) for s in gri_sites(run.unet, settings))
+    try:
+        old = json.loads(saved) if saved else None
+        same = (old is None) == (run.gri is None) and (old is None or (
+            (old["window"], old["pool"]) == (run.gri["window"], run.gri["pool"]) and units(old) == units(run.gri)))
+    except (ValueError, KeyError, TypeError, ConfigError):
+        same = False
+    if not same:
+        told = lambda s: "without GRI attention" if s is None else f"with GRI attention {s}"   # noqa: E731
+        raise ConfigError(f"{path} was trained {told(saved)}, but this config trains {told(gri_meta(run.gri))}; "
+                          "its weights do not continue this run. Give the same [gri] settings to resume it, or "
+                          "another 'out' folder to start a new run")
+
+
+@contextlib.contextmanager
+def _gri_active(run: Training):
+    """While training, the student's chosen A units compute GRI attention (the teacher keeps full
+    attention); ``train_step`` sets the shift parity from the step."""
+    if run.gri is None:
+        yield None
+        return
+    from ..gri import gri_unet
+    with gri_unet(run.unet, run.gri["units"], run.gri["window"], run.gri["pool"]) as g:
+        run.gri_handle = g
+        try:
+            yield g
+        finally:
+            run.gri_handle = None
+
+
 def train_step(run: Training, step: int) -> list[dict]:
     """One optimizer step over ``grad_accum`` micro-batches; returns each micro-batch's loss terms."""
     from . import distill
+    if run.gri_handle is not None:
+        run.gri_handle.step = step   # the shift parity, as a sampler step sets it: a resume repeats it
     g = step_generator(run.cfg["seed"], step)
     batch, micro_batches = run.cfg["batch"], run.cfg["grad_accum"]
     run.opt.zero_grad(set_to_none=True)
@@ -528,7 +644,10 @@ def checkpoint(run: Training, step: int) -> None:
 
 def export(run: Training, step: int) -> None:
     from .. import assembly
-    assembly.save_unet(run.student, run.path("unet"), extra_meta={"asdm.train.step": str(step)},
+    meta = {"asdm.train.step": str(step)}
+    if run.gri is not None:
+        meta["asdm.gri"] = gri_meta(run.gri)
+    assembly.save_unet(run.student, run.path("unet"), extra_meta=meta,
                        state={k: v.detach().cpu() for k, v in run.unet.state_dict().items()})
     if run.experts:
         from ..condconv import save_experts
@@ -541,7 +660,7 @@ def train(cfg: dict, log=print) -> dict:
     resume(run, log)
     terms_log, t0, history = [], time.time(), []
     last_saved = run.start
-    with distill.trainable(run.teacher, run.unet), _experts_active(run.unet, run.experts):
+    with distill.trainable(run.teacher, run.unet), _experts_active(run.unet, run.experts), _gri_active(run):
         for step in range(run.start, cfg["steps"]):
             terms = train_step(run, step)
             bad = [k for d in terms for k, v in d.items() if not math.isfinite(v)]
