@@ -18,6 +18,7 @@ that does not fit is an error, never a silently half-loaded model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections import defaultdict
@@ -350,4 +351,10 @@ def load_unet(path: str, prediction: str = "eps"):
                                 "or delete it (it is read for the attention head layout only)") from None
     if meta.get("asdm.prediction") and prediction == "auto":
         prediction = meta["asdm.prediction"]
+    if meta.get("asdm.gri"):
+        # the weights were tuned for GRI attention; the MODEL loads as a plain UNet, so say what
+        # to add rather than silently sampling with the attention it was not tuned for
+        logging.getLogger("A-SDM").info(
+            f"A-SDM: {os.path.basename(path)} was distilled with GRI attention ({meta['asdm.gri']}); "
+            "add A-SDM GRI Attention with these settings after the loader")
     return build_model(to_ldm(sd), "eps" if prediction == "auto" else prediction, config)

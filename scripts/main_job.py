@@ -152,11 +152,12 @@ def attention_section(a, captions, scenes, checker, metrics, progress):
 
 
 def attention_table(rows) -> list[str]:
-    out = ["| run | UNet time ratio | end to end | UNet s / image | PSNR vs full attention | SSIM | adherence |",
+    out = ["| run | UNet time ratio | end to end | UNet s / image | PSNR vs full attention (dB) | SSIM | adherence |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        fmt = E("evaluation.report").fmt
         out.append(f"| {r['label']} | {r['unet_ratio']} | {r['e2e_ratio']} | {r['seconds']:.2f} | "
-                   f"{r['psnr']:.2f} dB | {r['ssim']:.3f} | {r['adherence']:.3f} |")
+                   f"{fmt(r['psnr'])} | {r['ssim']:.3f} | {r['adherence']:.3f} |")
     return out
 
 

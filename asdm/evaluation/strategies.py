@@ -49,14 +49,17 @@ ATTENTION_SIZE = 256   # px: latent 32x32, so the top level attends over 1024 to
 
 
 def attention_strategies() -> list[Strategy]:
-    """Self-attention accelerators at ATTENTION_SIZE: GRI (A-SDM) against ComfyUI's own ToMe and
-    HyperTile. HyperTile's default tile (256 px) does not split a 256 px image, so it runs with
+    """Self-attention accelerators at ATTENTION_SIZE: GRI (A-SDM), tuning-free and the trained
+    GRI student (asdm-embedded-full-gri, distilled for w8 s2 at 256 px), against ComfyUI's own
+    ToMe and HyperTile. HyperTile's default tile (256 px) does not split a 256 px image, so it runs with
     128 px tiles (a 2x2 split of the top level, as its default gives at 512 px)."""
     px = ATTENTION_SIZE
     gri = lambda w, p: ("ASDMGRIAttention", {"units": "dn0, up3", "window": w, "pool": p, "start": 0.0, "end": 1.0})  # noqa: E731
     return [Strategy("attn-full", "full attention", "attention", "attn", size=px),
             Strategy("gri-16x4", "GRI w16 s4", "attention", "attn", patch=gri(16, 4), size=px),
             Strategy("gri-8x2", "GRI w8 s2", "attention", "attn", patch=gri(8, 2), size=px),
+            Strategy("gri-tuned", "GRI w8 s2, tuned", "attention", "attn", patch=gri(8, 2), size=px,
+                     unet="full-gri"),
             Strategy("tome", "ToMe 0.5", "attention", "attn", patch=("TomePatchModel", {"ratio": 0.5}), size=px),
             Strategy("hypertile", "HyperTile 128", "attention", "attn", size=px, patch=(
                 "HyperTile", {"tile_size": 128, "swap_size": 2, "max_depth": 0, "scale_depth": False}))]
@@ -84,8 +87,11 @@ def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: flo
         model = full
     elif s.kind == "attn":
         model = full
+        if s.unet:
+            api[small]["inputs"].update(unet_name=embedded.family_name(s.unet), prediction="auto")
+            model = [small, 0]
         if s.patch:
-            api["asdm_attention"] = {"class_type": s.patch[0], "inputs": dict(s.patch[1], model=full)}
+            api["asdm_attention"] = {"class_type": s.patch[0], "inputs": dict(s.patch[1], model=model)}
             model = ["asdm_attention", 0]
     elif s.kind == "fi":
         api[fi]["inputs"].update(model=full, preset=s.preset, units="", period=s.period, final_full_steps=s.tail)

@@ -202,7 +202,7 @@ def save_weights(sd: dict, path: str, meta: dict) -> None:
 
 
 def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 1200, batch: int = 64,
-        family_steps: int = 300,
+        family_steps: int = 300, gri_steps: int = 150,
         force: bool = False, log=print) -> dict:
     from .. import assembly, unet_files
     times = {}
@@ -243,6 +243,11 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
         if train_family(scenes, images, family_steps, seed, force, log):
             times["family_s"] = round(time.time() - t0, 1)
 
+    if "gri" in stages:
+        t0 = time.time()
+        if train_gri_student(gri_steps, seed, force, log):
+            times["gri_s"] = round(time.time() - t0, 1)
+
     times["threads"] = torch.get_num_threads()
     if os.path.exists(record):    # another stage may have finished meanwhile
         with open(record) as f:
@@ -281,6 +286,23 @@ def _toml(d: dict) -> str:
     return "\n".join(flat) + "\n" + "\n".join(tables) + "\n"
 
 
+def _train_run(cfg: dict, toml_path: str, name: str, log) -> tuple[dict, dict, dict]:
+    """One fresh run of the project's trainer from ``cfg`` (written to ``toml_path``): its result,
+    and the exported UNet's state dict and metadata (named as family member ``name``)."""
+    from .. import unet_files
+    from . import trainer as train
+    with open(toml_path, "w") as f:
+        f.write(_toml(cfg))
+    if os.path.exists(cfg["out"]):   # a fresh run, not a resume of an older one
+        import shutil
+        shutil.rmtree(cfg["out"])
+    log(f"{name}: {toml_path}")
+    t0 = time.time()
+    res = train.train(train.load_config(toml_path), log=log)
+    sd, meta = unet_files.read_safetensors(res["unet"])
+    return res, sd, dict(meta, **{"asdm.embedded": name, "asdm.train.seconds": f"{time.time() - t0:.0f}"})
+
+
 def family_file(name: str) -> str:
     return os.path.join(embedded.FAMILY_UNETS, embedded.family_name(name))
 
@@ -288,7 +310,6 @@ def family_file(name: str) -> str:
 def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) -> bool:
     import safetensors.torch
     from .. import unet_files
-    from . import trainer as train
     work = os.path.join(embedded.REPO_ROOT, "out", "embedded-family")
     runs = family_runs(steps)
     if not force and all(os.path.exists(family_file(n)) for n in runs):
@@ -314,19 +335,58 @@ def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) 
         cfg.update(seed=seed, out=os.path.join(work, name), save_every=cfg["steps"])
         cfg["teacher"] = {"unet": embedded.path("unet")}
         cfg["data"] = {"latents": data}
-        path = os.path.join(work, f"{name}.toml")
-        with open(path, "w") as f:
-            f.write(_toml(cfg))
-        if os.path.exists(cfg["out"]):   # a fresh run, not a resume of an older one
-            import shutil
-            shutil.rmtree(cfg["out"])
-        log(f"family: {name} ({path})")
-        t0 = time.time()
-        res = train.train(train.load_config(path), log=log)
-        sd, meta = unet_files.read_safetensors(res["unet"])
-        meta = dict(meta, **{"asdm.embedded": name, "asdm.train.seconds": f"{time.time() - t0:.0f}"})
+        res, sd, meta = _train_run(cfg, os.path.join(work, f"{name}.toml"), name, log)
         save_weights(sd, out_file, meta)
         if res.get("experts"):
             esd, emeta = unet_files.read_safetensors(res["experts"])
             save_weights(esd, os.path.join(embedded.FAMILY_EXPERTS, os.path.basename(out_file)), emeta)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A GRI-attention student (the trained variant of GRI attention), at 256 px
+# ---------------------------------------------------------------------------------------------
+
+# The settings it is tuned for, at 256 px (latent 32x32: dn0 / up3 attend over 1024 tokens): 16
+# regions of 8x8 tokens plus 256 pooled global tokens. The A-SDM GRI Attention node must use the
+# same settings with it (the file records them as asdm.gri).
+GRI_SETTINGS = {"units": "dn0, up3", "window": 8, "pool": 2}
+GRI_SIZE = 256
+GRI_SCENES = 128
+
+
+def train_gri_student(steps: int, seed: int, force: bool, log=print) -> bool:
+    """The embedded teacher assembled with itself with dn0 and up3 trainable (recipe
+    ``dn0=B, up3=B``: the rest frozen), distilled with GRI attention in those blocks from the
+    full-attention teacher on 256 px scenes. Stored as what it adds to the teacher (its dn0 and
+    up3 blocks), so the file is small."""
+    import safetensors.torch
+    from .. import assembly
+    out_file = family_file("full-gri")
+    if os.path.exists(out_file) and not force:
+        return False
+    work = os.path.join(embedded.REPO_ROOT, "out", "embedded-gri")
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(work, "data.safetensors")
+    if force or not os.path.exists(data):
+        from ..embedded import load
+        _, clip, vae = load()
+        scenes = shapes.generate(GRI_SCENES, GRI_SIZE, seed + 1)
+        lat = latent_means(vae.first_stage_model.float(), images_tensor(scenes), batch=16)
+        with torch.no_grad():
+            ctx = torch.cat([clip.encode_from_tokens(clip.tokenize(s.caption)).float() for s in scenes])
+        safetensors.torch.save_file({"latents": lat.contiguous(), "context": ctx.contiguous()}, data)
+    cfg = {"seed": seed, "steps": steps, "batch": 8, "lr": 1e-4, "log_every": 10, "save_every": steps,
+           "out": os.path.join(work, "run"),
+           "teacher": {"unet": embedded.path("unet")},
+           "student": {"kind": "assemble", "compressed": embedded.path("unet"), "recipe": "dn0=B, up3=B"},
+           "gri": dict(GRI_SETTINGS), "data": {"latents": data},
+           # distillation only: the student is to match the teacher with full attention, and at
+           # 256 px the teacher is outside its 64 px training, so the task term (the true noise)
+           # would pull the student away from it
+           "loss": {"task": 0.0}}
+    _, sd, meta = _train_run(cfg, os.path.join(work, "gri.toml"), "full-gri", log)
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    meta.pop("asdm.recipe", None)   # a UNet of the teacher's own layout, not an assembly to redo
+    assembly.write_unet(sd, meta, out_file, derive_from=embedded.path("unet"))
     return True
