@@ -88,6 +88,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hooks
+from .switch import SwitchError, refuse_switch
 from .topology import Topology, TopologyError, Unit, describe, parse_unit_spec
 
 log = logging.getLogger("A-SDM")
@@ -516,6 +517,10 @@ def apply_gri(model, units: str = DEFAULT_UNITS, window: int = 16, pool: int = 4
     unet = getattr(model.model, "diffusion_model", None)
     if unet is None:
         raise GRIError("this MODEL has no diffusion_model; connect an SD1.x/SD2.x-family MODEL")
+    try:   # the patches would reach only the switch's first model
+        refuse_switch(model, "A-SDM GRI Attention")
+    except SwitchError as e:
+        raise GRIError(str(e)) from None
     try:
         topo = describe(unet)
     except TopologyError as e:
