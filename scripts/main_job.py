@@ -293,7 +293,7 @@ def main():
         f"Fidelity: the embedded model, {a.prompts} captions x {a.seeds} seeds, 64x64 px (latent 8x8), "
         f"{a.steps} steps euler, cfg {a.cfg}; P5† and P2† with the last 20 % of the steps full. Speed on "
         f"{dev}, PyTorch attention; job time {job_min:.1f} min (`python scripts/main_job.py"
-        f"{' --quick' if a.quick else ''}`).",
+        f"{''.join(' ' + x for x in sys.argv[1:] if x != '--publish')}`).",
         "",
         "- **UNet time, embedded**: the embedded UNet's own time over the sampling run (every model call, "
         "summed by a timer wrapper through ComfyUI's patching), full compute's over the strategy's, one pair "
