@@ -10,6 +10,24 @@ with the last steps all full (``tail``: a fraction of the run's steps, or a coun
 of the schedule being sampled (``hooks``), so multi-call samplers, CFG and cond/uncond
 splitting do not shift the pattern.
 
+Two ways to reuse (``reuse``):
+
+* ``residual`` (the paper's): as above; the current latent still flows through every inherited
+  unit's identity path, with stale corrections.
+* ``output`` (span-output reuse, as DeepCache reuses its deep branch): the chosen units are not
+  run at all. Where their outputs are read outside the chosen set (the span's boundary: the
+  features entering the first computed block after it, and the skip connections leaving it),
+  those outputs are stored on full steps and reused whole (``topology.span_plan``). A set that
+  is one span (EX presets) reuses one tensor, the deep part's output at its skip junction; a
+  set of scattered units (LI presets) reuses each unit's output.
+
+``forecast``: on an inheriting step, a first-order forecast F1 + (F1 - F2) * (s - s1) / (s1 - s2)
+from the last two full steps (s1, s2) replaces F1, in either mode. It extrapolates in sampler
+steps, not in sigma: the samplers space their steps as even progress through the denoising,
+while sigma spans orders of magnitude (14.6 to 0.03 in a 20-step SD run), so a line in sigma
+overshoots early in the run. Until two full steps are stored it reuses F1. Memory: one more
+stored tensor per stored feature.
+
 Stored features are keyed by unit and by conditioning chunk, and live in a per-run
 ``RunState`` that is dropped when the run ends or fails, or a new run starts.
 """
@@ -22,10 +40,12 @@ import torch
 
 from . import hooks
 from .switch import SwitchError, refuse_switch
-from .topology import PRESETS, Topology, TopologyError, Unit, describe, parse_unit_spec
+from .topology import PRESETS, Topology, TopologyError, Unit, describe, parse_unit_spec, span_plan
 
 log = logging.getLogger("A-SDM")
 WRAPPER_KEY = "asdm_feature_inheritance"
+REUSE = ("residual", "output")
+DEFAULT_REUSE, DEFAULT_FORECAST = "residual", False   # the node's defaults, chosen from measurement (README)
 
 
 class InheritanceError(ValueError):
@@ -68,7 +88,8 @@ class Schedule:
 @dataclass
 class RunState(hooks.Run):
     """Everything one sampling run holds; dropped as a whole when the run ends."""
-    features: dict = field(default_factory=dict)   # unit path -> {"whole": (keys, F), "chunks": {key: F}}
+    features: dict = field(default_factory=dict)   # path -> stored features, newest full step first
+    shapes: dict = field(default_factory=dict)     # output mode: skipped path -> (shape[1:], dtype)
     calls: list = field(default_factory=list)      # (step, mode) per model call, for reports and tests
     fallbacks: int = 0                             # inheriting calls that had to compute fully
     shape: tuple | None = None                     # (shape, dtype, device) of the model input
@@ -79,15 +100,20 @@ class CallContext:
     mode: str                 # "full", "store" or "inherit"
     keys: tuple               # one key per conditioning chunk in the batch, in batch order
     run: RunState
+    step: int = 0
 
 
 class InheritanceHolder(hooks.HolderBase):
     """Shared by the unit forwards and the sampling hooks of one patched MODEL (a RunHolder)."""
 
-    def __init__(self, units: list[Unit], schedule: Schedule, label: str):
+    def __init__(self, units: list[Unit], schedule: Schedule, label: str, reuse: str = "residual",
+                 forecast: bool = False, span: tuple[tuple, tuple] = ((), ())):
         self.units = units
         self.schedule = schedule
         self.label = label
+        self.reuse = reuse
+        self.forecast = forecast
+        self.skipped, self.boundary = span   # output mode: atoms not run / whose outputs are stored
         self.run: RunState | None = None
         self.call: CallContext | None = None
         self.last_run: RunState | None = None  # kept without features, for reports and tests
@@ -99,6 +125,7 @@ class InheritanceHolder(hooks.HolderBase):
 
     def end_run(self, run: RunState) -> None:
         run.features.clear()
+        run.shapes.clear()
         if self.run is run:
             self.run = None
         self.last_run = run
@@ -124,22 +151,32 @@ class InheritanceHolder(hooks.HolderBase):
         sig = (tuple(x.shape[1:]), x.dtype, x.device)
         if run.shape != sig:  # new resolution/dtype/device: nothing stored can be reused
             run.features.clear()
+            run.shapes.clear()
             run.shape = sig
         step, total = run.step, run.total
         if not self.schedule.is_full(step, total):
             mode = "inherit"
+            if self.reuse == "output" and not self._can_skip(run, keys, x.shape[0]):
+                # Skipped atoms feed each other, so the span is run whole or not at all.
+                run.fallbacks += 1
+                mode = "store"
         elif self.schedule.stores(step, total):
             mode = "store"
         else:
             mode = "full"
             run.features.clear()  # no later step needs what is stored
         run.calls.append((step, mode))
-        return CallContext(mode, keys, run)
+        return CallContext(mode, keys, run, step)
+
+    def _can_skip(self, run: RunState, keys: tuple, batch: int) -> bool:
+        ctx = CallContext("inherit", keys, run, run.step)
+        return (all(p in run.shapes for p in self.skipped)
+                and all(_stored(ctx, p, batch) is not None for p in self.boundary))
 
     # -- unit forwards ----------------------------------------------------------------------
     def unit_forward(self, module: torch.nn.Module, unit: Unit, inner):
-        """The forward that replaces ``module.forward`` (object patch); ``inner`` is the one
-        it replaces (the class's forward, or an earlier patch)."""
+        """residual mode: the forward that replaces ``module.forward`` (object patch); ``inner``
+        is the one it replaces (the class's forward, or an earlier patch)."""
         path = unit.path
         if unit.kind == "R":
             identity = module.skip_connection
@@ -154,7 +191,7 @@ class InheritanceHolder(hooks.HolderBase):
             if call is None:
                 return inner(x, *args, **kwargs)
             if call.mode == "inherit":
-                f = _lookup(call, path, x)
+                f = holder._reuse(call, path, x)
                 if f is not None:
                     return (x if identity is None else identity(x)) + f
                 call.run.fallbacks += 1
@@ -173,35 +210,78 @@ class InheritanceHolder(hooks.HolderBase):
                 finally:
                     handle.remove()
                 f = captured[-1]
-            _save(call, path, f)
+            holder._save(call, path, f)
             return out
 
         return forward
 
+    def span_forward(self, path: str, inner):
+        """output mode: the forward of an atom of the span (``topology.span_plan``)."""
+        holder = self
+        boundary = path in self.boundary
 
-def _save(call: CallContext, path: str, f: torch.Tensor) -> None:
-    # Per chunk (so a step whose cond and uncond run in separate calls is fully stored), plus
-    # the whole call's tensor for the common case where the next calls batch the same chunks.
-    entry = call.run.features.setdefault(path, {"whole": None, "chunks": {}})
-    entry["whole"] = (call.keys, f)
-    n = f.shape[0] // len(call.keys)
-    for i, k in enumerate(call.keys):
-        entry["chunks"][k] = f[i * n:(i + 1) * n]
+        def forward(x, *args, **kwargs):
+            call = holder.call
+            if call is None or call.mode == "full":
+                return inner(x, *args, **kwargs)
+            if call.mode == "inherit":
+                if boundary:
+                    return holder._reuse(call, path, x, copy=True)
+                shape, dtype = call.run.shapes[path]
+                # Read only by other skipped atoms (and ComfyUI's skip list and control adds
+                # between them): any tensor of the right shape will do.
+                return x.new_zeros((x.shape[0],) + shape, dtype=dtype)
+            out = inner(x, *args, **kwargs)
+            if boundary:
+                holder._save(call, path, out.clone())   # ComfyUI adds ControlNet in place to what we return
+            else:
+                call.run.shapes[path] = (tuple(out.shape[1:]), out.dtype)
+            return out
+
+        return forward
+
+    # -- stored features ----------------------------------------------------------------------
+    def _save(self, call: CallContext, path: str, f: torch.Tensor) -> None:
+        # Per chunk (so a step whose cond and uncond run in separate calls is fully stored), plus
+        # the whole call's tensor for the common case where the next calls batch the same chunks.
+        # Calls of one step (multi-call samplers, split chunks) update that step's entry; a new
+        # full step pushes the previous one back (kept only for the forecast).
+        levels = call.run.features.setdefault(path, [])
+        if not levels or levels[0]["step"] != call.step:
+            levels.insert(0, {"step": call.step, "whole": None, "chunks": {}})
+            del levels[2 if self.forecast else 1:]
+        level = levels[0]
+        level["whole"] = (call.keys, f)
+        n = f.shape[0] // len(call.keys)
+        for i, k in enumerate(call.keys):
+            level["chunks"][k] = f[i * n:(i + 1) * n]
+
+    def _reuse(self, call: CallContext, path: str, x: torch.Tensor, copy: bool = False) -> torch.Tensor | None:
+        """What an inheriting call uses for ``path``: the stored feature, or its forecast."""
+        f1 = _stored(call, path, x.shape[0])
+        if f1 is None or (self.reuse == "residual" and (f1.shape[2:] != x.shape[2:] or f1.dtype != x.dtype)):
+            return None
+        levels = call.run.features[path]
+        if self.forecast and len(levels) > 1:
+            f2 = _stored(call, path, x.shape[0], level=1)
+            if f2 is not None and f2.shape == f1.shape:
+                s1, s2 = levels[0]["step"], levels[1]["step"]
+                # lerp(f2, f1, w) = f1 + (f1 - f2) * (w - 1): the line through both, one kernel
+                return torch.lerp(f2, f1, 1.0 + (call.step - s1) / (s1 - s2))
+        return f1.clone() if copy else f1
 
 
-def _lookup(call: CallContext, path: str, x: torch.Tensor) -> torch.Tensor | None:
-    entry = call.run.features.get(path)
-    if entry is None:
+def _stored(call: CallContext, path: str, batch: int, level: int = 0) -> torch.Tensor | None:
+    levels = call.run.features.get(path)
+    if not levels or len(levels) <= level:
         return None
-    keys, f = entry["whole"]
+    keys, f = levels[level]["whole"]
     if keys != call.keys:
-        parts = [entry["chunks"].get(k) for k in call.keys]
+        parts = [levels[level]["chunks"].get(k) for k in call.keys]
         if any(p is None for p in parts):
             return None
         f = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if f.shape[0] != x.shape[0] or f.shape[2:] != x.shape[2:] or f.device != x.device or f.dtype != x.dtype:
-        return None
-    return f
+    return f if f.shape[0] == batch else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +310,12 @@ def resolve_units(topo: Topology, preset: str, units: str) -> tuple[list[Unit], 
     return [u for u in topo.units if u.name in names], skipped
 
 
-def apply_inheritance(model, preset: str, units: str, period: int, tail: float):
+def apply_inheritance(model, preset: str, units: str, period: int, tail: float, reuse: str = "residual",
+                      forecast: bool = False):
     """Returns a clone of ``model`` (a ComfyUI ModelPatcher) with feature inheritance."""
     schedule = Schedule(period, tail)
+    if reuse not in REUSE:
+        raise InheritanceError(f"reuse must be one of {', '.join(REUSE)} (got {reuse!r})")
     try:
         refuse_switch(model, "A-SDM Feature Inheritance")
     except SwitchError as e:
@@ -255,12 +338,20 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: float):
         return m
     label = f"{preset} P{period}" + (
         "" if not tail else f"† last {tail:.0%}" if tail < 1 else f"† last {int(tail)}")
-    holder = InheritanceHolder(chosen, schedule, label)
-    for u in chosen:
-        module = unet.get_submodule(u.path)
-        key = f"diffusion_model.{u.path}.forward"
-        inner = m.object_patches.get(key, module.forward)
-        m.add_object_patch(key, holder.unit_forward(module, u, inner))
+    label += (", output reuse" if reuse == "output" else "") + (", forecast" if forecast else "")
+    if reuse == "output":
+        span = span_plan(unet, chosen)
+        holder = InheritanceHolder(chosen, schedule, label, reuse, forecast, span)
+        patched = [(p, lambda inner, p=p: holder.span_forward(p, inner)) for p in span[0] + span[1]]
+        log.info("A-SDM feature inheritance (%s): inheriting steps skip %d modules and reuse the outputs of %s",
+                 label, len(span[0]), ", ".join(span[1]) or "none")
+    else:
+        holder = InheritanceHolder(chosen, schedule, label, reuse, forecast)
+        patched = [(u.path, lambda inner, u=u: holder.unit_forward(unet.get_submodule(u.path), u, inner))
+                   for u in chosen]
+    for path, make in patched:
+        key = f"diffusion_model.{path}.forward"
+        m.add_object_patch(key, make(m.object_patches.get(key, unet.get_submodule(path).forward)))
     hooks.track_steps(m, holder)
     hooks.wrap_unet_calls(m, WRAPPER_KEY, holder.unet_call)
     # Reachable for reports and tests; ComfyUI copies transformer_options into every call.

@@ -240,3 +240,61 @@ PRESETS: dict[str, tuple[str, str]] = {
     "CO5": (f"dn*.*.R, up*.*.R, {_EX2}", "only shallow A units compute"),
     "CO6": ("dn*, mid, up0, up1, up2, up3.*.R", "only the A units of up3 compute"),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The UNet's dataflow, for span-output reuse: every module the forward calls in turn (the
+# children of input_blocks, middle_block and output_blocks, called "atoms" here), and which
+# atoms read each one's output. ComfyUI's forward appends every input block's output to the
+# skip list and pops it into output block N-1-i, so the last atom of input block i feeds the
+# first atom of the next block and of output block N-1-i.
+# ---------------------------------------------------------------------------------------------
+
+OUT = "out"   # the final norm + conv: the consumer of the last output block
+
+
+def dataflow(unet: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Atom path -> the atoms that read its output, in forward order."""
+    n_in, n_out = len(unet.input_blocks), len(unet.output_blocks)
+    seqs = [f"input_blocks.{i}" for i in range(n_in)]
+    mid = getattr(unet, "middle_block", None)
+    if mid is not None and len(mid) > 0:
+        seqs.append("middle_block")
+    seqs += [f"output_blocks.{j}" for j in range(n_out)]
+    flow: dict[str, tuple[str, ...]] = {}
+    for k, seq in enumerate(seqs):
+        n = len(unet.get_submodule(seq))
+        for j in range(n):
+            if j < n - 1:
+                flow[f"{seq}.{j}"] = (f"{seq}.{j + 1}",)
+                continue
+            readers = [f"{seqs[k + 1]}.0" if k + 1 < len(seqs) else OUT]
+            if seq.startswith("input_blocks."):
+                readers.append(f"output_blocks.{n_out - 1 - int(seq.split('.')[1])}.0")
+            flow[f"{seq}.{j}"] = tuple(readers)
+    return flow
+
+
+def span_plan(unet: torch.nn.Module, units: list[Unit]) -> tuple[list[str], list[str]]:
+    """For span-output reuse of ``units``: (skipped, boundary) atom paths in forward order.
+
+    An inheriting step runs neither. A *boundary* atom's output is read outside the span (by a
+    computed atom, across a skip connection too), so it is stored on full steps and returned
+    whole; every other atom of the span only feeds the span and is not run at all. A resampler
+    goes with the span where the atom before it or every atom after it is in the span (so a
+    span that ends in an up block's upsampler stores the upsampled features, as DeepCache
+    does). Atoms outside the span whose every reader is in the span (or is such an atom) are
+    skipped too: nothing would use what they compute."""
+    flow = dataflow(unet)
+    order = list(flow)
+    chosen = {u.path for u in units}
+    for i, p in enumerate(order):
+        if i and _is_resample(unet.get_submodule(p)):
+            if order[i - 1] in chosen or all(r in chosen for r in flow[p]):
+                chosen.add(p)
+    boundary = {p for p in chosen if any(r not in chosen for r in flow[p])}
+    skipped = chosen - boundary
+    for p in reversed(order):   # dead atoms: every reader is in the span or dead (none reads its input)
+        if p not in chosen and all(r in chosen or r in skipped for r in flow[p]):
+            skipped.add(p)
+    return [p for p in order if p in skipped], [p for p in order if p in boundary]

@@ -1,5 +1,5 @@
 """Node: A-SDM Feature Inheritance (tuning-free, A-SDM §V)."""
-from ..asdm.inheritance import InheritanceError, apply_inheritance
+from ..asdm.inheritance import DEFAULT_FORECAST, DEFAULT_REUSE, REUSE, InheritanceError, apply_inheritance
 from ..asdm.topology import PRESETS
 
 
@@ -40,11 +40,27 @@ class FeatureInheritance:
                 "sampler's steps (0.2 = the last 20 %, the paper's 10 of 50; 4 of a 20-step run). "
                 "1 or more: a number of steps (graphs saved with the older integer setting keep "
                 "their meaning). 0 = plain Pn."}),
+        }, "optional": {
+            # Optional so that graphs saved before these inputs existed keep their meaning
+            # (residual reuse, no forecast).
+            "reuse": (list(REUSE), {"default": DEFAULT_REUSE, "tooltip":
+                "What inheriting steps reuse. residual (the paper's): each unit adds its stored "
+                "residual to its current input, so the current latent still flows through every "
+                "unit. output (span-output reuse, as DeepCache): the units are not run at all; "
+                "the outputs leaving the chosen set (into the first computed block after it and "
+                "across skip connections) are stored and reused whole. On a contiguous set such "
+                "as EX3 that is one tensor, the deep part's output; on scattered units (LI "
+                "presets) each unit's output."}),
+            "forecast": ("BOOLEAN", {"default": DEFAULT_FORECAST, "tooltip":
+                "Inheriting steps use a first-order forecast from the last two full steps "
+                "(F1 + (F1 - F2) x steps since F1 / steps between them) instead of the last "
+                "stored feature; until two full steps are stored, the last one. Costs one more "
+                "stored tensor per stored feature."}),
         }}
 
-    def patch(self, model, preset, units, period, final_full_steps):
+    def patch(self, model, preset, units, period, final_full_steps, reuse="residual", forecast=False):
         try:
-            return (apply_inheritance(model, preset, units, period, final_full_steps),)
+            return (apply_inheritance(model, preset, units, period, final_full_steps, reuse, bool(forecast)),)
         except InheritanceError as e:
             raise ValueError(f"A-SDM Feature Inheritance: {e}") from None
 

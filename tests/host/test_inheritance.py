@@ -10,8 +10,14 @@ inh = engine("inheritance")
 compat = engine("compat")
 
 
-def patch(N, model, preset="LI1", units="", period=2, tail=0):
-    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail)[0]
+# (reuse, forecast): every requirement below holds in every mode of the node
+MODES = [("residual", False), ("output", False), ("output", True), ("residual", True)]
+MODE_IDS = ["residual", "output", "output-forecast", "residual-forecast"]
+modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+
+
+def patch(N, model, preset="LI1", units="", period=2, tail=0, mode=MODES[0]):
+    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode)[0]
 
 
 # Relative tolerance for comparisons that differ only by float summation order (batched vs
@@ -24,22 +30,25 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_period_one_and_empty_set_are_bit_exact(N, tiny, conds):
+@modes
+def test_period_one_and_empty_set_are_bit_exact(N, tiny, conds, mode):
     base = ksample(tiny, conds)
-    assert torch.equal(ksample(patch(N, tiny, "CO6", period=1), conds), base)
-    assert torch.equal(ksample(patch(N, tiny, "custom", "", period=5), conds), base)
+    assert torch.equal(ksample(patch(N, tiny, "CO6", period=1, mode=mode), conds), base)
+    assert torch.equal(ksample(patch(N, tiny, "custom", "", period=5, mode=mode), conds), base)
 
 
-def test_patched_units_on_full_steps_are_bit_exact(N, tiny, conds):
+@modes
+def test_patched_units_on_full_steps_are_bit_exact(N, tiny, conds, mode):
     # every step full (tail covers the run): the patched forwards run, and must change nothing
-    p = patch(N, tiny, "CO6", period=5, tail=100)
+    p = patch(N, tiny, "CO6", period=5, tail=100, mode=mode)
     assert torch.equal(ksample(p, conds), ksample(tiny, conds))
     assert {m for _, m in holder_of(p).last_run.calls} == {"full"}
 
 
-def test_inheritance_changes_output(N, tiny, conds):
+@modes
+def test_inheritance_changes_output(N, tiny, conds, mode):
     base = ksample(tiny, conds)
-    out = ksample(patch(N, tiny, "LI1", period=2), conds)
+    out = ksample(patch(N, tiny, "LI1", period=2, mode=mode), conds)
     assert rel_err(out, base) > 1e-3
 
 
@@ -76,10 +85,11 @@ def test_inherited_residual_at_same_input_equals_full_compute(N, tiny):
     unload_all()
 
 
-def test_cond_uncond_split_matches_batched(N, tiny, conds):
-    batched = patch(N, tiny, "LI1", period=2)
+@modes
+def test_cond_uncond_split_matches_batched(N, tiny, conds, mode):
+    batched = patch(N, tiny, "LI1", period=2, mode=mode)
     out_b = ksample(batched, conds)
-    split = patch(N, tiny, "LI1", period=2)
+    split = patch(N, tiny, "LI1", period=2, mode=mode)
     split.add_object_patch("memory_required", lambda *a, **k: 1e30)  # forces one call per chunk
     out_s = ksample(split, conds)
     calls_b, calls_s = holder_of(batched).last_run.calls, holder_of(split).last_run.calls
@@ -97,9 +107,10 @@ def _expected_calls(sampler, steps):
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2s_ancestral", "uni_pc"])
 @pytest.mark.parametrize("period,tail", [(2, 0), (5, 4)])
-def test_refresh_pattern_counts_sampler_steps(N, tiny, conds, sampler, period, tail):
+@modes
+def test_refresh_pattern_counts_sampler_steps(N, tiny, conds, sampler, period, tail, mode):
     steps = 12
-    p = patch(N, tiny, "LI1", period=period, tail=tail)
+    p = patch(N, tiny, "LI1", period=period, tail=tail, mode=mode)
     ksample(p, conds, sampler=sampler, steps=steps, size=8)
     calls = holder_of(p).last_run.calls
     expected = inh.Schedule(period, tail).pattern(steps)
@@ -111,21 +122,23 @@ def test_refresh_pattern_counts_sampler_steps(N, tiny, conds, sampler, period, t
     assert all(len(set(c)) == 1 for c in per_step)  # every call of a step agrees
 
 
-def test_runs_with_other_sizes_use_no_stale_features(N, tiny, conds):
-    p = patch(N, tiny, "CO6", period=3)
+@modes
+def test_runs_with_other_sizes_use_no_stale_features(N, tiny, conds, mode):
+    p = patch(N, tiny, "CO6", period=3, mode=mode)
     ksample(p, conds, size=16)
     out_small = ksample(p, conds, size=8)
     out_batch = ksample(p, conds, size=16, batch=2)
-    assert torch.equal(out_small, ksample(patch(N, tiny, "CO6", period=3), conds, size=8))
-    assert torch.equal(out_batch, ksample(patch(N, tiny, "CO6", period=3), conds, size=16, batch=2))
+    assert torch.equal(out_small, ksample(patch(N, tiny, "CO6", period=3, mode=mode), conds, size=8))
+    assert torch.equal(out_batch, ksample(patch(N, tiny, "CO6", period=3, mode=mode), conds, size=16, batch=2))
     gc.collect()
     h = holder_of(p)
     assert h.run is None and h.last_run.features == {}
 
 
-def test_run_that_raises_leaves_no_state(N, tiny, conds):
+@modes
+def test_run_that_raises_leaves_no_state(N, tiny, conds, mode):
     import comfy.sample
-    p = patch(N, tiny, "CO6", period=3)
+    p = patch(N, tiny, "CO6", period=3, mode=mode)
     pos, neg = conds
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -140,13 +153,14 @@ def test_run_that_raises_leaves_no_state(N, tiny, conds):
     h = holder_of(p)
     assert h.run is None and h.last_run is not None and h.last_run.features == {}
     assert not any(id(h) in v for v in compat._legacy_runs.values())
-    assert torch.equal(ksample(p, conds), ksample(patch(N, tiny, "CO6", period=3), conds))
+    assert torch.equal(ksample(p, conds), ksample(patch(N, tiny, "CO6", period=3, mode=mode), conds))
 
 
-def test_lora_patch_still_applies_and_unpatch_restores_weights(N, tiny, conds):
+@modes
+def test_lora_patch_still_applies_and_unpatch_restores_weights(N, tiny, conds, mode):
     unet = tiny.model.diffusion_model
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    p = patch(N, tiny, "LI1", period=2)
+    p = patch(N, tiny, "LI1", period=2, mode=mode)
     key = "diffusion_model.input_blocks.4.0.in_layers.2.weight"   # dn1.0.R: computed every step
     key2 = "diffusion_model.input_blocks.5.0.in_layers.2.weight"  # dn1.1.R: inherited under LI1
     lora = p.clone()
@@ -164,14 +178,15 @@ def test_lora_patch_still_applies_and_unpatch_restores_weights(N, tiny, conds):
 
 
 @pytest.mark.parametrize("order", ["asdm_first", "asdm_last"])
-def test_stacks_with_freeu_and_tome(N, tiny, conds, order):
+@modes
+def test_stacks_with_freeu_and_tome(N, tiny, conds, order, mode):
     def others(m):
         m = compat.call_node(N["FreeU"], model=m, b1=1.1, b2=1.2, s1=0.9, s2=0.2)[0]
         return compat.call_node(N["TomePatchModel"], model=m, ratio=0.3)[0]
     if order == "asdm_first":
-        stacked = others(patch(N, tiny, "LI1", period=2))
+        stacked = others(patch(N, tiny, "LI1", period=2, mode=mode))
     else:
-        stacked = patch(N, others(tiny), "LI1", period=2)
+        stacked = patch(N, others(tiny), "LI1", period=2, mode=mode)
     out = ksample(stacked, conds)
     assert torch.isfinite(out).all()
     assert rel_err(out, ksample(others(tiny), conds)) > 1e-3   # inheritance active in the stack

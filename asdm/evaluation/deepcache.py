@@ -1,0 +1,128 @@
+"""DeepCache, the baseline the inheritance modes are measured against, written by the project from
+the paper: X. Ma, G. Fang, X. Wang, "DeepCache: Accelerating Diffusion Models for Free", CVPR
+2024 (arXiv:2312.00858), §3.2-3.3 with the uniform 1:N strategy.
+
+On a full step (every ``interval``-th sampler step, from step 0) the whole UNet runs and the
+features entering the up path at the skip junction of depth ``depth`` are cached; on the other
+steps only the shallow branch runs (``input_blocks[0..depth]`` and
+``output_blocks[N-1-depth..]``) and the cached features stand in for everything deeper.
+``depth`` counts ComfyUI's input blocks as the ComfyUI ports of DeepCache do (depth 3 on SD1.5:
+conv_in, dn0's two layers and its downsampler compute).
+
+Not part of the pack: the main job registers its node (``register()``) in the process that
+measures. It shares the sampling hooks with the pack (steps are sampler steps), nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import hooks
+
+KEY = "asdm_baseline_deepcache"
+NODE = "ASDMBaselineDeepCache"
+
+
+@dataclass
+class CacheRun(hooks.Run):
+    cached: dict = field(default_factory=dict)   # chunk keys -> features at the junction
+    shapes: dict = field(default_factory=dict)   # skipped child path -> output shape[1:]
+    calls: list = field(default_factory=list)    # (step, "full" | "cached")
+
+
+class DeepCache(hooks.HolderBase):
+    def __init__(self, depth: int, interval: int, n_blocks: int):
+        self.depth, self.interval, self.n = depth, interval, n_blocks
+        self.run: CacheRun | None = None
+        self.cached_call: tuple | None = None    # (run, keys) while a cached step's call runs
+        self.full_call: tuple | None = None      # (run, keys) while a full step's call runs
+        self.last_run: CacheRun | None = None
+
+    def start_run(self, total):
+        self.run = CacheRun(total=total)
+        return self.run
+
+    def end_run(self, run):
+        run.cached.clear()
+        if self.run is run:
+            self.run = None
+        self.last_run = run
+
+    def unet_call(self, call, x, t, c):
+        run, keys = hooks.current_run(self), hooks.chunk_keys(c)
+        cached = (run is not None and run.step % self.interval != 0 and keys in run.cached
+                  and run.cached[keys].shape[0] == x.shape[0])
+        if run is not None:
+            run.calls.append((run.step, "cached" if cached else "full"))
+        self.cached_call = (run, keys) if cached else None
+        self.full_call = (run, keys) if run is not None and not cached else None
+        try:
+            return call.next(x, t, c)
+        finally:
+            self.cached_call = self.full_call = None
+
+    def skipped(self, path, inner):
+        def forward(x, *args, **kwargs):
+            if self.cached_call is None:
+                out = inner(x, *args, **kwargs)
+                if self.full_call is not None:
+                    self.full_call[0].shapes[path] = out.shape[1:]
+                return out
+            return x.new_zeros((x.shape[0],) + tuple(self.cached_call[0].shapes[path]))
+        return forward
+
+    def junction(self, inner):
+        def forward(x, *args, **kwargs):
+            if self.cached_call is not None:
+                run, keys = self.cached_call
+                return run.cached[keys].clone()
+            out = inner(x, *args, **kwargs)
+            if self.full_call is not None:
+                run, keys = self.full_call
+                run.cached[keys] = out.clone()
+            return out
+        return forward
+
+
+def apply_deepcache(model, depth: int, interval: int):
+    unet = model.model.diffusion_model
+    n = len(unet.output_blocks)
+    if not 0 <= depth < n - 1:
+        raise ValueError(f"depth must be 0..{n - 2} for this UNet (got {depth})")
+    m = model.clone()
+    holder = DeepCache(depth, interval, n)
+    deep = [f"input_blocks.{i}" for i in range(depth + 1, len(unet.input_blocks))]
+    if unet.middle_block is not None:
+        deep.append("middle_block")
+    deep += [f"output_blocks.{j}" for j in range(n - 1 - depth)]
+    children = [f"{seq}.{k}" for seq in deep for k in range(len(unet.get_submodule(seq)))]
+    for path in children:
+        key = f"diffusion_model.{path}.forward"
+        inner = m.object_patches.get(key, unet.get_submodule(path).forward)
+        last = path == children[-1]   # the last child of output_blocks[N-2-depth]: the junction
+        m.add_object_patch(key, holder.junction(inner) if last else holder.skipped(path, inner))
+    hooks.track_steps(m, holder)
+    hooks.wrap_unet_calls(m, KEY, holder.unet_call)
+    m.model_options["transformer_options"][KEY] = holder
+    return m
+
+
+class DeepCacheNode:
+    """MODEL in, MODEL out: DeepCache with uniform interval (the baseline)."""
+    CATEGORY = "A-SDM harness"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "depth": ("INT", {"default": 3, "min": 0, "max": 12}),
+                             "interval": ("INT", {"default": 5, "min": 1, "max": 1000})}}
+
+    def patch(self, model, depth, interval):
+        return (apply_deepcache(model, depth, interval),)
+
+
+def register() -> None:
+    import nodes
+    nodes.NODE_CLASS_MAPPINGS[NODE] = DeepCacheNode

@@ -1,0 +1,139 @@
+"""Span-output reuse and forecast inheritance: what they skip, exactness, and equality with the
+project's DeepCache baseline (asdm/evaluation/deepcache.py) where the two are the same method.
+The requirements shared with residual inheritance (split, samplers, sizes, LoRA, unpatch,
+stacking) are parametrized over every mode in test_inheritance.py."""
+import pytest
+import torch
+
+from conftest import engine, holder_of, ksample, unload_all
+
+inh = engine("inheritance")
+topology = engine("topology")
+deepcache = engine("evaluation.deepcache")
+
+# DeepCache's shallow branch at depth d, as a unit set: depth 2 computes conv_in and dn0's two
+# layers (EX3's complement); depth 3 also dn0's downsampler and up2's last layer.
+DEPTH_UNITS = {2: "dn1, dn2, dn3, mid, up0, up1, up2",
+               3: "dn1, dn2, dn3, mid, up0, up1, up2.0, up2.1"}
+
+
+def patch(N, model, units, period, reuse="output", forecast=False, tail=0.0):
+    return N["ASDMFeatureInheritance"]().patch(model, "custom", units, period, tail, reuse, forecast)[0]
+
+
+def plan(tiny, spec):
+    unet = tiny.model.diffusion_model
+    return topology.span_plan(unet, topology.parse_unit_spec(spec, topology.describe(unet)))
+
+
+def test_span_plan_of_the_presets(tiny):
+    # EX3: one span; its output is up2's upsampled features (what DeepCache caches), and dn0's
+    # downsampler, read only inside the span, goes with it
+    skipped, boundary = plan(tiny, topology.PRESETS["EX3"][0])
+    assert boundary == ["output_blocks.8.2"]
+    assert "input_blocks.3.0" in skipped and "middle_block.1" in skipped
+    assert not any(p.startswith(("input_blocks.1.", "input_blocks.2.", "output_blocks.9.")) for p in skipped)
+    # DeepCache depth 3: dn0's downsampler feeds up2.2 (computed), so it runs
+    skipped, boundary = plan(tiny, DEPTH_UNITS[3])
+    assert boundary == ["output_blocks.7.1"] and "input_blocks.3.0" not in skipped
+    # scattered layers: each one's output is reused, and the downsampler after each down layer
+    # (what only they read is not run: dn0.0 feeds dn0.1 and, across the skip, up3.1, both reused)
+    skipped, boundary = plan(tiny, topology.PRESETS["LI1"][0])
+    assert len(boundary) == 8 + 3 and "input_blocks.2.1" in boundary and "input_blocks.3.0" in boundary
+    assert "input_blocks.1.1" in skipped
+    # the decoder loop: the encoder's outputs at every skip junction
+    skipped, boundary = plan(tiny, topology.PRESETS["DE2"][0])
+    assert "input_blocks.4.1" in boundary and "input_blocks.11.0" in boundary
+    # CO6: only up3's A units compute, fed by up3's stored R outputs; the rest is dead
+    skipped, boundary = plan(tiny, topology.PRESETS["CO6"][0])
+    assert boundary == ["output_blocks.9.0", "output_blocks.10.0", "output_blocks.11.0"]
+    assert "input_blocks.0.0" in skipped   # conv_in: read only by skipped modules
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("sampler,split", [("euler", False), ("heun", False), ("euler", True)])
+def test_output_reuse_equals_the_deepcache_baseline(N, tiny, conds, depth, sampler, split):
+    """Span-output reuse of DeepCache's deep branch with a uniform period is DeepCache, bit for
+    bit: the unit-set plan and the baseline's block arithmetic agree on what runs."""
+    ours = patch(N, tiny, DEPTH_UNITS[depth], 3)
+    theirs = deepcache.apply_deepcache(tiny, depth, 3)
+    if split:   # one call per conditioning chunk
+        for m in (ours, theirs):
+            m.add_object_patch("memory_required", lambda *a, **k: 1e30)
+    a = ksample(ours, conds, sampler=sampler, steps=8)
+    b = ksample(theirs, conds, sampler=sampler, steps=8)
+    assert torch.equal(a, b)
+    assert {m for s, m in holder_of(ours).last_run.calls if s % 3} == {"inherit"}
+    assert torch.isfinite(a).all() and not torch.equal(a, ksample(tiny, conds, sampler=sampler, steps=8))
+
+
+def _apply(model, x, t, ctx):
+    return model.model.apply_model(x, t, c_crossattn=ctx)
+
+
+@pytest.mark.parametrize("preset", ["EX3", "CO6", "LI1", "DE2"])
+def test_output_reuse_at_an_unchanged_input_equals_full_compute(N, tiny, preset):
+    """The stored outputs are what the span computed for this input, so reusing them at the same
+    input gives the full model's output. Bit for bit: the computed modules see the same tensors."""
+    import comfy.model_management as mm
+    p = N["ASDMFeatureInheritance"]().patch(tiny, preset, "", 2, 0, "output", False)[0]
+    holder = holder_of(p)
+    mm.load_models_gpu([p])
+    g = torch.Generator().manual_seed(3)
+    x, x2 = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 77, 64, generator=g)
+    t = torch.tensor([5.0, 5.0])
+    keys = ((1, 0), (0, 0))
+    run = holder.start_run(total=10)
+    try:
+        holder.call = holder.begin_call(run, x, keys)          # step 0: full, stores
+        full = _apply(p, x, t, ctx)
+        run.step = 1
+        holder.call = holder.begin_call(run, x, keys)          # step 1: reuses
+        assert holder.call.mode == "inherit"
+        reused = _apply(p, x, t, ctx)
+        other = _apply(p, x2, t, ctx)
+    finally:
+        holder.call = None
+        holder.end_run(run)
+    assert torch.equal(reused, full)
+    assert not torch.equal(other, _apply(p, x2, t, ctx))       # the stored outputs are really used
+    unload_all()
+
+
+def test_forecast_is_the_line_through_the_last_two_full_steps(N, tiny):
+    holder = inh.InheritanceHolder([], inh.Schedule(5, 0), "t", "output", forecast=True)
+    run = inh.RunState(total=20)
+    keys = ((0, 0), (1, 0))
+    f2, f1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    holder._save(inh.CallContext("store", keys, run, 0), "p", f2)
+    holder._save(inh.CallContext("store", keys, run, 5), "p", f1)
+    holder._save(inh.CallContext("store", keys[:1], run, 5), "p", f1[:1])   # a later call of step 5
+    assert len(run.features["p"]) == 2                                      # still two full steps
+    x = torch.zeros(2, 3, 4, 4)
+    got = holder._reuse(inh.CallContext("inherit", keys, run, 7), "p", x)
+    torch.testing.assert_close(got, f1 + (f1 - f2) * 2 / 5, rtol=1e-6, atol=1e-6)
+    # two equal stored features: exactly plain reuse
+    holder._save(inh.CallContext("store", keys, run, 10), "p", f1.clone())
+    assert torch.equal(holder._reuse(inh.CallContext("inherit", keys, run, 13), "p", x), f1)
+    # without forecast only the last full step is kept
+    plain = inh.InheritanceHolder([], inh.Schedule(5, 0), "t", "output", forecast=False)
+    plain._save(inh.CallContext("store", keys, run, 15), "q", f2)
+    plain._save(inh.CallContext("store", keys, run, 20), "q", f1)
+    assert len(run.features["q"]) == 1 and torch.equal(plain._reuse(inh.CallContext("inherit", keys, run, 21), "q", x), f1)
+
+
+@pytest.mark.parametrize("reuse", ["residual", "output"])
+def test_forecast_acts_once_two_full_steps_are_stored(N, tiny, conds, reuse):
+    # period 3: steps 1-2 inherit from step 0 alone (plain reuse), from step 4 on the forecast acts
+    plain = ksample(patch(N, tiny, "dn1, dn2, dn3, mid, up0, up1, up2", 3, reuse, False), conds, steps=3)
+    fc = ksample(patch(N, tiny, "dn1, dn2, dn3, mid, up0, up1, up2", 3, reuse, True), conds, steps=3)
+    assert torch.equal(plain, fc)
+    plain = ksample(patch(N, tiny, "dn1, dn2, dn3, mid, up0, up1, up2", 3, reuse, False), conds, steps=8)
+    fc = ksample(patch(N, tiny, "dn1, dn2, dn3, mid, up0, up1, up2", 3, reuse, True), conds, steps=8)
+    assert not torch.equal(plain, fc) and torch.isfinite(fc).all()
+
+
+def test_unknown_reuse_is_a_clear_node_error(N, tiny):
+    with pytest.raises(ValueError, match="A-SDM Feature Inheritance: reuse must be one of residual, output"):
+        N["ASDMFeatureInheritance"]().patch(tiny, "EX3", "", 5, 0, "span", False)
