@@ -18,8 +18,8 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def fi(N, model, preset="CO6", period=2, tail=0.0):
-    return N["ASDMFeatureInheritance"]().patch(model, preset, "", period, tail)[0]
+def fi(N, model, preset="CO6", period=2, tail=0.0, reuse="residual", forecast=False):
+    return N["ASDMFeatureInheritance"]().patch(model, preset, "", period, tail, reuse, forecast)[0]
 
 
 def switch(N, m1, m2, boundary):
@@ -51,7 +51,11 @@ def test_inheritance_in_a_switch_range_with_easycache(N, conds):
     unload_all()
 
 
-def test_controlnet_acts_on_inheriting_steps(N, conds):
+# Span-output reuse runs only what is outside the span on inheriting steps, so ControlNet acts
+# there through the computed blocks' skips (EX3: dn0 / up3); CO6 would leave nothing it reaches.
+@pytest.mark.parametrize("preset,reuse,forecast", [("CO6", "residual", False), ("EX3", "output", False),
+                                                   ("EX3", "output", True)])
+def test_controlnet_acts_on_inheriting_steps(N, conds, preset, reuse, forecast):
     import nodes
     sd = tm.sd_model(seed=0)
     # The host's ControlNet loader reads the config from the weights and assumes 64 channels per
@@ -68,7 +72,7 @@ def test_controlnet_acts_on_inheriting_steps(N, conds):
 
     # The ControlNet starts at 30 % of the schedule, so step 0 (the only full step of this
     # inheritance: period 100) runs without it and every step it acts on inherits.
-    model = fi(N, sd, period=100)
+    model = fi(N, sd, preset, period=100, reuse=reuse, forecast=forecast)
     late = controlled(0.3)
     assert torch.equal(ksample(model, late, steps=1), ksample(model, conds, steps=1))   # off at step 0
     with_cn = ksample(model, late, steps=8)

@@ -105,9 +105,10 @@ def test_lora_on_one_model_acts_only_in_its_range(N, models, conds768):
     unload_all()
 
 
-def test_switch_stacks_with_feature_inheritance(N, models, conds768):
+@pytest.mark.parametrize("reuse,forecast", [("residual", False), ("output", True)])
+def test_switch_stacks_with_feature_inheritance(N, models, conds768, reuse, forecast):
     sd, base = models
-    fi = N["ASDMFeatureInheritance"]().patch(sd, "CO6", "", 2, 0)[0]
+    fi = N["ASDMFeatureInheritance"]().patch(sd, "CO6", "", 2, 0, reuse, forecast)[0]
     out = single(switch(N, [base, fi], [BOUNDARY, -1]), conds768)
     plain = single(switch(N, [base, sd], [BOUNDARY, -1]), conds768)
     assert not torch.equal(out, plain)
@@ -117,7 +118,12 @@ def test_switch_stacks_with_feature_inheritance(N, models, conds768):
         modes[step] = mode
     # FI counts the schedule's steps; model_2 computes steps 3..7, inheriting on the odd ones
     assert sorted(modes) == list(range(BOUNDARY, STEPS))
-    assert [modes[s] == "inherit" for s in sorted(modes)] == [s % 2 == 1 for s in range(BOUNDARY, STEPS)]
+    # (step 3 inherits, but nothing is stored yet: residual reuse computes each unit fully, output
+    # reuse the whole call, and says so)
+    first_computes = reuse == "output"
+    assert [modes[s] == "inherit" for s in sorted(modes)] == [
+        s % 2 == 1 and not (first_computes and s == BOUNDARY) for s in range(BOUNDARY, STEPS)]
+    assert holder.last_run.fallbacks == (1 if first_computes else len(holder.units))
 
 
 def test_switch_errors(N, models, conds768, sd2_tiny):
