@@ -81,6 +81,7 @@ class EmbeddedRuns:
         self.strategies = E("evaluation.strategies")
         self.timing = E("harness.timing")
         self.timing.register()
+        E("evaluation.deepcache").register()
         self.n = 0
 
     def run(self, s, caption: str, j: int):
@@ -195,6 +196,36 @@ def findings(rows, presets):
     return out
 
 
+def modes_section(rows) -> list[str]:
+    """Inheritance modes against DeepCache: the table, then each DeepCache setting against our
+    closest setting at equal or higher measured SD1.5-width speed (PSNR difference per image,
+    with its standard error over the caption x seed images)."""
+    fmt = E("evaluation.report").fmt
+    modes = [r for r in rows if r["group"] == "modes"]
+    out = ["| setting | UNet time, SD1.5 width | FLOP bound | PSNR vs full (dB) | SSIM | adherence | "
+           "UNet time, embedded |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in modes:
+        out.append(f"| {r['label']} | {r['sd15_ratio']} | {r['bound']:.2f}x | {fmt(r['psnr'])} | "
+                   f"{r['ssim']:.3f} | {r['adherence']:.3f} | {r['unet_ratio']} |")
+    out += ["", "At equal speed (each DeepCache setting against ours whose median SD1.5-width UNet-time "
+            "ratio is at least DeepCache's; difference per image, standard error over the images):", ""]
+    ours = [r for r in modes if r["kind"] == "fi"]
+    for dc in (r for r in modes if r["kind"] == "deepcache"):
+        for which, pool in (("best", ours), ("best P5†", [r for r in ours if "P5†" in r["label"]])):
+            fast = [r for r in pool if r["sd15_ratio"].median >= dc["sd15_ratio"].median]
+            if not fast:
+                out.append(f"- {dc['label']} ({dc['sd15_ratio']}): no {which.replace('best', '').strip() or 'setting'} "
+                           "of ours is as fast")
+                continue
+            best = max(fast, key=lambda r: r["psnr"])
+            d, se, n = compare(rows, [best["name"]], [dc["name"]], "psnr")
+            verdict = "closer" if d > 2 * se else "not closer" if d < -2 * se else "as close, within the spread"
+            out.append(f"- {dc['label']} ({dc['sd15_ratio']}, {fmt(dc['psnr'])} dB) vs {which}: "
+                       f"{best['label']} ({best['sd15_ratio']}, {fmt(best['psnr'])} dB): **{verdict}** "
+                       f"({d:+.2f} dB, standard error {se:.2f} over {n} images)")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=8, help="evaluation captions (also the timing rounds)")
@@ -208,7 +239,10 @@ def main():
                     help="captions (one seed each) for the self-attention section at 256 px")
     ap.add_argument("--attention-steps", type=int, default=10,
                     help="sampler steps in the self-attention section (256 px runs cost ~16x a 64 px one)")
-    ap.add_argument("--quick", action="store_true", help="2 captions x 2 seeds, presets CO6,EX3,IN3, SD1.5 latent 8")
+    ap.add_argument("--mode-presets", default="EX3,EX2,CO6",
+                    help="presets compared in every reuse mode against DeepCache (comma-separated)")
+    ap.add_argument("--quick", action="store_true", help="2 captions x 2 seeds, presets CO6,EX3,IN3, SD1.5 latent 8, "
+                    "reuse modes on EX3 at P5 against DeepCache depth 2 interval 5")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "main-job"))
     ap.add_argument("--publish", action="store_true", help="also copy the report to docs/report (the README's)")
     a = ap.parse_args()
@@ -223,7 +257,10 @@ def main():
     shapes, metrics, report = E("training.shapes"), E("evaluation.metrics"), E("evaluation.report")
     strat_mod, speed, emb = E("evaluation.strategies"), E("evaluation.speed"), E("embedded")
     presets = [p.strip() for p in a.presets.split(",") if p.strip()] or list(E("topology").PRESETS)
-    strategies = strat_mod.strategies(a.steps, presets)
+    mode_presets = [p.strip() for p in a.mode_presets.split(",") if p.strip()]
+    strategies = strat_mod.strategies(a.steps, presets) + (
+        strat_mod.mode_strategies(["EX3"], strat_mod.MODE_SCHEDULES[1:2], strat_mod.DEEPCACHE[1:2]) if a.quick
+        else strat_mod.mode_strategies(mode_presets))
     scenes = shapes.generate(a.prompts, emb.IMAGE_SIZE, EVAL_SEED)
     captions = [s.caption for s in scenes]
 
@@ -232,7 +269,7 @@ def main():
     t0 = time.time()
     runs.run(full, captions[0], -1)                    # warm-up: loads the models
     guess = time.time() - t0
-    sd15_calls = (8 + 2 * len(presets)) * (a.sd15_rounds + 1)   # refined by speed.measure's own count
+    sd15_calls = (8 + 2 * len(presets) + 2 * 4 * len(mode_presets) + 4) * (a.sd15_rounds + 1)   # refined by speed.measure's own count
     n_attn = len(strat_mod.attention_strategies()) * min(a.attention_prompts, a.prompts)
     progress = Progress({"embedded": (len(strategies) * a.prompts, 2 * guess),
                          "sd15": (sd15_calls, 0.02 * a.sd15_size ** 2),
@@ -282,7 +319,7 @@ def main():
     labels = {s.name: s.label for s in strategies}
     grid = report.grid([(labels[n], results[n]["images"][::a.seeds]) for n in grid_rows], captions)
     grid.save(os.path.join(a.out, "grid.png"))
-    report.plot(rows).save(os.path.join(a.out, "plot.png"))
+    report.plot([r for r in rows if r["group"] != "modes"]).save(os.path.join(a.out, "plot.png"))
     report.grid(attn_grid, captions[:len(attn_grid[0][1])], cell=128).save(os.path.join(a.out, "attention.png"))
     dev = E("evaluation.timing").device_name()
     job_min = (time.time() - t_start) / 60
@@ -320,7 +357,14 @@ def main():
     for text, holds, sure, detail in findings(rows, presets):
         verdict = ("holds" if holds else "does not hold") + ("" if sure else ", within the seed-to-seed spread")
         lines.append(f"- {text}: **{verdict}** ({detail})")
-    lines += ["", "## All runs", "", report.table(rows), "", "![grid](grid.png)", "", "![plot](plot.png)", ""]
+    lines += ["", "## All runs", "", report.table([r for r in rows if r["group"] != "modes"]), "",
+              "![grid](grid.png)", "", "![plot](plot.png)", ""]
+    lines += ["## Inheritance modes against DeepCache", "",
+              "Feature inheritance in each reuse mode (residual: the paper's; span output: the chosen units "
+              "are not run and the outputs leaving them are reused whole; + forecast: a first-order forecast "
+              "from the last two full steps) against the project's DeepCache (asdm/evaluation/deepcache.py, "
+              "uniform interval, skip junction of the given depth), same captions, seeds and columns as above.", ""]
+    lines += modes_section(rows) + [""]
     lines += ["## Self-attention at 256 px: GRI, ToMe, HyperTile", "",
               f"The embedded model at 256x256 px (latent 32x32: its top level, dn0 / up3, attends over 1024 "
               f"tokens), {len(attn_grid[0][1])} captions x 1 seed, {a.attention_steps} steps euler, cfg {a.cfg}; each run paired with full "

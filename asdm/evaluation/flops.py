@@ -8,7 +8,6 @@ from collections import defaultdict
 
 import torch
 
-from ..topology import Topology
 
 
 def _conv_flops(m, inp, out):
@@ -54,20 +53,3 @@ def count(unet: torch.nn.Module, run_forward) -> dict[str, int]:
         for h in handles:
             h.remove()
     return dict(flops)
-
-
-def residual_flops(topo: Topology, flops: dict[str, int]) -> dict[str, int]:
-    """FLOPs of each unit's residual branch F (what inheriting it skips): everything under the
-    unit except a ResBlock's skip connection."""
-    out = {}
-    for u in topo.units:
-        pre = u.path + "."
-        skip = u.path + ".skip_connection"
-        out[u.name] = sum(v for k, v in flops.items() if k.startswith(pre) and not k.startswith(skip))
-    return out
-
-
-def speedup_bound(total: int, skipped: int, pattern: str) -> float:
-    """Whole-run FLOP ratio plain / inheriting for a refresh pattern of 'F'/'I' steps."""
-    cost = sum(total if s == "F" else total - skipped for s in pattern)
-    return len(pattern) * total / cost

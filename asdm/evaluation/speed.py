@@ -62,56 +62,100 @@ def _input(size: int, device):
     return x, t, ctx, keys
 
 
+def fi_key(s) -> str:
+    """The measured kind of call an inheritance strategy makes (its unit set and mode)."""
+    return f"{s.preset}{'+' + s.units if s.units else ''}/{s.reuse}{'+forecast' if s.forecast else ''}"
+
+
+class _Patched:
+    """A storing and a reusing call of one patched model (feature inheritance or the DeepCache
+    baseline), driven without a sampler: the reusing call comes after the full steps it needs
+    (two for a forecast). ``flops()`` counts the reusing call."""
+
+    def __init__(self, models, s, x, t, ctx, keys, steps):
+        from .. import inheritance
+        from .deepcache import apply_deepcache
+        self.x, self.t, self.ctx, self.keys, self.steps = x, t, ctx, keys, steps
+        if s.kind == "deepcache":
+            self.model = apply_deepcache(models.sd, s.depth, 5)
+            self.holder = self.model.model_options["transformer_options"]["asdm_baseline_deepcache"]
+            self.full_steps = [0]
+        else:
+            self.model = inheritance.apply_inheritance(models.sd, s.preset, s.units, 5, 0, s.reuse, s.forecast)
+            self.holder = self.model.model_options["transformer_options"]["asdm_inheritance"]
+            self.full_steps = [0, 5] if s.forecast else [0]
+        self.units = len(getattr(self.holder, "units", ()))
+        self.run = None
+
+    def _call(self):
+        return self.model.model.apply_model(self.x, self.t, c_crossattn=self.ctx)
+
+    def _mark(self, run, step, full):
+        h = self.holder
+        run.step = step
+        if hasattr(h, "begin_call"):
+            h.call = h.begin_call(run, self.x, self.keys)
+        else:   # the DeepCache baseline
+            h.full_call, h.cached_call = ((run, self.keys), None) if full else (None, (run, self.keys))
+
+    def _clear(self):
+        h = self.holder
+        h.call = h.full_call = h.cached_call = None
+
+    def prepare(self, reuse: bool):
+        import comfy.model_management as mm
+        mm.load_models_gpu([self.model])
+        self.run = self.holder.start_run(total=self.steps)
+        if reuse:
+            for step in self.full_steps:    # untimed
+                self._mark(self.run, step, True)
+                self._call()
+        self._mark(self.run, self.full_steps[-1] + 1 if reuse else 0, not reuse)
+
+    def timed(self):
+        try:
+            return self._call()
+        finally:
+            self._clear()
+            self.holder.end_run(self.run)
+
+    def callers(self):
+        store, reuse = (lambda: self.timed()), (lambda: self.timed())
+        store.prepare, reuse.prepare = (lambda: self.prepare(False)), (lambda: self.prepare(True))
+        return store, reuse
+
+    def flops(self) -> float:
+        from . import flops
+        self.prepare(True)
+        try:
+            return sum(flops.count(self.model.model.diffusion_model, self._call).values())
+        finally:
+            self._clear()
+            self.holder.end_run(self.run)
+
+
 def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> dict[str, dict]:
     """name -> {"ratio": Ratio, "bound": float} for every strategy; ``progress(done, total)`` is
     called after each timed call."""
     import comfy.model_management as mm
-    from .. import inheritance
     models = SD15Models()
     x, t, ctx, keys = _input(size, mm.get_torch_device())
 
-    def call(m):
-        return m.model.apply_model(x, t, c_crossattn=ctx)
-
     def plain_caller(m):
-        fn = lambda: call(m)   # noqa: E731
+        fn = lambda: m.model.apply_model(x, t, c_crossattn=ctx)   # noqa: E731
         fn.prepare = lambda: mm.load_models_gpu([m])
         return fn
-
-    def inheritance_callers(preset):
-        """A storing call (step 0 of a run) and an inheriting one (step 1, after a store)."""
-        p = inheritance.apply_inheritance(models.sd, preset, "", 5, 0)
-        holder = p.model_options["transformer_options"]["asdm_inheritance"]
-        state = {}
-
-        def begin(step):
-            mm.load_models_gpu([p])
-            run = holder.start_run(total=steps)
-            if step == 1:   # store first, untimed
-                holder.call = holder.begin_call(run, x, keys)
-                call(p)
-                run.step = 1
-            holder.call = holder.begin_call(run, x, keys)
-            state["run"] = run
-
-        def timed_call():
-            try:
-                return call(p)
-            finally:
-                holder.call = None
-                holder.end_run(state.pop("run"))
-
-        store, inherit = (lambda: timed_call()), (lambda: timed_call())
-        store.prepare, inherit.prepare = (lambda: begin(0)), (lambda: begin(1))
-        return store, inherit, holder
 
     calls = {"sd": plain_caller(models.sd), "sd again": plain_caller(models.sd)}
     for name in sorted({k for s in strategies for k in schedule(s, steps)} - {"sd", "sd again"}):
         if ":" not in name:
             calls[name] = plain_caller(models.unet(name))
-    holders = {}
-    for preset in sorted({s.preset for s in strategies if s.kind == "fi"}):
-        calls[f"{preset}:store"], calls[f"{preset}:inherit"], holders[preset] = inheritance_callers(preset)
+    patched = {}
+    for s in strategies:
+        key = _patched_key(s)
+        if key and key not in patched:
+            patched[key] = _Patched(models, s, x, t, ctx, keys, steps)
+            calls[f"{key}:store"], calls[f"{key}:reuse"] = patched[key].callers()
 
     if progress is not None:   # count every timed call
         total, done = len(calls) * (rounds + 1), [0]
@@ -125,8 +169,7 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> di
             calls[k] = counted
     with torch.no_grad():
         times = interleaved(calls, rounds)
-        mm.load_models_gpu([models.sd])   # unpatched, for counting
-        cost = _flops(models, x, t, ctx, holders)
+        cost = _flops(models, x, t, ctx, patched)
     mm.unload_all_models()
 
     out = {}
@@ -138,14 +181,22 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> di
         out[s.name] = {"ratio": Ratio.of(baseline, composed), "bound": bound,
                        "call_seconds": {k: sorted(times[k])[len(times[k]) // 2] for k in kinds},
                        "call_flops": {k: cost[k] for k in kinds}}
-        if s.kind == "fi":
-            holder = holders[s.preset]
-            out[s.name].update(units=len(holder.units), skipped=1 - cost[f"{s.preset}:inherit"] / cost["sd"])
+        key = _patched_key(s)
+        if key:
+            out[s.name].update(units=patched[key].units, skipped=1 - cost[f"{key}:reuse"] / cost["sd"])
     return out
 
 
+def _patched_key(s) -> str:
+    if s.kind == "fi":
+        return fi_key(s)
+    if s.kind == "deepcache":
+        return f"DeepCache depth {s.depth}"
+    return ""
+
+
 def schedule(s, steps: int) -> dict[str, int]:
-    """How many UNet calls of each measured kind one sampling step per step of ``s`` makes."""
+    """How many UNet calls of each measured kind one sampling run of ``s`` makes."""
     from ..inheritance import Schedule
     if s.kind == "plain":
         return {"sd again": steps}
@@ -156,26 +207,28 @@ def schedule(s, steps: int) -> dict[str, int]:
         for model, n in s.ranges:
             kinds["sd" if model == "full" else model] = kinds.get("sd" if model == "full" else model, 0) + n
         return kinds
+    key = _patched_key(s)
+    if s.kind == "deepcache":   # uniform: every period-th step full (and cached)
+        full = len(range(0, steps, s.period))
+        return {f"{key}:store": full, f"{key}:reuse": steps - full}
     sched = Schedule(s.period, s.tail)
     pattern = sched.pattern(steps)
     stores = sum(sched.stores(i, steps) for i in range(steps))
-    return {"sd": pattern.count("F") - stores, f"{s.preset}:store": stores,
-            f"{s.preset}:inherit": pattern.count("I")}
+    return {"sd": pattern.count("F") - stores, f"{key}:store": stores, f"{key}:reuse": pattern.count("I")}
 
 
-def _flops(models, x, t, ctx, holders) -> dict[str, float]:
+def _flops(models, x, t, ctx, patched) -> dict[str, float]:
     """FLOPs of each measured kind of call, counted on one forward (a storing call computes
-    what a plain one does; an inheriting one skips its units' residual branches)."""
-    from ..topology import describe
+    what a plain one does; a reusing one is counted as it runs)."""
+    import comfy.model_management as mm
     from . import flops
+    mm.load_models_gpu([models.sd])   # unpatched
     unet = models.sd.model.diffusion_model
-    counted = flops.count(unet, lambda: unet(x, t * 0 + 500, ctx))
-    sd = sum(counted.values())
+    sd = sum(flops.count(unet, lambda: unet(x, t * 0 + 500, ctx)).values())
     cost = {"sd": sd, "sd again": sd}
-    residual = flops.residual_flops(describe(unet), counted)
-    for preset, holder in holders.items():
-        cost[f"{preset}:store"] = sd
-        cost[f"{preset}:inherit"] = sd - sum(residual[u.name] for u in holder.units)
+    for key, p in patched.items():
+        cost[f"{key}:store"] = sd
+        cost[f"{key}:reuse"] = p.flops()
     for name, m in models.unets.items():
         u = m.model.diffusion_model
         cost[name] = sum(flops.count(u, lambda: u(x, t * 0 + 500, ctx)).values())

@@ -26,6 +26,10 @@ class Strategy:
     experts: bool = False     # unet: with its ME-CondConv experts
     patch: tuple = ()         # attn: (node class, its inputs) applied to the full model
     size: int = 0             # image side in px (0: the embedded model's own, 64)
+    units: str = ""           # fi: units added to the preset (preset "custom": the whole set)
+    reuse: str = "residual"   # fi: "residual" | "output"
+    forecast: bool = False    # fi
+    depth: int = 0            # deepcache: the skip junction (period: its interval)
 
 
 def strategies(steps: int, presets: list[str]) -> list[Strategy]:
@@ -42,6 +46,32 @@ def strategies(steps: int, presets: list[str]) -> list[Strategy]:
         for p in presets:
             out.append(Strategy(f"{p}-{mode.replace('†', 'd')}", f"{p} {mode}", mode, "fi", preset=p,
                                 period=period, tail=tail))
+    return out
+
+
+# Inheritance modes against the project's DeepCache baseline (asdm/evaluation/deepcache.py):
+# (name, period, final_full_steps), the reuse modes, and DeepCache's junction depths x intervals.
+MODE_SCHEDULES = (("P3", 3, 0.0), ("P5", 5, 0.0), ("P5†", 5, 0.2))
+REUSE_MODES = (("residual", False), ("residual", True), ("output", False), ("output", True))
+DEEPCACHE = ((2, 3), (2, 5), (3, 3), (3, 5))
+
+
+def reuse_label(reuse: str, forecast: bool) -> str:
+    return {"residual": "residual", "output": "span output"}[reuse] + (" + forecast" if forecast else "")
+
+
+def mode_strategies(presets: list[str], schedules=MODE_SCHEDULES, deepcache=DEEPCACHE) -> list[Strategy]:
+    """Every reuse mode of feature inheritance on ``presets`` at each schedule, and DeepCache."""
+    out = []
+    for p in presets:
+        for mode, period, tail in schedules:
+            for reuse, forecast in REUSE_MODES:
+                tag = reuse + ("+forecast" if forecast else "")
+                out.append(Strategy(f"{p}-{mode.replace('†', 'd')}-{tag}", f"{p} {mode}, {reuse_label(reuse, forecast)}",
+                                    "modes", "fi", preset=p, period=period, tail=tail, reuse=reuse, forecast=forecast))
+    for depth, interval in deepcache:
+        out.append(Strategy(f"deepcache-d{depth}-n{interval}", f"DeepCache depth {depth}, interval {interval}",
+                            "modes", "deepcache", period=interval, depth=depth))
     return out
 
 
@@ -94,8 +124,14 @@ def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: flo
             api["asdm_attention"] = {"class_type": s.patch[0], "inputs": dict(s.patch[1], model=model)}
             model = ["asdm_attention", 0]
     elif s.kind == "fi":
-        api[fi]["inputs"].update(model=full, preset=s.preset, units="", period=s.period, final_full_steps=s.tail)
+        api[fi]["inputs"].update(model=full, preset=s.preset, units=s.units, period=s.period,
+                                 final_full_steps=s.tail, reuse=s.reuse, forecast=s.forecast)
         model = [fi, 0]
+    elif s.kind == "deepcache":
+        from . import deepcache
+        api["asdm_deepcache"] = {"class_type": deepcache.NODE, "inputs": {"model": full, "depth": s.depth,
+                                                                          "interval": s.period}}
+        model = ["asdm_deepcache", 0]
     elif s.kind == "switch":
         api[small]["inputs"].update(unet_name=embedded.family_name("base"), prediction="auto")
         src = {"base": [small, 0], "full": full}

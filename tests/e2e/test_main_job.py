@@ -18,6 +18,8 @@ def test_main_job_quick(tmp_path):
     rows = {row["name"]: row for row in json.load(open(out / "results.json"))}
     want = {"full", "S1", "S2", "S3", "base", "small", "tiny", "m2", "small-condconv", "tiny-condconv"}
     want |= {f"{p}-{m}" for p in ("CO6", "EX3", "IN3") for m in ("P5", "P5d", "P2d")}
+    modes = {f"EX3-P5-{m}" for m in ("residual", "residual+forecast", "output", "output+forecast")}
+    want |= modes | {"deepcache-d2-n5"}
     attention = {"attn-full", "gri-16x4", "gri-8x2", "gri-tuned", "tome", "hypertile"}
     assert set(rows) == want | attention
     # self-attention at 256 px: full attention is the reference; the accelerators change the
@@ -30,6 +32,12 @@ def test_main_job_quick(tmp_path):
     for row in rows.values():   # every speed column has a median inside its spread
         for key in ("unet_ratio", "e2e_ratio", "sd15_ratio") if row["name"] not in attention else ("unet_ratio", "e2e_ratio"):
             assert row[key]["low"] <= row[key]["median"] <= row[key]["high"], (row["name"], key)
+    # span-output reuse of EX3 at P5 is DeepCache at depth 2, interval 5: the same images, the
+    # same FLOPs; the forecast changes the images
+    assert rows["EX3-P5-output"]["psnr"] == rows["deepcache-d2-n5"]["psnr"]
+    assert rows["EX3-P5-output"]["bound"] == rows["deepcache-d2-n5"]["bound"] > rows["EX3-P5-residual"]["bound"]
+    assert rows["EX3-P5-output+forecast"]["psnr"] != rows["EX3-P5-output"]["psnr"]
+    assert rows["EX3-P5-residual"]["psnr"] == rows["EX3-P5"]["psnr"]
     # a run that inherits features changes the images but stays close to full compute
     assert 12 < rows["CO6-P5"]["psnr"] < 60
     # FLOP bounds follow the schedule and structure: more inheriting steps, higher bound;
@@ -39,7 +47,7 @@ def test_main_job_quick(tmp_path):
     assert rows["tiny"]["bound"] > rows["small"]["bound"] > rows["base"]["bound"] > 1.0
     assert rows["S2"]["bound"] == rows["S1"]["bound"]          # same step counts on each UNet
     report = (out / "report.md").read_text()
-    assert "| CO6 P2† |" in report and "| GRI w8 s2, tuned |" in report and "Paper findings" in report and "seed-to-seed" not in report.split("##")[0]
+    assert "| CO6 P2† |" in report and "| GRI w8 s2, tuned |" in report and "Paper findings" in report and "Inheritance modes against DeepCache" in report and "seed-to-seed" not in report.split("##")[0]
     assert "[" in r.stderr and "min left" in r.stderr           # the one progress bar
     # the host's own lines stay in host.log, not on the console
     assert "Requested to load" not in r.stdout + r.stderr and "model_type" not in r.stdout + r.stderr
