@@ -1,12 +1,15 @@
 """Feature inheritance speed on the real SD1.5 topology (random weights), against the plain model.
 
-Per preset, the UNet time of the whole P5 and P5† schedule (50 steps, the last 10 full, as the
-paper) is composed from single UNet calls timed interleaved with plain calls (a storing full
-step, an inheriting step, a plain step), over rounds, in one process: asdm/evaluation/speed.py,
-the main job's method. Median ratio with its spread (lowest-highest round), beside the FLOP
-bound of the same schedule. Plain against itself is the first row: 1.00x within its spread.
+Per preset and reuse mode, the UNet time of the whole P5 and P5† schedule (50 steps, the last 10
+full, as the paper) is composed from single UNet calls timed interleaved with plain calls (a
+storing full step, a reusing step, a plain step), over rounds, in one process:
+asdm/evaluation/speed.py, the main job's method. DeepCache (the project's baseline,
+asdm/evaluation/deepcache.py) at the given depths and intervals, the same way. Median ratio with
+its spread (lowest-highest round), beside the FLOP bound of the same schedule, counted on the
+calls as they run. Plain against itself is the first row: 1.00x within its spread.
 
     python benchmarks/inheritance.py [--size 16] [--steps 50] [--rounds 3] [--presets CO6,EX3]
+        [--modes residual,output,output+forecast] [--deepcache 2:5,3:5]
 """
 import argparse
 import os
@@ -23,24 +26,37 @@ def main():
     ap.add_argument("--tail", type=float, default=0.2, help="final full steps of P5† (0.2 = 10 of 50)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--presets", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--modes", default="residual",
+                    help="reuse modes: residual, output, with +forecast (e.g. residual,output,output+forecast)")
+    ap.add_argument("--deepcache", default="", help="DeepCache depth:interval pairs, e.g. 2:5,3:5")
     a = ap.parse_args()
     st, speed = engine("evaluation.strategies"), engine("evaluation.speed")
     presets = [p.strip() for p in a.presets.split(",") if p.strip()] or list(engine("topology").PRESETS)
+    modes = [(m.split("+")[0], m.endswith("+forecast")) for m in a.modes.split(",") if m.strip()]
+    dc = [tuple(int(v) for v in pair.split(":")) for pair in a.deepcache.split(",") if pair.strip()]
     full = st.Strategy("full", "plain", "plain", "plain")
-    strategies = [full] + [st.Strategy(f"{p}-{m}", f"{p} {m}", m, "fi", preset=p, period=5, tail=tail)
-                           for p in presets for m, tail in (("P5", 0.0), ("P5†", a.tail))]
-    res = speed.measure(strategies, a.steps, a.size, a.rounds,
+    fi = [st.Strategy(f"{p}-{r}{f}-{m}", p, m, "fi", preset=p, period=5, tail=tail, reuse=r, forecast=f)
+          for p in presets for r, f in modes for m, tail in (("P5", 0.0), ("P5†", a.tail))]
+    caches = [st.Strategy(f"dc-{d}-{n}", f"DeepCache depth {d}, interval {n}", "dc", "deepcache", depth=d, period=n)
+              for d, n in dc]
+    res = speed.measure([full] + fi + caches, a.steps, a.size, a.rounds,
                         progress=lambda d, n: print(f"\r{d}/{n} calls", end="", file=sys.stderr, flush=True))
     k = engine("inheritance").Schedule(5, a.tail).tail_steps(a.steps)
     print(f"\n\nSD1.5 topology (random weights), latent {speed.CFG_BATCH}x4x{a.size}x{a.size}, {a.steps} steps, "
           f"{device_name()}, {a.rounds} rounds; plain against itself: {res['full']['ratio']}\n")
-    print(f"| preset | units | FLOPs skipped per inheriting step | P5 measured | P5 bound | "
+    print(f"| preset | reuse | FLOPs skipped per reusing step | P5 measured | P5 bound | "
           f"P5† (last {k} full) measured | P5† bound |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for p in presets:
-        r5, r5d = res[f"{p}-P5"], res[f"{p}-P5†"]
-        print(f"| {p} | {r5['units']} | {r5['skipped']:.1%} | {r5['ratio']} | {r5['bound']:.2f}x | "
-              f"{r5d['ratio']} | {r5d['bound']:.2f}x |")
+        for r, f in modes:
+            r5, r5d = res[f"{p}-{r}{f}-P5"], res[f"{p}-{r}{f}-P5†"]
+            print(f"| {p} | {st.reuse_label(r, f)} | {r5['skipped']:.1%} | {r5['ratio']} | {r5['bound']:.2f}x | "
+                  f"{r5d['ratio']} | {r5d['bound']:.2f}x |")
+    if caches:
+        print("\n| baseline | FLOPs skipped per cached step | measured | bound |\n| --- | ---: | ---: | ---: |")
+        for s in caches:
+            r = res[s.name]
+            print(f"| {s.label} | {r['skipped']:.1%} | {r['ratio']} | {r['bound']:.2f}x |")
 
 
 if __name__ == "__main__":

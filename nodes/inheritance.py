@@ -1,5 +1,5 @@
 """Node: A-SDM Feature Inheritance (tuning-free, A-SDM §V)."""
-from ..asdm.inheritance import DEFAULT_FORECAST, DEFAULT_REUSE, REUSE, InheritanceError, apply_inheritance
+from ..asdm.inheritance import DEFAULTS, REUSE, InheritanceError, apply_inheritance
 from ..asdm.topology import PRESETS
 
 
@@ -13,7 +13,8 @@ class FeatureInheritance:
         "Speeds up sampling without training (A-SDM §V): on a full step the chosen units store "
         "their residual-branch output; on the following inheriting steps they compute only their "
         "identity path and reuse it. Pn = one full step then n-1 inheriting steps; with "
-        "final_full_steps the last part of the schedule is all full (Pn†; default the last 20 %). "
+        "final_full_steps the last part of the schedule is all full (Pn†). The defaults (EX2 P5, "
+        "residual reuse with forecast) are the most faithful setting measured at their speed. "
         "Periods count the steps the sampler samples (with KSamplerAdvanced's start_at_step, from that step), "
         "so multi-call samplers (heun, dpm_2, uni_pc) and CFG keep the pattern. Stacks with LoRA, "
         "FreeU, ToMe and the other A-SDM nodes.")
@@ -24,7 +25,7 @@ class FeatureInheritance:
         preset_help = "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items())
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD1.x/SD2.x-family MODEL (SD, BK-SDM, assembled UNets)."}),
-            "preset": (presets, {"default": "CO6", "tooltip":
+            "preset": (presets, {"default": DEFAULTS["preset"], "tooltip":
                 "Which units inherit on inheriting steps (paper Fig. 10). 'custom' uses only the "
                 "units field. " + preset_help}),
             "units": ("STRING", {"default": "", "multiline": False, "tooltip":
@@ -32,10 +33,10 @@ class FeatureInheritance:
                 "Comma-separated names: a block ('dn0', 'mid', 'up3'), a layer ('dn1.1'), or a unit "
                 "('up3.0.R', 'mid.A'); '*' is a wildcard ('up3.*.A', 'dn*.*.R'). dn0 and up3 are the "
                 "highest resolution; R = ResNet unit, A = attention unit."}),
-            "period": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip":
+            "period": ("INT", {"default": DEFAULTS["period"], "min": 1, "max": 1000, "tooltip":
                 "n of Pn: one full step, then n-1 inheriting steps, repeating. 1 = every step full "
                 "(the MODEL is unchanged)."}),
-            "final_full_steps": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 10000.0, "step": 0.05, "tooltip":
+            "final_full_steps": ("FLOAT", {"default": DEFAULTS["final_full_steps"], "min": 0.0, "max": 10000.0, "step": 0.05, "tooltip":
                 "Pn†: the last part of the schedule is all full steps. Below 1: a fraction of the "
                 "sampler's steps (0.2 = the last 20 %, the paper's 10 of 50; 4 of a 20-step run). "
                 "1 or more: a number of steps (graphs saved with the older integer setting keep "
@@ -43,7 +44,7 @@ class FeatureInheritance:
         }, "optional": {
             # Optional so that graphs saved before these inputs existed keep their meaning
             # (residual reuse, no forecast).
-            "reuse": (list(REUSE), {"default": DEFAULT_REUSE, "tooltip":
+            "reuse": (list(REUSE), {"default": DEFAULTS["reuse"], "tooltip":
                 "What inheriting steps reuse. residual (the paper's): each unit adds its stored "
                 "residual to its current input, so the current latent still flows through every "
                 "unit. output (span-output reuse, as DeepCache): the units are not run at all; "
@@ -51,7 +52,7 @@ class FeatureInheritance:
                 "across skip connections) are stored and reused whole. On a contiguous set such "
                 "as EX3 that is one tensor, the deep part's output; on scattered units (LI "
                 "presets) each unit's output."}),
-            "forecast": ("BOOLEAN", {"default": DEFAULT_FORECAST, "tooltip":
+            "forecast": ("BOOLEAN", {"default": DEFAULTS["forecast"], "tooltip":
                 "Inheriting steps use a first-order forecast from the last two full steps "
                 "(F1 + (F1 - F2) x steps since F1 / steps between them) instead of the last "
                 "stored feature; until two full steps are stored, the last one. Costs one more "

@@ -211,7 +211,7 @@ def modes_section(rows) -> list[str]:
             "ratio is at least DeepCache's; difference per image, standard error over the images):", ""]
     ours = [r for r in modes if r["kind"] == "fi"]
     for dc in (r for r in modes if r["kind"] == "deepcache"):
-        for which, pool in (("best", ours), ("best P5†", [r for r in ours if "P5†" in r["label"]])):
+        for which, pool in (("best", ours), ("best Pn†", [r for r in ours if "†" in r["label"]])):
             fast = [r for r in pool if r["sd15_ratio"].median >= dc["sd15_ratio"].median]
             if not fast:
                 out.append(f"- {dc['label']} ({dc['sd15_ratio']}): no {which.replace('best', '').strip() or 'setting'} "
@@ -269,7 +269,7 @@ def main():
     t0 = time.time()
     runs.run(full, captions[0], -1)                    # warm-up: loads the models
     guess = time.time() - t0
-    sd15_calls = (8 + 2 * len(presets) + 2 * 4 * len(mode_presets) + 4) * (a.sd15_rounds + 1)   # refined by speed.measure's own count
+    sd15_calls = (8 + 2 * len(presets) + 2 * 3 * len(mode_presets) + 4) * (a.sd15_rounds + 1)   # refined by speed.measure's own count
     n_attn = len(strat_mod.attention_strategies()) * min(a.attention_prompts, a.prompts)
     progress = Progress({"embedded": (len(strategies) * a.prompts, 2 * guess),
                          "sd15": (sd15_calls, 0.02 * a.sd15_size ** 2),

@@ -51,7 +51,7 @@ def strategies(steps: int, presets: list[str]) -> list[Strategy]:
 
 # Inheritance modes against the project's DeepCache baseline (asdm/evaluation/deepcache.py):
 # (name, period, final_full_steps), the reuse modes, and DeepCache's junction depths x intervals.
-MODE_SCHEDULES = (("P3", 3, 0.0), ("P5", 5, 0.0), ("P5†", 5, 0.2))
+MODE_SCHEDULES = (("P3", 3, 0.0), ("P5", 5, 0.0), ("P5†", 5, 0.2), ("P8†", 8, 0.2))
 REUSE_MODES = (("residual", False), ("residual", True), ("output", False), ("output", True))
 DEEPCACHE = ((2, 3), (2, 5), (3, 3), (3, 5))
 
