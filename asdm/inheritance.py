@@ -46,11 +46,14 @@ log = logging.getLogger("A-SDM")
 WRAPPER_KEY = "asdm_feature_inheritance"
 REUSE = ("residual", "output")
 # What a new node starts with, chosen from the main job's measurement (README, "Inheritance modes
-# against DeepCache"): at the speed of the former default (CO6 P5† residual, 2.03x UNet time at
-# SD1.5 width, 28.6 dB against full compute on the embedded model), EX2 P5 with residual reuse
-# and forecast is the most faithful setting (2.07x, 54.6 dB); the final full steps add 0.3 dB
-# there for a fifth of the speed, so the default has none.
-DEFAULTS = dict(preset="EX2", period=5, final_full_steps=0.0, reuse="residual", forecast=True)
+# against DeepCache"; 4 captions x 2 seeds, 20 steps): EX2 P5 with span-output reuse and forecast
+# runs at 2.40x UNet time at SD1.5 width, 48.9 dB against full compute on the embedded model. No
+# setting measured at that speed or faster is closer, DeepCache included (interval 3: 2.21-2.35x,
+# 40-42 dB), and it is faster and 20 dB closer than the former default (CO6 P5† residual: 2.05x,
+# 28.6 dB). Final full steps cost more speed than they return in fidelity there (P5†: 1.78x,
+# 49.1 dB), so the default has none. Residual reuse with forecast is the most faithful near 2x
+# (EX2 P5: 2.06x, 54.6 dB).
+DEFAULTS = dict(preset="EX2", period=5, final_full_steps=0.0, reuse="output", forecast=True)
 
 
 class InheritanceError(ValueError):

