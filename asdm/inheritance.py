@@ -45,15 +45,14 @@ from .topology import PRESETS, Topology, TopologyError, Unit, describe, parse_un
 log = logging.getLogger("A-SDM")
 WRAPPER_KEY = "asdm_feature_inheritance"
 REUSE = ("residual", "output")
-# What a new node starts with, chosen from the main job's measurement (README, "Inheritance modes
-# against DeepCache"; 4 captions x 2 seeds, 20 steps): EX2 P5 with span-output reuse and forecast
-# runs at 2.40x UNet time at SD1.5 width, 48.9 dB against full compute on the embedded model. No
-# setting measured at that speed or faster is closer, DeepCache included (interval 3: 2.21-2.35x,
-# 40-42 dB), and it is faster and 20 dB closer than the former default (CO6 P5† residual: 2.05x,
-# 28.6 dB). Final full steps cost more speed than they return in fidelity there (P5†: 1.78x,
-# 49.1 dB), so the default has none. Residual reuse with forecast is the most faithful near 2x
-# (EX2 P5: 2.06x, 54.6 dB).
-DEFAULTS = dict(preset="EX2", period=5, final_full_steps=0.0, reuse="output", forecast=True)
+# What a new node starts with, chosen from measurement (README, "Inheritance modes against
+# DeepCache"): EX3 P3 with span-output reuse and forecast. It does DeepCache's work at depth 2,
+# interval 3 (same FLOPs: bound 1.86x at SD1.5 width; measured 2.27x at latent 16, 1.85x at
+# latent 32) and the forecast brings it from DeepCache's 40.3 dB to 45.0 dB against full compute
+# on the embedded model; DeepCache depth 3, interval 3 is slower (bound 1.67x) and at 41.9 dB.
+# The former default (CO6 P5† residual: bound 1.91x, 28.6 dB) is as fast and 16 dB further from
+# full compute. Final full steps cost more speed than they return once the forecast is on.
+DEFAULTS = dict(preset="EX3", period=3, final_full_steps=0.0, reuse="output", forecast=True)
 
 
 class InheritanceError(ValueError):

@@ -13,7 +13,7 @@ class FeatureInheritance:
         "Speeds up sampling without training (A-SDM §V): on a full step the chosen units store "
         "their residual-branch output; on the following inheriting steps they compute only their "
         "identity path and reuse it. Pn = one full step then n-1 inheriting steps; with "
-        "final_full_steps the last part of the schedule is all full (Pn†). The defaults (EX2 P5, "
+        "final_full_steps the last part of the schedule is all full (Pn†). The defaults (EX3 P3, "
         "span-output reuse with forecast) are the most faithful setting measured at their speed "
         "(README: Inheritance modes against DeepCache). "
         "Periods count the steps the sampler samples (with KSamplerAdvanced's start_at_step, from that step), "
