@@ -97,6 +97,7 @@ class RunState(hooks.Run):
     """Everything one sampling run holds; dropped as a whole when the run ends."""
     features: dict = field(default_factory=dict)   # path -> stored features, newest full step first
     shapes: dict = field(default_factory=dict)     # output mode: skipped path -> (shape[1:], dtype)
+    fillers: dict = field(default_factory=dict)    # output mode: (shape, dtype, device) -> what skipped paths return
     calls: list = field(default_factory=list)      # (step, mode) per model call, for reports and tests
     fallbacks: int = 0                             # inheriting calls that had to compute fully
     shape: tuple | None = None                     # (shape, dtype, device) of the model input
@@ -133,6 +134,7 @@ class InheritanceHolder(hooks.HolderBase):
     def end_run(self, run: RunState) -> None:
         run.features.clear()
         run.shapes.clear()
+        run.fillers.clear()
         if self.run is run:
             self.run = None
         self.last_run = run
@@ -159,6 +161,7 @@ class InheritanceHolder(hooks.HolderBase):
         if run.shape != sig:  # new resolution/dtype/device: nothing stored can be reused
             run.features.clear()
             run.shapes.clear()
+            run.fillers.clear()
             run.shape = sig
         step, total = run.step, run.total
         if not self.schedule.is_full(step, total):
@@ -235,9 +238,14 @@ class InheritanceHolder(hooks.HolderBase):
                 if boundary:
                     return holder._reuse(call, path, x, copy=True)
                 shape, dtype = call.run.shapes[path]
-                # Read only by other skipped atoms (and ComfyUI's skip list and control adds
-                # between them): any tensor of the right shape will do.
-                return x.new_zeros((x.shape[0],) + shape, dtype=dtype)
+                # Read only by other skipped modules (and ComfyUI's skip list and in-place
+                # ControlNet adds between them): any tensor of the right shape will do, so one
+                # per shape serves every skipped module of the run, allocated once.
+                key = ((x.shape[0],) + shape, dtype, x.device)
+                filler = call.run.fillers.get(key)
+                if filler is None:
+                    filler = call.run.fillers[key] = x.new_zeros(key[0], dtype=dtype)
+                return filler
             out = inner(x, *args, **kwargs)
             if boundary:
                 holder._save(call, path, out.clone())   # ComfyUI adds ControlNet in place to what we return

@@ -28,6 +28,7 @@ NODE = "ASDMBaselineDeepCache"
 class CacheRun(hooks.Run):
     cached: dict = field(default_factory=dict)   # chunk keys -> features at the junction
     shapes: dict = field(default_factory=dict)   # skipped child path -> output shape[1:]
+    fillers: dict = field(default_factory=dict)  # shape -> the zeros skipped children return
     calls: list = field(default_factory=list)    # (step, "full" | "cached")
 
 
@@ -45,6 +46,7 @@ class DeepCache(hooks.HolderBase):
 
     def end_run(self, run):
         run.cached.clear()
+        run.fillers.clear()
         if self.run is run:
             self.run = None
         self.last_run = run
@@ -69,7 +71,11 @@ class DeepCache(hooks.HolderBase):
                 if self.full_call is not None:
                     self.full_call[0].shapes[path] = out.shape[1:]
                 return out
-            return x.new_zeros((x.shape[0],) + tuple(self.cached_call[0].shapes[path]))
+            run = self.cached_call[0]
+            shape = (x.shape[0],) + tuple(run.shapes[path])   # never read: one zero tensor per shape
+            if shape not in run.fillers:
+                run.fillers[shape] = x.new_zeros(shape)
+            return run.fillers[shape]
         return forward
 
     def junction(self, inner):
