@@ -124,7 +124,7 @@ def _check_schema(path: str, raw: dict) -> None:
 def _check_writable(path: str, out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".asdm-write-test")
+        probe = os.path.join(out, f".asdm-write-test-{os.getpid()}")   # one per process: DDP ranks check at once
         with open(probe, "w") as f:
             f.write("")
         os.remove(probe)
