@@ -152,6 +152,81 @@ def attention_section(a, captions, scenes, checker, metrics, progress):
     return rows, [(s.label, results[s.name]["images"]) for s in strategies]
 
 
+# The family against its untrained counterparts: what each member started from before the
+# project's trainer (BK-SDM layouts: the teacher's blocks removed; M2: Base's shallow blocks put in
+# the teacher; ME-CondConv: identity-initialised experts, which compute exactly the UNet they extend).
+UNTRAINED = {"base": "base", "small": "small", "tiny": "tiny", "m2": "m2",
+             "small-condconv": "small", "tiny-condconv": "tiny"}
+
+
+def family_section(a, captions, scenes, results, checker, metrics):
+    """Each family member (trained, from the main table) and its untrained counterpart, sampled
+    with the same captions, seeds and sampler, against full compute. The untrained ones are built
+    in memory and sampled with ComfyUI's own KSampler code (common_ksampler), not the graph; full
+    compute sampled the same way must equal the graph's images bit for bit, which the row says."""
+    import torch
+    import nodes
+    emb, assembly, unet_files = E("embedded"), E("assembly"), E("unet_files")
+    teacher, clip, vae = emb.load()
+    trained_base = unet_files.load_unet(os.path.join(emb.FAMILY_UNETS, emb.family_name("base")))
+    models = {"full": teacher,
+              "base": assembly.compress(teacher, "base"), "small": assembly.compress(teacher, "small"),
+              "tiny": assembly.compress(teacher, "tiny"),
+              "m2": assembly.assemble(teacher, trained_base, assembly.recipe_spec("M2"))}
+    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+    images = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            out = []
+            for j, c in enumerate(captions):
+                pos = nodes.CLIPTextEncode().encode(clip, c)[0]
+                latent = {"samples": torch.zeros(a.seeds, 4, emb.IMAGE_SIZE // 8, emb.IMAGE_SIZE // 8)}
+                lat = nodes.common_ksampler(m, 1000 + j, a.steps, a.cfg, "euler", "normal", pos, neg, latent)[0]
+                px = vae.decode(lat["samples"]).detach().float()
+                out.append(np.clip(255.0 * px.numpy(), 0, 255).astype(np.uint8))   # as SaveImage
+            images[name] = np.concatenate(out)
+    same = bool(np.array_equal(images["full"], results["full"]["images"]))
+    ref = results["full"]["images"] / 255.0
+    items = [s.items for s in scenes for _ in range(a.seeds)]
+    rows = []
+    for member, start in UNTRAINED.items():
+        if member not in results:
+            continue
+        untrained = images[start] if member in models else results[start]["images"]   # condconv: the trained UNet
+        t, u = results[member]["images"] / 255.0, untrained / 255.0
+        pt = [metrics.psnr(t[i:i + 1], ref[i:i + 1]) for i in range(len(t))]
+        pu = [metrics.psnr(u[i:i + 1], ref[i:i + 1]) for i in range(len(u))]
+        d = [x - y for x, y in zip(pt, pu)]
+        se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        rows.append(dict(name=f"family-{member}", member=member, start=start, graph_equal=same,
+                         psnr=metrics.psnr(t, ref), psnr_untrained=metrics.psnr(u, ref),
+                         diff=statistics.mean(d), se=se, ssim=metrics.ssim(t, ref), ssim_untrained=metrics.ssim(u, ref),
+                         adherence=metrics.adherence(checker, t, items),
+                         adherence_untrained=metrics.adherence(checker, u, items)))
+    return rows, same
+
+
+def family_table(rows, same: bool) -> list[str]:
+    start_label = {"base": "Base, untrained", "small": "Small, untrained", "tiny": "Tiny, untrained",
+                   "m2": "M2, untrained (Base's blocks as trained in step 1)"}
+    out = ["| member | untrained counterpart | PSNR vs full (dB): trained | untrained | difference (standard "
+           "error) | SSIM: trained | untrained | adherence: trained | untrained | closer to the teacher |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        start = start_label[r["start"]] if r["member"] == r["start"] or r["member"] == "m2" else \
+            f"trained {r['start'].capitalize()} (identity experts)"
+        closer = r["diff"] > 0
+        sure = r["diff"] > 2 * r["se"] if closer else r["diff"] < -2 * r["se"]
+        out.append(f"| {r['member']} | {start} | {r['psnr']:.2f} | {r['psnr_untrained']:.2f} | "
+                   f"{r['diff']:+.2f} ({r['se']:.2f}) | {r['ssim']:.3f} | {r['ssim_untrained']:.3f} | "
+                   f"{r['adherence']:.3f} | {r['adherence_untrained']:.3f} | "
+                   f"{'yes' if closer else 'no'}{'' if sure else ', within the spread'} |")
+    out += ["", "Full compute sampled the same way as the untrained rows "
+            + ("equals the graph's images bit for bit." if same else
+               "differs from the graph's images: the untrained rows are not sampled exactly as the others.")]
+    return out
+
+
 def attention_table(rows) -> list[str]:
     out = ["| run | UNet time ratio | end to end | UNet s / image | PSNR vs full attention (dB) | SSIM | adherence |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -315,6 +390,7 @@ def main():
              "sd15_ratio": sd15[s.name]["ratio"], "bound": sd15[s.name]["bound"]} for s in strategies]
     evaluate(rows, results, scenes, a, checker, ref_feats, metrics)
     data_adh = metrics.adherence(checker, np.stack([s.image for s in scenes]) / 255.0, scenes)
+    fam_rows, fam_same = family_section(a, captions, scenes, results, checker, metrics)
 
     grid_rows = [n for n in ("full", "S1", "S2", "S3", "base", "m2", "small", "small-condconv", "tiny",
                              "tiny-condconv", "CO6-P5", "CO6-P5d", "CO6-P2d", "EX3-P5d", "IN3-P5d", "LI1-P5d")
@@ -377,10 +453,16 @@ def main():
               "up3; ToMe and HyperTile are ComfyUI's own nodes (HyperTile with 128 px tiles: its default "
               "256 px tile does not split a 256 px image).", ""]
     lines += attention_table(attn_rows) + ["", "![attention](attention.png)", ""]
+    lines += ["## The family against its untrained counterparts", "",
+              "Each member trained from the embedded model with the project's trainer (asdm/training/"
+              "embedded.py) against what it started from, same captions, seeds and sampler as above; PSNR "
+              "difference per image with its standard error over the caption x seed images.", ""]
+    lines += family_table(fam_rows, fam_same) + [""]
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump([report.jsonable(r) for r in rows + attn_rows], f, indent=1)
+        json.dump([report.jsonable(r) for r in rows + attn_rows]
+                  + [dict(r, section="family") for r in fam_rows], f, indent=1)
     if a.publish:
         dst = os.path.join(ROOT, "docs", "report")
         os.makedirs(dst, exist_ok=True)
@@ -395,6 +477,8 @@ def main():
     if best is not None:
         print(f"fastest inheritance at SD1.5 width: {best['label']} {best['sd15_ratio']} (FLOP bound "
               f"{best['bound']:.2f}x), {best['psnr']:.1f} dB, adherence {best['adherence']:.3f}")
+    print(f"adherence: full compute {by['full']['adherence']:.3f} (dataset images {data_adh:.3f}); family "
+          "closer to the teacher than untrained: " + ", ".join(f"{r['member']} {r['diff']:+.1f} dB" for r in fam_rows))
     for n in ("S1", "m2", "small-condconv"):
         if n in by:
             r = by[n]

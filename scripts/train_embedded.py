@@ -18,7 +18,9 @@ def main():
     ap.add_argument("--stages", default="checker,vae,unet,family,gri")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=900)
-    ap.add_argument("--unet-steps", type=int, default=1200)
+    ap.add_argument("--unet-steps", type=int, default=4200)
+    ap.add_argument("--snapshot-every", type=int, default=700,
+                    help="UNet stage: a loadable copy every N steps in out/embedded-unet/step-N (0: none)")
     ap.add_argument("--family-steps", type=int, default=300)
     ap.add_argument("--gri-steps", type=int, default=150, help="the GRI-attention student (256 px)")
     ap.add_argument("--force", action="store_true", help="retrain stages whose weights exist")
@@ -32,6 +34,7 @@ def main():
         host.engine("evaluation.metrics").train_checker_file(seed=a.seed, force=a.force, log=log)
     times = training.run([s for s in stages if s != "checker"], seed=a.seed, vae_steps=a.vae_steps,
                          unet_steps=a.unet_steps, family_steps=a.family_steps, gri_steps=a.gri_steps,
+                         snapshot_every=a.snapshot_every,
                          force=a.force, log=log)
     print(f"done in {time.time() - t0:.0f} s: {times}")
 

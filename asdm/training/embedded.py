@@ -8,11 +8,13 @@ Stages, each written to ``weights/embedded/`` and skipped when its file exists (
    rescaled exactly (encoder mean x c, log-variance + 2 ln c, decoder input / c) so that its
    latents x 0.18215 have unit standard deviation, as SD1.5's do.
 2. ``unet``: UNet and text encoder together from scratch on the VAE's latent means and the
-   captions, SD's objective (noise prediction, DDPM schedule of the SD1.5 model config), 10 % of
-   captions dropped to "" so that classifier-free guidance works; EMA weights are saved.
+   captions of ``UNET_SCENES`` scenes, SD's objective (noise prediction, DDPM schedule of the
+   SD1.5 model config) weighted min-SNR-5, 10 % of captions dropped to "" so that
+   classifier-free guidance works; EMA weights are saved.
 3. ``family``: BK-SDM Base / Small / Tiny from the UNet, M2 (Base's shallow blocks in the UNet,
-   the UNet's blocks frozen), Small and Tiny continued with ME-CondConv experts, all with the
-   project's trainer (``asdm.training.trainer``).
+   the UNet's blocks frozen), ME-CondConv experts trained on Small and Tiny (the UNets frozen, so
+   those members' UNet files derive from Small's / Tiny's), all with the project's trainer
+   (``asdm.training.trainer``).
 
 (The evaluation's attribute checker is trained on the same scenes by the same script:
 ``asdm.evaluation.metrics``.)
@@ -36,7 +38,9 @@ from . import distill, shapes
 from .steps import set_cosine_lr, step_generator
 from .. import embedded
 
-N_SCENES = 4000
+N_SCENES = 4000          # the VAE's, the checker's and the family's scenes
+UNET_SCENES = 16000      # the text-to-image stage's: more layouts per caption, less memorised
+MIN_SNR = 5.0            # min-SNR loss weighting (Hang et al., 2023), see train_text_to_image
 
 
 def init_(module: torch.nn.Module, zero_out: tuple[str, ...] = ()) -> torch.nn.Module:
@@ -131,8 +135,14 @@ def new_unet_model():
 
 
 def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int,
-                        lr: float = 6e-4, log=print):
-    """Returns (BaseModel with EMA UNet weights, host CLIP with EMA text-encoder weights)."""
+                        lr: float = 8e-4, log=print, snapshot=None, snapshot_every: int = 0):
+    """Returns (BaseModel with EMA UNet weights, host CLIP with EMA text-encoder weights).
+
+    The noise-prediction loss is weighted min(SNR, 5) / SNR per sample (min-SNR-5): the
+    low-noise steps, where predicting the noise is hardest and decides only fine detail, would
+    otherwise take most of the gradient; the high-noise steps, where the caption decides which
+    shape goes where, get their share. ``snapshot(model, clip, step)`` is called with the EMA
+    weights swapped in every ``snapshot_every`` steps (to watch adherence while it trains)."""
     torch.manual_seed(seed)
     model = new_unet_model()
     unet = model.diffusion_model
@@ -167,7 +177,9 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
             tok[torch.rand(batch, generator=g) < 0.1] = uncond
             x_t, t, noise = distill.noised(x0_all[idx], sigmas, g)
             context = te(tok)[0]
-            loss = F.mse_loss(unet(x_t, timesteps=t, context=context), noise)
+            snr = 1.0 / sigmas[t.long()] ** 2     # alpha_bar / (1 - alpha_bar)
+            weight = (snr.clamp(max=MIN_SNR) / snr).view(batch, 1, 1, 1)
+            loss = (weight * (unet(x_t, timesteps=t, context=context) - noise) ** 2).mean()
             set_cosine_lr(opt, lr, step, steps, floor=0.1, warmup=100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,13 +192,27 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
             if (step + 1) % 25 == 0:
                 log(f"unet step {step + 1}/{steps}  loss {loss.item():.4f}  "
                     f"({(time.time() - t0) / (step + 1):.2f} s/step)")
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-            p.requires_grad_(False)
-        te.text_model.embeddings.token_embedding.weight[~keep] = 0
+            if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+                live = [p.detach().clone() for p in params]
+                _use_ema(params, ema, te, keep)
+                unet.eval()
+                snapshot(model, clip, step + 1)
+                unet.train()
+                with torch.no_grad():
+                    for p, v in zip(params, live):
+                        p.copy_(v)
+    _use_ema(params, ema, te, keep)
+    for p in params:
+        p.requires_grad_(False)
     unet.eval()
     return model, clip
+
+
+@torch.no_grad()
+def _use_ema(params, ema, te, keep) -> None:
+    for e, p in zip(ema, params):
+        p.copy_(e)
+    te.text_model.embeddings.token_embedding.weight[~keep] = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +227,22 @@ def save_weights(sd: dict, path: str, meta: dict) -> None:
     write_safetensors(sd, path, meta)
 
 
+def _save_teacher(model, clip, folder: str, steps: int) -> None:
+    """The trained UNet and text encoder, as the files ``embedded.load(folder)`` reads."""
+    import comfy.model_patcher
+    from .. import assembly
+    unet_file = os.path.join(folder, embedded.FILES["unet"])
+    os.makedirs(os.path.dirname(unet_file), exist_ok=True)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
+    assembly.save_unet(patcher, unet_file, dtype=torch.float16,
+                       extra_meta={"asdm.embedded": "teacher", "asdm.steps": str(steps)},
+                       state=model.diffusion_model.state_dict())
+    save_weights(embedded.text_state_dict(clip), os.path.join(folder, embedded.FILES["text"]),
+                 {"asdm.format": "asdm-embedded-v1", "asdm.steps": steps})
+
+
 def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 1200, batch: int = 64,
-        family_steps: int = 300, gri_steps: int = 150,
+        family_steps: int = 300, gri_steps: int = 150, snapshot_every: int = 0,
         force: bool = False, log=print) -> dict:
     from .. import assembly, unet_files
     times = {}
@@ -228,14 +268,21 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
         from .. import host_models
         t0 = time.time()
         vae = host_models.make_vae(unet_files.read_safetensors(embedded.path("vae"))[0], embedded.VAE_CONFIG)
-        lat = latent_means(vae.first_stage_model.float(), images)
-        model, clip = train_text_to_image(lat, [s.caption for s in scenes], unet_steps, batch, seed, log=log)
-        import comfy.model_patcher
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
-        assembly.save_unet(patcher, embedded.path("unet"), dtype=torch.float16,
-                           extra_meta={"asdm.embedded": "teacher", "asdm.steps": str(unet_steps)},
-                           state=model.diffusion_model.state_dict())
-        save_weights(embedded.text_state_dict(clip), embedded.path("text"), meta)
+        more = shapes.generate(UNET_SCENES, embedded.IMAGE_SIZE, seed)   # the first N_SCENES are `scenes`
+        lat = latent_means(vae.first_stage_model.float(), images_tensor(more))
+
+        def snapshot(model, clip, step):   # a loadable copy: embedded.load("out/embedded-unet/step-N")
+            import shutil
+            folder = os.path.join(embedded.REPO_ROOT, "out", "embedded-unet", f"step-{step}")
+            _save_teacher(model, clip, folder, step)
+            for part in ("vae",):
+                shutil.copy(embedded.path(part), os.path.join(folder, embedded.FILES[part]))
+            shutil.copy(os.path.join(embedded.WEIGHTS, "text_encoder.json"), folder)
+            log(f"unet: snapshot of step {step} in {folder}")
+
+        model, clip = train_text_to_image(lat, [s.caption for s in more], unet_steps, batch, seed, log=log,
+                                          snapshot=snapshot, snapshot_every=snapshot_every)
+        _save_teacher(model, clip, embedded.WEIGHTS, unet_steps)
         times["unet_and_text_s"] = round(time.time() - t0, 1)
 
     if "family" in stages:
@@ -272,10 +319,12 @@ def family_runs(steps: int) -> dict[str, dict]:
         "small": dict(common, steps=steps, student={"kind": "compress", "layout": "small"}),
         "tiny": dict(common, steps=steps, student={"kind": "compress", "layout": "tiny"}),
         "m2": dict(common, steps=short, student={"kind": "assemble", "recipe": "M2", "compressed": "@base"}),
+        # the experts alone train (train_unet = false), so the UNet file is Small's / Tiny's and is
+        # stored as derived from it: what the member adds is its experts file
         "small-condconv": dict(common, steps=short, student={"kind": "condconv", "unet": "@small", "experts": 2,
-                                                             "init": "identity"}),
+                                                             "init": "identity", "train_unet": False}),
         "tiny-condconv": dict(common, steps=short, student={"kind": "condconv", "unet": "@tiny", "experts": 2,
-                                                           "init": "identity"}),
+                                                           "init": "identity", "train_unet": False}),
     }
 
 
@@ -336,7 +385,12 @@ def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) 
         cfg["teacher"] = {"unet": embedded.path("unet")}
         cfg["data"] = {"latents": data}
         res, sd, meta = _train_run(cfg, os.path.join(work, f"{name}.toml"), name, log)
-        save_weights(sd, out_file, meta)
+        if st["kind"] == "condconv" and not st.get("train_unet", True):
+            from .. import assembly
+            sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+            assembly.write_unet(sd, meta, out_file, derive_from=st["unet"])
+        else:
+            save_weights(sd, out_file, meta)
         if res.get("experts"):
             esd, emeta = unet_files.read_safetensors(res["experts"])
             save_weights(esd, os.path.join(embedded.FAMILY_EXPERTS, os.path.basename(out_file)), emeta)

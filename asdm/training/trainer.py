@@ -294,7 +294,9 @@ def build(cfg: dict):
         except (unet_files.UNetFileError, condconv.CondConvError, ValueError) as e:
             raise ConfigError(f"student: {e}") from None
         student = base
-        trainable = [n for n, _ in unet.named_parameters()]
+        # train_unet = false: the experts alone learn, so the exported UNet is the one it came from
+        # bit for bit and the embedded family stores it as a file derived from that one
+        trainable = [n for n, _ in unet.named_parameters()] if student_cfg.get("train_unet", True) else []
     if cfg.get("gri") is not None:
         gri_sites(student.model.diffusion_model, cfg["gri"])   # bad settings: told before training
     return teacher.model.diffusion_model, student, trainable, experts

@@ -21,7 +21,13 @@ def test_main_job_quick(tmp_path):
     modes = {f"EX3-P5-{m}" for m in ("residual", "residual+forecast", "output", "output+forecast")}
     want |= modes | {"deepcache-d2-n5"}
     attention = {"attn-full", "gri-16x4", "gri-8x2", "gri-tuned", "tome", "hypertile"}
-    assert set(rows) == want | attention
+    family = {f"family-{m}" for m in ("base", "small", "tiny", "m2", "small-condconv", "tiny-condconv")}
+    assert set(rows) == want | attention | family
+    # the family against its untrained counterparts: sampled exactly as the graph samples (full
+    # compute equal bit for bit), and the BK-SDM students far closer to the teacher once trained
+    assert all(rows[n]["graph_equal"] for n in family)
+    for n in ("family-base", "family-small", "family-tiny"):
+        assert rows[n]["psnr"] > rows[n]["psnr_untrained"] + 3, n
     # self-attention at 256 px: full attention is the reference; the accelerators change the
     # images, and GRI stays close to full attention (it keeps each region exact)
     assert rows["attn-full"]["psnr"] is None
@@ -47,7 +53,7 @@ def test_main_job_quick(tmp_path):
     assert rows["tiny"]["bound"] > rows["small"]["bound"] > rows["base"]["bound"] > 1.0
     assert rows["S2"]["bound"] == rows["S1"]["bound"]          # same step counts on each UNet
     report = (out / "report.md").read_text()
-    assert "| CO6 P2† |" in report and "| GRI w8 s2, tuned |" in report and "Paper findings" in report and "Inheritance modes against DeepCache" in report and "seed-to-seed" not in report.split("##")[0]
+    assert "| CO6 P2† |" in report and "| GRI w8 s2, tuned |" in report and "Paper findings" in report and "Inheritance modes against DeepCache" in report and "untrained counterparts" in report and "seed-to-seed" not in report.split("##")[0]
     assert "[" in r.stderr and "min left" in r.stderr           # the one progress bar
     # the host's own lines stay in host.log, not on the console
     assert "Requested to load" not in r.stdout + r.stderr and "model_type" not in r.stdout + r.stderr

@@ -77,6 +77,18 @@ def test_condconv_student_trains_its_experts_and_the_node_loads_them(trainer_fil
     tm = engine("harness.models")
     conds = (tm.conditioning(768, 1), tm.conditioning(768, 2))
     assert not torch.equal(ksample(m, conds, steps=3), ksample(unet, conds, steps=3))
+    # train_unet = false: the experts move, the UNet is the layout it started from bit for bit
+    res2 = tr.train(tr.load_config(config(trainer_files, tmp_path / "cc2", steps=4, save_every=4,
+                                          student='kind = "condconv"\nlayout = "small"\nexperts = 2\n'
+                                                  'init = "identity"\ntrain_unet = false')))
+    moved = safetensors.torch.load_file(res2["experts"])
+    assert any(k.endswith(".experts") and v.abs().max() > 0 for k, v in moved.items())
+    start = engine("assembly").compress(engine("unet_files").load_unet(str(trainer_files / "teacher.safetensors")), "small")
+    start = {k: v.float() for k, v in start.model.diffusion_model.state_dict().items()}
+    kept = {k: v.float() for k, v in weights(tmp_path / "cc2").items()}
+    changed = {k: v.float() for k, v in weights(tmp_path / "cc").items()}
+    assert kept.keys() == start.keys() and all(torch.equal(kept[k], start[k]) for k in kept)
+    assert any(not torch.equal(changed[k], start[k]) for k in changed)
 
 
 def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(trainer_files, tmp_path):
