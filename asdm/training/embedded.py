@@ -385,10 +385,14 @@ def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) 
         cfg["teacher"] = {"unet": embedded.path("unet")}
         cfg["data"] = {"latents": data}
         res, sd, meta = _train_run(cfg, os.path.join(work, f"{name}.toml"), name, log)
-        if st["kind"] == "condconv" and not st.get("train_unet", True):
+        # stored as what it adds to the UNet it derives from: M2 to the full UNet (whose blocks it
+        # keeps frozen), an experts-only ME-CondConv member to Small / Tiny (its UNet is theirs)
+        source = {"assemble": embedded.path("unet"),
+                  "condconv": None if st.get("train_unet", True) else st.get("unet")}.get(st["kind"])
+        if source:
             from .. import assembly
             sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-            assembly.write_unet(sd, meta, out_file, derive_from=st["unet"])
+            assembly.write_unet(sd, meta, out_file, derive_from=source)
         else:
             save_weights(sd, out_file, meta)
         if res.get("experts"):
