@@ -227,7 +227,7 @@ def save_weights(sd: dict, path: str, meta: dict) -> None:
     write_safetensors(sd, path, meta)
 
 
-def _save_teacher(model, clip, folder: str, steps: int) -> None:
+def _save_teacher(model, clip, folder: str, steps: int, seed: int) -> None:
     """The trained UNet and text encoder, as the files ``embedded.load(folder)`` reads."""
     import comfy.model_patcher
     from .. import assembly
@@ -238,10 +238,10 @@ def _save_teacher(model, clip, folder: str, steps: int) -> None:
                        extra_meta={"asdm.embedded": "teacher", "asdm.steps": str(steps)},
                        state=model.diffusion_model.state_dict())
     save_weights(embedded.text_state_dict(clip), os.path.join(folder, embedded.FILES["text"]),
-                 {"asdm.format": "asdm-embedded-v1", "asdm.steps": steps})
+                 {"asdm.format": "asdm-embedded-v1", "asdm.seed": seed, "asdm.steps": steps})
 
 
-def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 1200, batch: int = 64,
+def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 4200, batch: int = 64,
         family_steps: int = 300, gri_steps: int = 150, snapshot_every: int = 0,
         force: bool = False, log=print) -> dict:
     from .. import assembly, unet_files
@@ -274,15 +274,14 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
         def snapshot(model, clip, step):   # a loadable copy: embedded.load("out/embedded-unet/step-N")
             import shutil
             folder = os.path.join(embedded.REPO_ROOT, "out", "embedded-unet", f"step-{step}")
-            _save_teacher(model, clip, folder, step)
-            for part in ("vae",):
-                shutil.copy(embedded.path(part), os.path.join(folder, embedded.FILES[part]))
+            _save_teacher(model, clip, folder, step, seed)
+            shutil.copy(embedded.path("vae"), os.path.join(folder, embedded.FILES["vae"]))
             shutil.copy(os.path.join(embedded.WEIGHTS, "text_encoder.json"), folder)
             log(f"unet: snapshot of step {step} in {folder}")
 
         model, clip = train_text_to_image(lat, [s.caption for s in more], unet_steps, batch, seed, log=log,
                                           snapshot=snapshot, snapshot_every=snapshot_every)
-        _save_teacher(model, clip, embedded.WEIGHTS, unet_steps)
+        _save_teacher(model, clip, embedded.WEIGHTS, unet_steps, seed)
         times["unet_and_text_s"] = round(time.time() - t0, 1)
 
     if "family" in stages:
