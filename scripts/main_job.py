@@ -15,6 +15,8 @@ embedded model and on SD1.5-width UNets.
 3. Self-attention at 256 px (the embedded model's top level over 1024 tokens): GRI attention
    against ComfyUI's ToMe and HyperTile, each paired with full attention per caption: UNet-time
    ratio, PSNR / SSIM against full attention, adherence.
+4. The family against its untrained counterparts: each member's images against full compute,
+   trained and as it was before the project's trainer, same captions, seeds and sampler.
 
 Writes report.md, grid.png, plot.png, attention.png and results.json to --out (default out/main-job, which git
 ignores); --publish also copies them to docs/report for the README. The host's own log goes to
