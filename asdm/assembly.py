@@ -282,7 +282,7 @@ def _keep_up(items: list, count: int) -> list:
 # ---------------------------------------------------------------------------------------------
 
 def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, state: dict | None = None,
-              derive_from: str | None = None) -> None:
+              derive_from: str | None = None, int8: bool = False) -> None:
     """The UNet in ldm layout (what ComfyUI's own UNet loader reads), with its layout and the
     assembly recipe (if any) in the metadata.
 
@@ -301,12 +301,12 @@ def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, st
     if getattr(mc, "asdm_recipe", None):
         meta["asdm.recipe"] = mc.asdm_recipe
     meta.update(extra_meta or {})
-    write_unet(sd, meta, path, derive_from)
+    write_unet(sd, meta, path, derive_from, int8)
 
 
-def write_unet(sd: dict, meta: dict, path: str, derive_from: str | None = None) -> None:
+def write_unet(sd: dict, meta: dict, path: str, derive_from: str | None = None, int8: bool = False) -> None:
     """Writes a UNet state dict with its A-SDM metadata (``asdm.layout`` included), whole or as
-    what it adds to ``derive_from`` (see ``save_unet``)."""
+    what it adds to ``derive_from`` (see ``save_unet``); ``int8``: see ``write_safetensors``."""
     from .unet_files import read_unet, write_safetensors
     meta = dict(meta)
     if derive_from is not None:
@@ -319,7 +319,7 @@ def write_unet(sd: dict, meta: dict, path: str, derive_from: str | None = None) 
     else:
         for key in (DERIVED_FROM, DERIVED_PARTS, DERIVED_DIGEST):
             meta.pop(key, None)
-    write_safetensors(sd, path, meta)
+    write_safetensors(sd, path, meta, int8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -315,6 +315,7 @@ def apply_condconv(model, experts: dict):
 # ---------------------------------------------------------------------------------------------
 
 def save_experts(experts: dict, path: str, meta: dict | None = None) -> None:
+    """The experts and routers, float32 (what a training run resumes from and exports)."""
     from .unet_files import write_safetensors
     sd, layout = {}, {}
     for p, me in experts.items():

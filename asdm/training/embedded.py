@@ -219,12 +219,16 @@ def _use_ema(params, ema, te, keep) -> None:
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def save_weights(sd: dict, path: str, meta: dict) -> None:
-    """Weights of the embedded model: fp16, written atomically."""
+def half(sd: dict) -> dict:
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def save_weights(sd: dict, path: str, meta: dict, int8: bool = False) -> None:
+    """Weights of the embedded model: fp16 (``int8``: stored in int8, read back as fp16; see
+    ``unet_files.quantize_int8``), written atomically."""
     from ..unet_files import write_safetensors
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    write_safetensors(sd, path, meta)
+    write_safetensors(half(sd), path, meta, int8)
 
 
 def _save_teacher(model, clip, folder: str, steps: int, seed: int) -> None:
@@ -351,6 +355,12 @@ def _train_run(cfg: dict, toml_path: str, name: str, log) -> tuple[dict, dict, d
     return res, sd, dict(meta, **{"asdm.embedded": name, "asdm.train.seconds": f"{time.time() - t0:.0f}"})
 
 
+# The family (compressed, assembled, ME-CondConv and GRI students) is stored in int8 so the pack's
+# weights stay small (about 40 MB with it, 58 MB in fp16); the teacher, which every fidelity
+# number is measured against, stays fp16. Loading gives fp16 either way.
+FAMILY_INT8 = True
+
+
 def family_file(name: str) -> str:
     return os.path.join(embedded.FAMILY_UNETS, embedded.family_name(name))
 
@@ -388,15 +398,18 @@ def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) 
         # keeps frozen), an experts-only ME-CondConv member to Small / Tiny (its UNet is theirs)
         source = {"assemble": embedded.path("unet"),
                   "condconv": None if st.get("train_unet", True) else st.get("unet")}.get(st["kind"])
+        # The family is stored in int8 (FAMILY_INT8); the next member trains from what is stored
+        # (M2 from the stored Base, ME-CondConv from the stored Small / Tiny), so a re-run
+        # reproduces the shipped files.
         if source:
             from .. import assembly
-            sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-            assembly.write_unet(sd, meta, out_file, derive_from=source)
+            assembly.write_unet(half(sd), meta, out_file, derive_from=source, int8=FAMILY_INT8)
         else:
-            save_weights(sd, out_file, meta)
+            save_weights(sd, out_file, meta, int8=FAMILY_INT8)
         if res.get("experts"):
             esd, emeta = unet_files.read_safetensors(res["experts"])
-            save_weights(esd, os.path.join(embedded.FAMILY_EXPERTS, os.path.basename(out_file)), emeta)
+            save_weights(esd, os.path.join(embedded.FAMILY_EXPERTS, os.path.basename(out_file)), emeta,
+                         int8=FAMILY_INT8)
     return True
 
 
@@ -443,7 +456,6 @@ def train_gri_student(steps: int, seed: int, force: bool, log=print) -> bool:
            # would pull the student away from it
            "loss": {"task": 0.0}}
     _, sd, meta = _train_run(cfg, os.path.join(work, "gri.toml"), "full-gri", log)
-    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     meta.pop("asdm.recipe", None)   # a UNet of the teacher's own layout, not an assembly to redo
-    assembly.write_unet(sd, meta, out_file, derive_from=embedded.path("unet"))
+    assembly.write_unet(half(sd), meta, out_file, derive_from=embedded.path("unet"), int8=FAMILY_INT8)
     return True

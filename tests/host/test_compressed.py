@@ -201,6 +201,42 @@ def test_derived_file_stores_only_what_it_adds(N, sd_and_base, tmp_path):
         asm.save_unet(m2, str(tmp_path / "m2b.safetensors"), derive_from=str(tmp_path.parent / "x.safetensors"))
 
 
+def test_int8_storage(N, sd_and_base, tmp_path):
+    """The embedded family's storage: a (derived) UNet stored in int8 loads with weights within
+    half a code of its fp16 ones, per output channel; biases and norms exactly; a file
+    whose scales are damaged is refused, naming the tensor."""
+    uf, asm = engine("unet_files"), engine("assembly")
+    sd, base = sd_and_base
+    m2 = asm.assemble(sd, base, asm.recipe_spec("M2"))
+    asm.save_unet(sd, str(tmp_path / "sd.safetensors"), dtype=torch.float16, int8=True)
+    asm.save_unet(m2, str(tmp_path / "m2.safetensors"), dtype=torch.float16, int8=True,
+                  derive_from=str(tmp_path / "sd.safetensors"))
+    asm.save_unet(m2, str(tmp_path / "m2-fp16.safetensors"), dtype=torch.float16,
+                  derive_from=str(tmp_path / "sd.safetensors"))
+    raw = safetensors.torch.load_file(str(tmp_path / "m2.safetensors"))
+    assert any(v.dtype == torch.int8 for v in raw.values())
+    assert os.path.getsize(tmp_path / "m2.safetensors") < 0.6 * os.path.getsize(tmp_path / "m2-fp16.safetensors")
+    with model_folder(engine("compat").unet_folder(), tmp_path):
+        for name, m in (("sd.safetensors", sd), ("m2.safetensors", m2)):
+            got, want = state(load_node(N, name)), {k: v.half() for k, v in state(m).items()}
+            assert got.keys() == want.keys()
+            for k, w in want.items():
+                g = got[k].half()   # the host casts to its compute dtype (fp32 on a CPU): exact from fp16
+                if w.dim() >= 2 and w.numel() >= 1024:
+                    # half a code (max|w| / 254) plus the fp16 rounding of the result (half an
+                    # ulp: at most max|w| * 2^-11)
+                    bound = w.float().reshape(w.shape[0], -1).abs().amax(1) * (1 / 254 + 2 ** -11)
+                    err = (g.float() - w.float()).reshape(w.shape[0], -1).abs().amax(1)
+                    assert bool((err <= bound).all()), k
+                else:
+                    assert torch.equal(g, w), k
+        key = next(k for k in raw if k.endswith(uf.INT8_SCALE))
+        meta = safetensors.safe_open(str(tmp_path / "m2.safetensors"), "pt").metadata()
+        safetensors.torch.save_file({k: v for k, v in raw.items() if k != key}, str(tmp_path / "bad.safetensors"), meta)
+        with pytest.raises(ValueError, match=f"its tensor {key[:-len(uf.INT8_SCALE)]} has no matching per-channel scale"):
+            load_node(N, "bad.safetensors")
+
+
 def test_assembly_errors(N, sd_and_base, sd2_tiny):
     sd, base = sd_and_base
     small = engine("assembly").compress(sd, "small")
