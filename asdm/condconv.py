@@ -67,11 +67,45 @@ PATHS = ("mix", "stacked")
 PATH: str | None = None
 
 
-def me_conv(x, conv, me: MEExperts, shared: bool | None = None, path: str | None = None):
+class Workspace:
+    """One reusable buffer for the kernel-mix path's per-sample kernels, shared by the
+    ME-CondConvs of one patched model (they run one after another, and each conv is done with
+    its kernels before the next starts, in stream order on a GPU). Why: the B kernels of a deep
+    conv are large (118 MB for 1280 channels at batch 2 in fp32); a fresh allocation that size
+    is mapped anew on every call, and its page faults cost more than the mixing itself. Only in
+    inference (autograd keeps each call's kernels), and only up to MAX_BYTES."""
+    MAX_BYTES = 256 << 20
+
+    def __init__(self):
+        self._buf = None
+
+    def fits(self, numel: int, itemsize: int) -> bool:
+        return numel * itemsize <= self.MAX_BYTES
+
+    def take(self, shape: tuple, like: torch.Tensor):
+        """A [shape] view of the buffer in ``like``'s device and dtype, or None over MAX_BYTES."""
+        n = math.prod(shape)
+        if not self.fits(n, like.element_size()):
+            return None
+        b = self._buf
+        # an inference tensor (made inside ComfyUI's executor) cannot be written outside
+        # inference mode, so a buffer made there is replaced when used outside it
+        if (b is None or b.numel() < n or b.device != like.device or b.dtype != like.dtype
+                or (b.is_inference() and not torch.is_inference_mode_enabled())):
+            b = self._buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        return b[:n].view(shape)
+
+    def __deepcopy__(self, memo):   # model clones share it: they do not run at the same time
+        return self
+
+
+def me_conv(x, conv, me: MEExperts, shared: bool | None = None, path: str | None = None,
+            workspace: Workspace | None = None):
     """The ME-CondConv forward of ``conv`` (a Conv2d whose weight is expert 0). ``shared``: the
     routing is known to be the same for every sample (a zero router weight); None = look.
     ``path``: "mix" or "stacked" for per-sample routing; None = the module's PATH, else
-    ``choose_path``."""
+    ``choose_path``. ``workspace``: where the kernel mix writes its kernels (inference only);
+    None = fresh memory each call."""
     w0 = conv.weight.to(device=x.device, dtype=x.dtype)
     b0 = (conv.bias.to(device=x.device, dtype=x.dtype) if conv.bias is not None
           else torch.zeros(w0.shape[0], dtype=x.dtype, device=x.device))
@@ -86,19 +120,23 @@ def me_conv(x, conv, me: MEExperts, shared: bool | None = None, path: str | None
         path = PATH
     if path is None:
         out_pixels = x.shape[2] * x.shape[3] // (conv.stride[0] * conv.stride[1])
-        path = choose_path(x.shape[0], out_pixels, me.n, w0.numel(), x.device.type, x.element_size())
+        reused = workspace is not None and workspace.fits(x.shape[0] * w0.numel(), x.element_size())
+        path = choose_path(x.shape[0], out_pixels, me.n, w0.numel(), x.device.type, x.element_size(), reused)
     if path == "stacked" and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
         return _stacked(x, w0, b0, experts, biases, r, kw)
-    return _kernel_mix(x, w0, b0, experts, biases, r, kw)
+    buf = workspace.take((x.shape[0], w0.numel()), x) if workspace is not None else None
+    return _kernel_mix(x, w0, b0, experts, biases, r, kw, buf)
 
 
-def _kernel_mix(x, w0, b0, experts, biases, r, kw):
-    """The kernel-mix path: each sample's kernel sum_i r_bi W_i, then one grouped convolution
-    with the batch as groups. Cost: reading the N experts and writing B kernels."""
+def _kernel_mix(x, w0, b0, experts, biases, r, kw, buf=None):
+    """The kernel-mix path: each sample's kernel sum_i r_bi W_i (into ``buf``, [B, K], when
+    given), then one grouped convolution with the batch as groups. Cost: reading the N experts
+    and writing B kernels."""
     b, i, h, w = x.shape
     # r_b1.. @ experts, then + r_b0 W0 in place: one pass less over the B kernels than adding
     # into a scaled copy of W0 (addmm), and expert 0 is read without a copy
-    k = torch.mm(r[:, 1:], experts.flatten(1)).addcmul_(r[:, :1], w0.reshape(1, -1))
+    k = torch.mm(r[:, 1:], experts.flatten(1), out=buf) if buf is not None else torch.mm(r[:, 1:], experts.flatten(1))
+    k.addcmul_(r[:, :1], w0.reshape(1, -1))
     bias = torch.addmm(r[:, :1] * b0[None], r[:, 1:], biases)
     # Measured on the calibration CPU against a loop of B plain convolutions (batch 2): the
     # grouped convolution is as fast single-threaded and faster with 2 threads at the sizes
@@ -148,26 +186,28 @@ _COST = {
     # dominate) and at 320 channels (7 MB, stays in cache). The crossover this gives at N = 2,
     # B = 2: stacked up to 8x8 for 640-1280 channels, mix from 16x16, and mix at 320 channels
     # from 8x8; at N = 4 the stacked path keeps only the maps up to about 4x4.
-    "cpu": dict(read=1.2, flop=0.025, fresh=4.0, fresh_cached=0.5, cache_bytes=16 << 20),
+    "cpu": dict(read=1.2, flop=0.025, fresh=4.0, fresh_cached=0.5, reused=1.0, cache_bytes=16 << 20),
     # GPUs (cuda and anything else): NOT measured (no GPU on the calibration machine); estimated
     # for a current datacenter GPU at fp16/bf16: ~3 TB/s (read = 2 bytes / 3 TB/s, scaled to
     # 4 bytes), ~200 TFLOP/s on tensor cores for these skinny matmuls (fp32: 4x slower, see
     # choose_path), fresh = a write and a read, no page faults. Crossover at N = 2, B = 2:
     # about 15x15 outputs.
-    "gpu": dict(read=0.0013, flop=0.000005, fresh=0.0027, fresh_cached=0.0027, cache_bytes=0),
+    "gpu": dict(read=0.0013, flop=0.000005, fresh=0.0027, fresh_cached=0.0027, reused=0.0027, cache_bytes=0),
 }
 
 
 def choose_path(batch: int, out_pixels: int, n: int, kernel_numel: int, device_type: str = "cpu",
-                itemsize: int = 4) -> str:
+                itemsize: int = 4, reused: bool = False) -> str:
     """"stacked" or "mix" for a convolution with per-sample routing: whichever the cost model
-    above says costs less extra time. Plain arithmetic on shapes: no device work, no sync."""
+    above says costs less extra time. ``reused``: the mix writes its kernels into a Workspace
+    (no fresh memory). Plain arithmetic on shapes: no device work, no sync."""
     if n < 2:
         return "mix"
     c = _COST["cpu" if device_type == "cpu" else "gpu"]
     scale = itemsize / 4
     flop = c["flop"] * (4 if device_type != "cpu" and itemsize == 4 else 1)   # GPU fp32: no fp16 tensor cores
-    fresh = c["fresh_cached"] if batch * kernel_numel * itemsize <= c["cache_bytes"] else c["fresh"]
+    fresh = (c["fresh_cached"] if batch * kernel_numel * itemsize <= c["cache_bytes"]
+             else c["reused"] if reused else c["fresh"])
     stacked = (n - 1) * (c["read"] * scale + 2 * batch * out_pixels * flop)
     mix = n * c["read"] * scale + batch * fresh * scale
     return "stacked" if stacked < mix else "mix"
@@ -203,8 +243,8 @@ class MEForward:
     LoRA. In training (grad mode, trainable experts) nothing is cached and the routing is always
     treated as per-sample, so gradients reach the experts and the router from every sample."""
 
-    def __init__(self, conv, me: MEExperts):
-        self.conv, self.me = conv, me
+    def __init__(self, conv, me: MEExperts, workspace: Workspace | None = None):
+        self.conv, self.me, self.workspace = conv, me, workspace
         self._key = None
 
     def _params(self):
@@ -227,7 +267,7 @@ class MEForward:
             self._placed, self._shared = placed, not bool(placed.router.weight.any())
             params = self._params()
             self._key, self._pinned = (x.device, x.dtype, _stamp(params)), params   # pinned: ids stay unique
-        return me_conv(x, self.conv, self._placed, self._shared)
+        return me_conv(x, self.conv, self._placed, self._shared, workspace=self.workspace)
 
     def __deepcopy__(self, memo):
         return self
@@ -305,8 +345,9 @@ def apply_condconv(model, experts: dict):
     ``forward``; parameter paths unchanged)."""
     m = model.clone()
     unet = m.model.diffusion_model
+    ws = Workspace()   # one per patched model: its ME-CondConvs run one at a time
     for path, me in experts.items():
-        m.add_object_patch(f"diffusion_model.{path}.forward", MEForward(unet.get_submodule(path), me))
+        m.add_object_patch(f"diffusion_model.{path}.forward", MEForward(unet.get_submodule(path), me, ws))
     return m
 
 

@@ -77,7 +77,8 @@ def flop_bounds(cc, unet, paths, shapes, conv_flops, total, n, batch, device_typ
         k = w.numel()
         e_mix = 2 * batch * n * k
         e_st = (n - 1) * conv_flops[p] + 2 * batch * n * out[1] * out[2] * out[3]
-        path = cc.choose_path(batch, out[2] * out[3], n, k, device_type, itemsize)
+        path = cc.choose_path(batch, out[2] * out[3], n, k, device_type, itemsize,
+                              cc.Workspace().fits(batch * k, itemsize))   # as apply_condconv runs it
         mix, stacked = mix + e_mix, stacked + e_st
         chosen += e_st if path == "stacked" else e_mix
         n_stacked += path == "stacked"
@@ -111,14 +112,16 @@ def calibrate(cc, batch, rounds, ns):
 
             def many(fn):
                 return lambda: [fn() for _ in range(reps)]
+            ws = cc.Workspace()   # as a patched model runs it: the kernels written into a reused buffer
             calls = {"plain": many(lambda: conv(x)),
-                     "mix": many(lambda: cc.me_conv(x, conv, me, shared=False, path="mix")),
+                     "mix": many(lambda: cc.me_conv(x, conv, me, shared=False, path="mix", workspace=ws)),
                      "stacked": many(lambda: cc.me_conv(x, conv, me, shared=False, path="stacked"))}
             t = interleaved(calls, rounds)
             plain = sorted(t["plain"])[rounds // 2] / reps
             cells = {k: Ratio.of(t[k], t["plain"]) for k in ("mix", "stacked")}
             per_w = {k: (cells[k].median - 1) * plain * 1e9 / conv.weight.numel() for k in cells}
-            pick = cc.choose_path(batch, hw * hw, n, conv.weight.numel(), dev, x.element_size())
+            pick = cc.choose_path(batch, hw * hw, n, conv.weight.numel(), dev, x.element_size(),
+                                  ws.fits(batch * conv.weight.numel(), x.element_size()))
             print(f"| {i} | {o} | {hw}x{hw} | {n} | {plain * 1e3:.1f} ms | {cells['mix']} | {cells['stacked']} "
                   f"| {per_w['mix']:.2f} | {per_w['stacked']:.2f} | {min(per_w, key=per_w.get)} | {pick} |", flush=True)
 

@@ -62,6 +62,26 @@ def test_each_path_equals_per_sample_loop(tiny, path, experts, size):
     assert (got - want).abs().max() <= TOL * want.abs().max()
 
 
+def test_workspace_reuse_is_exact(tiny):
+    """The kernel mix writing its kernels into a reused Workspace equals it writing fresh memory
+    bit for bit (same ops, same order), across convs of other sizes sharing the buffer and
+    across inference mode (a buffer made there is replaced outside it, not written)."""
+    unet = tiny.model.diffusion_model
+    paths = ["input_blocks.4.0.in_layers.2", "input_blocks.1.0.in_layers.2", "input_blocks.4.0.out_layers.3"]
+    experts = cc().make_experts(unet, paths, 3, "paper", seed=5)
+    g = torch.Generator().manual_seed(1)
+    xs = {p: torch.randn(2, unet.get_submodule(p).in_channels, 8, 8, generator=g) for p in paths}
+    ws = cc().Workspace()
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            for p in paths + paths[:1]:
+                conv = unet.get_submodule(p)
+                fresh = cc().me_conv(xs[p], conv, experts[p], shared=False, path="mix")
+                reused = cc().me_conv(xs[p], conv, experts[p], shared=False, path="mix", workspace=ws)
+                assert torch.equal(fresh, reused), p
+    assert ws.take((cc().Workspace.MAX_BYTES // 4 + 1,), xs[paths[0]]) is None   # over the cap: fresh memory
+
+
 def test_the_path_switch_reaches_sampling_and_both_paths_take_a_lora(N, tiny, conds, monkeypatch):
     """PATH forces every ME-CondConv of a sampled MODEL onto one path; both sample alike, and
     on both a LoRA on expert 0 acts and its unpatching leaves nothing stale behind."""
