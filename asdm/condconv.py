@@ -176,17 +176,20 @@ def _stacked(x, w0, b0, experts, biases, r, kw):
 #                                              kernels and convolving with them (the grouped
 #                                              convolution reads and re-lays out B kernels, not 1)
 # so the stacked path wins on small maps, the mix on large ones; K matters only through
-# `fresh`, which jumps once the B kernels no longer fit in cache (fresh memory).
+# `fresh`, which jumps once the B kernels no longer fit in cache: written to fresh memory
+# (page faults) without a Workspace, to the reused one (`reused`) with it.
 # Constants in ns per weight at 4 bytes (read and fresh scale with the element size):
 _COST = {
     # Calibrated on the project's 2-core AMD EPYC VM (torch 2.14 CPU, fp32, batch 2, single convs
-    # at SD1.5 widths, N = 2: benchmarks/condconv.py --calibrate): read from the stacked path's time at 2x2
-    # (GEMM packing of the expert kernels, ~3 GB/s), flop from it at 8x8-32x32 (~40 GFLOP/s),
-    # fresh from the mix path at 1280 channels (118 MB of per-sample kernels: page faults
-    # dominate) and at 320 channels (7 MB, stays in cache). The crossover this gives at N = 2,
-    # B = 2: stacked up to 8x8 for 640-1280 channels, mix from 16x16, and mix at 320 channels
-    # from 8x8; at N = 4 the stacked path keeps only the maps up to about 4x4.
-    "cpu": dict(read=1.2, flop=0.025, fresh=4.0, fresh_cached=0.5, reused=1.0, cache_bytes=16 << 20),
+    # at SD1.5 widths, N = 2: benchmarks/condconv.py --calibrate, 2026-11-24, the mix writing into
+    # a Workspace as patched models run it). Extra ns per kernel weight: stacked 0.55 (2x2 maps),
+    # 0.9 (4x4), 2.1-3.1 (8x8), 7-11 (16x16), so read 0.5 and flop 0.0065; the mix 3.1 at 1280
+    # channels (118 MB of per-sample kernels, out of cache: reused 1.05; into fresh memory it was
+    # ~10, page faults: fresh 4.0), 1.5-2.2 at 320 (7 MB, in cache: fresh_cached 0.5). Picks at
+    # N = 2: stacked up to 8x8 at 640-1280 channels and up to 4x4 at 320, the mix elsewhere; the
+    # faster path at every calibrated shape but 640 channels at 8x8 (the mix is 0.5 ns/weight
+    # faster there, ~2 ms a conv). At N = 4 the stacked path keeps the maps up to 4x4.
+    "cpu": dict(read=0.5, flop=0.0065, fresh=4.0, fresh_cached=0.5, reused=1.05, cache_bytes=16 << 20),
     # GPUs (cuda and anything else): NOT measured (no GPU on the calibration machine); estimated
     # for a current datacenter GPU at fp16/bf16: ~3 TB/s (read = 2 bytes / 3 TB/s, scaled to
     # 4 bytes), ~200 TFLOP/s on tensor cores for these skinny matmuls (fp32: 4x slower, see
