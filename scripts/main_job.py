@@ -354,7 +354,9 @@ def main():
     sd15_calls = (8 + 2 * len(presets) + 2 * 3 * len(mode_presets) + 4) * (a.sd15_rounds + 1)   # refined by speed.measure's own count
     n_attn = len(strat_mod.attention_strategies()) * min(a.attention_prompts, a.prompts)
     progress = Progress({"embedded": (len(strategies) * a.prompts, 2 * guess),
-                         "sd15": (sd15_calls, 0.02 * a.sd15_size ** 2),
+                         # ~2.0 s per item at latent 16 on the 2-core CPU (measured, 2026-11-24: 304
+                         # items in 10.3 min; was guessed 5 s, which put the ETA ~2x over mid-run)
+                         "sd15": (sd15_calls, 0.008 * a.sd15_size ** 2),
                          "attention": (n_attn, guess * 16 * a.attention_steps / (a.steps * a.seeds))})
 
     # 1. embedded model: A B A B over the captions, the strategy's images kept
