@@ -31,9 +31,9 @@ def main():
     ap.add_argument("--scheduler", default="normal")
     ap.add_argument("--folder", default=None, help="a weights folder as embedded.load reads it")
     a = ap.parse_args()
-    out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out")
-    os.makedirs(out, exist_ok=True)
-    host.boot(log_file=os.path.join(out, "adherence-host.log"))   # the host's own log
+    log_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out")
+    os.makedirs(log_dir, exist_ok=True)
+    host.boot(log_file=os.path.join(log_dir, "adherence-host.log"))   # the host's own log
     import numpy as np
     import torch
     import nodes
@@ -52,8 +52,8 @@ def main():
         for j, s in enumerate(scenes):
             pos = N["CLIPTextEncode"]().encode(clip, s.caption)[0]
             lat = N["EmptyLatentImage"]().generate(emb.IMAGE_SIZE, emb.IMAGE_SIZE, a.seeds)[0]
-            out = N["KSampler"]().sample(model, 1000 + j, a.steps, a.cfg, a.sampler, a.scheduler, pos, neg, lat)[0]
-            images.append(N["VAEDecode"]().decode(vae, out)[0].numpy())
+            sampled = N["KSampler"]().sample(model, 1000 + j, a.steps, a.cfg, a.sampler, a.scheduler, pos, neg, lat)[0]
+            images.append(N["VAEDecode"]().decode(vae, sampled)[0].numpy())
     r = binding.by_kind(checker, np.concatenate(images), [s.items for s in scenes for _ in range(a.seeds)])
     ones = sum(len(s.items) == 1 for s in scenes)
     print(f"adherence, {a.captions} captions x {a.seeds} seeds ({a.steps} steps {a.sampler} / {a.scheduler}, "
