@@ -18,8 +18,8 @@ def main():
     ap.add_argument("--stages", default="checker,vae,unet,family,gri")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=900)
-    ap.add_argument("--unet-steps", type=int, default=4200)
-    ap.add_argument("--snapshot-every", type=int, default=700,
+    ap.add_argument("--unet-steps", type=int, default=1800)
+    ap.add_argument("--snapshot-every", type=int, default=600,
                     help="UNet stage: a loadable copy every N steps in out/embedded-unet/step-N (0: none)")
     ap.add_argument("--family-steps", type=int, default=300)
     ap.add_argument("--gri-steps", type=int, default=150, help="the GRI-attention student (256 px)")

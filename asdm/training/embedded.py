@@ -41,6 +41,9 @@ from .. import embedded
 N_SCENES = 4000          # the VAE's, the checker's and the family's scenes
 UNET_SCENES = 16000      # the text-to-image stage's: more layouts per caption, less memorised
 MIN_SNR = 5.0            # min-SNR loss weighting (Hang et al., 2023), see train_text_to_image
+LAYOUT_WEIGHT = 0.05     # the text encoder's layout read-out, see train_text_to_image
+TWO_SHAPE_SHARE = 0.75   # of each UNet-stage batch
+EOS_TOKEN = 49407        # CLIP's end of text
 
 
 def init_(module: torch.nn.Module, zero_out: tuple[str, ...] = ()) -> torch.nn.Module:
@@ -134,15 +137,31 @@ def new_unet_model():
     return model
 
 
-def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int,
+def train_text_to_image(latents: torch.Tensor, scenes, steps: int, batch: int, seed: int,
                         lr: float = 8e-4, log=print, snapshot=None, snapshot_every: int = 0):
-    """Returns (BaseModel with EMA UNet weights, host CLIP with EMA text-encoder weights).
+    """Returns (BaseModel with EMA UNet weights, host CLIP with EMA text-encoder weights), trained
+    on ``latents`` and the captions of ``scenes``.
 
     The noise-prediction loss is weighted min(SNR, 5) / SNR per sample (min-SNR-5): the
     low-noise steps, where predicting the noise is hardest and decides only fine detail, would
     otherwise take most of the gradient; the high-noise steps, where the caption decides which
-    shape goes where, get their share. ``snapshot(model, clip, step)`` is called with the EMA
-    weights swapped in every ``snapshot_every`` steps (to watch adherence while it trains)."""
+    shape goes where, get their share.
+
+    Two additions make the model bind each shape to its place (without them the UNet learns the
+    caption as a bag of colours, kinds and places and swaps two shapes' places in half of the
+    two-shape images; see README, "Adherence"):
+
+    - a layout read-out: a linear head on the text encoder's state at the EOS token predicts
+      each place's colour and kind (``metrics.targets``), cross-entropy added with weight
+      ``LAYOUT_WEIGHT`` on the samples whose caption is not dropped. It pushes the whole layout
+      into the context tokens early, before the UNet settles on reading words one by one; the
+      head is thrown away (the files keep their format).
+    - ``TWO_SHAPE_SHARE`` of each batch drawn from the two-shape scenes (about half otherwise).
+
+    ``snapshot(model, clip, step)`` is called with the EMA weights swapped in every
+    ``snapshot_every`` steps (to watch adherence while it trains)."""
+    from ..evaluation.metrics import COLORS, KINDS, targets
+    captions = [s.caption for s in scenes]
     torch.manual_seed(seed)
     model = new_unet_model()
     unet = model.diffusion_model
@@ -159,11 +178,20 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
         keep = torch.zeros(emb.token_embedding.weight.shape[0], dtype=torch.bool)
         keep[used] = True
         emb.token_embedding.weight[~keep] = 0   # unknown words: zero, and never stored
+    place_colour, place_kind = targets(scenes)
+    eos = (ids == EOS_TOKEN).float().argmax(1)    # the first EOS; the rest of the 77 is padding
+    nc, nk = len(COLORS), len(KINDS)    # each with 'none'
+    head = torch.nn.Linear(te.text_model.final_layer_norm.normalized_shape[0], place_colour.shape[1] * (nc + nk))
+    two = torch.tensor([len(s.items) == 2 for s in scenes])
+    two_idx, one_idx = torch.nonzero(two).flatten(), torch.nonzero(~two).flatten()
+    n_two = int(batch * TWO_SHAPE_SHARE)
+    if not len(two_idx) or not len(one_idx):
+        raise ValueError("train_text_to_image: scenes must hold one-shape and two-shape scenes")
     params = list(unet.parameters()) + list(te.parameters())
     for p in params:
         p.requires_grad_(True)
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.0)
     sigmas = model.model_sampling.sigmas.float()
     x0_all = model.process_latent_in(latents)
     layers = {m: functools.partial(_clip_layer_forward, m) for m in te.modules() if type(m).__name__ == "CLIPLayer"}
@@ -172,17 +200,22 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
     with distill.trainable(unet), distill.replaced_forwards(layers):
         for step in range(steps):
             g = step_generator(seed, step)
-            idx = torch.randint(0, len(x0_all), (batch,), generator=g)
+            idx = torch.cat([two_idx[torch.randint(0, len(two_idx), (n_two,), generator=g)],
+                             one_idx[torch.randint(0, len(one_idx), (batch - n_two,), generator=g)]])
+            kept = torch.rand(batch, generator=g) >= 0.1
             tok = ids[idx].clone()
-            tok[torch.rand(batch, generator=g) < 0.1] = uncond
+            tok[~kept] = uncond
             x_t, t, noise = distill.noised(x0_all[idx], sigmas, g)
             context = te(tok)[0]
             snr = 1.0 / sigmas[t.long()] ** 2     # alpha_bar / (1 - alpha_bar)
             weight = (snr.clamp(max=MIN_SNR) / snr).view(batch, 1, 1, 1)
             loss = (weight * (unet(x_t, timesteps=t, context=context) - noise) ** 2).mean()
+            layout = head(context[torch.arange(batch), eos[idx]]).view(batch, -1, nc + nk)[kept]
+            layout_loss = (F.cross_entropy(layout[..., :nc].reshape(-1, nc), place_colour[idx][kept].flatten())
+                           + F.cross_entropy(layout[..., nc:].reshape(-1, nk), place_kind[idx][kept].flatten()))
             set_cosine_lr(opt, lr, step, steps, floor=0.1, warmup=100)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + LAYOUT_WEIGHT * layout_loss).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             decay = min(0.995, (1 + step) / (10 + step))
@@ -190,7 +223,7 @@ def train_text_to_image(latents: torch.Tensor, captions: list[str], steps: int, 
                 for e, p in zip(ema, params):
                     e.lerp_(p.detach(), 1 - decay)
             if (step + 1) % 25 == 0:
-                log(f"unet step {step + 1}/{steps}  loss {loss.item():.4f}  "
+                log(f"unet step {step + 1}/{steps}  loss {loss.item():.4f}  layout {layout_loss.item():.3f}  "
                     f"({(time.time() - t0) / (step + 1):.2f} s/step)")
             if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
                 live = [p.detach().clone() for p in params]
@@ -245,7 +278,7 @@ def _save_teacher(model, clip, folder: str, steps: int, seed: int) -> None:
                  {"asdm.format": "asdm-embedded-v1", "asdm.seed": seed, "asdm.steps": steps})
 
 
-def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 4200, batch: int = 64,
+def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 1800, batch: int = 64,
         family_steps: int = 300, gri_steps: int = 150, snapshot_every: int = 0,
         force: bool = False, log=print) -> dict:
     from .. import assembly, unet_files
@@ -283,7 +316,7 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
             shutil.copy(os.path.join(embedded.WEIGHTS, "text_encoder.json"), folder)
             log(f"unet: snapshot of step {step} in {folder}")
 
-        model, clip = train_text_to_image(lat, [s.caption for s in more], unet_steps, batch, seed, log=log,
+        model, clip = train_text_to_image(lat, more, unet_steps, batch, seed, log=log,
                                           snapshot=snapshot, snapshot_every=snapshot_every)
         _save_teacher(model, clip, embedded.WEIGHTS, unet_steps, seed)
         times["unet_and_text_s"] = round(time.time() - t0, 1)
