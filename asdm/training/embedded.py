@@ -10,7 +10,9 @@ Stages, each written to ``weights/embedded/`` and skipped when its file exists (
 2. ``unet``: UNet and text encoder together from scratch on the VAE's latent means and the
    captions of ``UNET_SCENES`` scenes, SD's objective (noise prediction, DDPM schedule of the
    SD1.5 model config) weighted min-SNR-5, 10 % of captions dropped to "" so that
-   classifier-free guidance works; EMA weights are saved.
+   classifier-free guidance works, a layout read-out on the text encoder and two-shape-heavy
+   batches so that each shape is bound to its place (see ``train_text_to_image``); EMA weights
+   are saved.
 3. ``family``: BK-SDM Base / Small / Tiny from the UNet, M2 (Base's shallow blocks in the UNet,
    the UNet's blocks frozen), ME-CondConv experts trained on Small and Tiny (the UNets frozen, so
    those members' UNet files derive from Small's / Tiny's), all with the project's trainer
@@ -149,7 +151,7 @@ def train_text_to_image(latents: torch.Tensor, scenes, steps: int, batch: int, s
 
     Two additions make the model bind each shape to its place (without them the UNet learns the
     caption as a bag of colours, kinds and places and swaps two shapes' places in half of the
-    two-shape images; see README, "Adherence"):
+    two-shape images; see README, "Where the budget went"):
 
     - a layout read-out: a linear head on the text encoder's state at the EOS token predicts
       each place's colour and kind (``metrics.targets``), cross-entropy added with weight
