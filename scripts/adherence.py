@@ -40,7 +40,6 @@ def main():
     N = nodes.NODE_CLASS_MAPPINGS
     emb, shapes = host.engine("embedded"), host.engine("training.shapes")
     metrics, binding = host.engine("evaluation.metrics"), host.engine("evaluation.binding")
-    training = host.engine("training.embedded")
     model, clip, vae = emb.load(a.folder)
     checker = metrics.load_checker(emb.path("checker"))
 
@@ -62,13 +61,7 @@ def main():
           f"{r['other']} other  ({time.time() - t0:.0f} s)")
 
     two = [s for s in shapes.generate(400, emb.IMAGE_SIZE, EVAL_SEED) if len(s.items) == 2][:96]
-    base = model.model
-    base.diffusion_model.float()
-    te = emb.text_transformer(clip).float()
-    latents = training.latent_means(vae.first_stage_model.float(), training.images_tensor(two))
-    ids = lambda captions: emb.token_ids(clip, captions)   # noqa: E731
-    with torch.inference_mode():
-        sens = binding.swap_sensitivity(base, te, ids, latents, two)
+    sens = binding.loaded_swap_sensitivity(model, clip, vae, two)
     print("x0 error on 96 two-shape scenes, true caption vs shapes' places swapped (ratio > 1: the UNet binds):")
     for t, (true, swap) in sens.items():
         print(f"  t {t:4d}  true {true:.4f}  swapped {swap:.4f}  ratio {swap / true:.3f}")

@@ -76,3 +76,16 @@ def swap_sensitivity(base_model, text_encoder, token_ids, latents, scenes, steps
                for c in (true, swap)]
         out[t] = (err[0], err[1])
     return out
+
+
+def loaded_swap_sensitivity(model, clip, vae, scenes, **kw) -> dict[int, tuple[float, float]]:
+    """``swap_sensitivity`` of a loaded embedded model (``embedded.load()``'s ModelPatcher, CLIP
+    and VAE): encodes the scenes' images with the VAE and reads the captions through the CLIP's
+    text transformer, which is made float32 in place (the host builds it in fp16 on a CPU), so
+    pass a copy of your own."""
+    from .. import embedded
+    from ..training.embedded import images_tensor, latent_means
+    latents = latent_means(vae.first_stage_model.float(), images_tensor(scenes))
+    with torch.inference_mode():
+        return swap_sensitivity(model.model, embedded.text_transformer(clip).float(),
+                                lambda captions: embedded.token_ids(clip, captions), latents, scenes, **kw)

@@ -61,14 +61,9 @@ def test_unet_binds_shapes_to_places():
     noise (where the layout is decided) is well above the true caption's when the two shapes'
     places are swapped in the caption. A UNet reading the caption as a bag of words reads 1.000
     here (the model before the layout read-out: 1.000 +- 0.006 at every t, see README)."""
-    emb, shapes, training = engine("embedded"), engine("training.shapes"), engine("training.embedded")
-    model, clip, vae = emb.load()       # a copy of its own: the text encoder is made float32 below
-    two = [s for s in shapes.generate(200, 64, EVAL_SEED) if len(s.items) == 2][:SWAP_SCENES]
-    latents = training.latent_means(vae.first_stage_model.float(), training.images_tensor(two))
-    with torch.inference_mode():
-        sens = engine("evaluation.binding").swap_sensitivity(
-            model.model, emb.text_transformer(clip).float(), lambda c: emb.token_ids(clip, c), latents, two,
-            steps=(500, 700))
+    model, clip, vae = engine("embedded").load()   # a copy of its own: its text encoder is made float32
+    two = [s for s in engine("training.shapes").generate(200, 64, EVAL_SEED) if len(s.items) == 2][:SWAP_SCENES]
+    sens = engine("evaluation.binding").loaded_swap_sensitivity(model, clip, vae, two, steps=(500, 700))
     ratios = {t: swap / true for t, (true, swap) in sens.items()}
     print("swap ratio", ratios)
     assert all(r > SWAP_RATIO for r in ratios.values()), ratios
