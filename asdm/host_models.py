@@ -2,6 +2,10 @@
 loaders build them: the compressed / assembled UNets and the embedded model use these."""
 from __future__ import annotations
 
+import copy
+
+import torch
+
 # ComfyUI's unet_config of SD1.5's UNet: 4 levels (320, 640, 1280, 1280 channels), 2 layers per
 # down block and 3 per up block, attention units in the first three levels and the middle.
 SD15_UNET_CONFIG = {
@@ -17,7 +21,7 @@ SD15_UNET_CONFIG = {
 def model_from_config(model_config, sd: dict, prediction: str = "eps", check=None):
     """ModelPatcher for ``model_config`` with the weights ``sd`` (ldm keys, no prefix).
     ``check(unet, sd)`` runs on the built UNet before the weights are loaded."""
-    import comfy.model_base
+    import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.utils
@@ -37,6 +41,13 @@ def model_from_config(model_config, sd: dict, prediction: str = "eps", check=Non
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
+def empty_unet(model_config):
+    """The UNet module ``model_config`` builds, on the meta device: its structure (to name its
+    entries), no weights."""
+    import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
+    return comfy.model_base.BaseModel(copy.deepcopy(model_config), device="meta").diffusion_model
+
+
 def prediction(patcher) -> str:
     """What a MODEL's UNet predicts, in the words model_from_config takes: "eps" or "v"."""
     return "v" if "V_PREDICTION" in str(patcher.model.model_type) else "eps"
@@ -46,7 +57,7 @@ def unet_state_dict(patcher) -> dict:
     """The UNet weights as this MODEL applies them (its own weight patches baked in, as the
     host's save nodes do). Loading it through the model manager first unpatches any loaded
     clone that shares these weights (a LoRA'd copy of the same checkpoint elsewhere)."""
-    import comfy.model_management as mm
+    import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     mm.load_models_gpu([patcher])
     return {k: v.detach().to(mm.unet_offload_device())   # read-only use: no copy on the CPU
             for k, v in patcher.model.diffusion_model.state_dict().items()}
@@ -57,7 +68,7 @@ def make_clip(model_cls, tokenizer_cls):
     """A host CLIP object around ``model_cls`` / ``tokenizer_cls`` (SD1-style classes). Current
     ComfyUI passes extra keyword arguments (model_options, tokenizer_data) to both; the classes
     take them through ``**kw``."""
-    import comfy.sd
+    import comfy.sd   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.supported_models_base as smb
     import folder_paths
     target = smb.ClipTarget(tokenizer_cls, model_cls)
@@ -66,9 +77,8 @@ def make_clip(model_cls, tokenizer_cls):
 
 def make_vae(sd: dict, ddconfig: dict):
     """A host VAE object of an AutoencoderKL with ``ddconfig`` holding exactly ``sd``."""
-    import comfy.sd
+    import comfy.sd   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.ldm.models.autoencoder as ae
-    import torch
     missing = [k for k in ("encoder.conv_in.weight", "decoder.conv_out.weight") if k not in sd]
     if missing:
         raise ValueError(f"not an AutoencoderKL state dict (no {missing[0]})")

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import hooks
-from .switch import SwitchError, refuse_switch
-from .topology import PRESETS, Topology, TopologyError, Unit, describe, parse_unit_spec, span_plan
+from .errors import InheritanceError
+from .switch import refuse_switch
+from .topology import PRESETS, Topology, Unit, describe, parse_unit_spec, span_plan
 
 log = logging.getLogger("A-SDM")
-WRAPPER_KEY = "asdm_feature_inheritance"
 REUSE = ("residual", "output")
 # What a new node starts with, chosen from measurement (README, "Inheritance modes against
 # DeepCache"): EX3 P3 with span-output reuse and forecast. It does DeepCache's work at depth 2,
@@ -56,9 +56,6 @@ REUSE = ("residual", "output")
 # EX3 P3: 39.3 dB against 39.9 dB for span output alone, DeepCache's own result; to re-measure.)
 DEFAULTS = dict(preset="EX3", period=3, final_full_steps=0.0, reuse="output", forecast=True)
 
-
-class InheritanceError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -113,33 +110,25 @@ class CallContext:
     step: int = 0
 
 
-class InheritanceHolder(hooks.HolderBase):
-    """Shared by the unit forwards and the sampling hooks of one patched MODEL (a RunHolder)."""
+class InheritanceHolder(hooks.Holder):
+    """Shared by the unit forwards and the sampling hooks of one patched MODEL."""
+    KEY = "asdm_feature_inheritance"
+    RUN = RunState
 
     def __init__(self, units: list[Unit], schedule: Schedule, label: str, reuse: str = "residual",
                  forecast: bool = False, span: tuple[tuple, tuple] = ((), ())):
+        super().__init__()
         self.units = units
         self.schedule = schedule
         self.label = label
         self.reuse = reuse
         self.forecast = forecast
         self.skipped, self.boundary = span   # output mode: atoms not run / whose outputs are stored
-        self.run: RunState | None = None
-        self.call: CallContext | None = None
-        self.last_run: RunState | None = None  # kept without features, for reports and tests
 
-    # -- run lifecycle (driven by the sampling hooks) ----------------------------------------
-    def start_run(self, total: int | None) -> RunState:
-        self.run = RunState(total=total)
-        return self.run
-
-    def end_run(self, run: RunState) -> None:
+    def finish_run(self, run: RunState) -> None:
         run.features.clear()
         run.shapes.clear()
         run.fillers.clear()
-        if self.run is run:
-            self.run = None
-        self.last_run = run
         n = len({s for s, m in run.calls})
         inh = len({s for s, m in run.calls if m == "inherit"})
         if n:
@@ -147,16 +136,8 @@ class InheritanceHolder(hooks.HolderBase):
                      self.label, inh, n, len(self.units),
                      f"; {run.fallbacks} calls computed fully for lack of stored features" if run.fallbacks else "")
 
-    # -- per model call ---------------------------------------------------------------------
-    def unet_call(self, call, x, t, c):
-        """The UNet call wrapper: marks the call with its step mode while it runs."""
-        self.call = self.begin_call(hooks.current_run(self), x, hooks.chunk_keys(c))
-        try:
-            return call.next(x, t, c)
-        finally:
-            self.call = None
-
     def begin_call(self, run: RunState | None, x: torch.Tensor, keys: tuple) -> CallContext | None:
+        """Marks the call with its step mode: full, store or inherit."""
         if run is None:
             return None
         sig = (tuple(x.shape[1:]), x.dtype, x.device)
@@ -333,18 +314,12 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: float, 
     schedule = Schedule(period, tail)
     if reuse not in REUSE:
         raise InheritanceError(f"reuse must be one of {', '.join(REUSE)} (got {reuse!r})")
-    try:
-        refuse_switch(model, "A-SDM Feature Inheritance")
-    except SwitchError as e:
-        raise InheritanceError(str(e)) from None
+    refuse_switch(model, "A-SDM Feature Inheritance")
     unet = getattr(model.model, "diffusion_model", None)
     if unet is None:
         raise InheritanceError("this MODEL has no diffusion_model; connect an SD1.x/SD2.x-family MODEL")
-    try:
-        topo = describe(unet)
-        chosen, skipped = resolve_units(topo, preset, units)
-    except TopologyError as e:
-        raise InheritanceError(str(e)) from None
+    topo = describe(unet)
+    chosen, skipped = resolve_units(topo, preset, units)
     if skipped:
         log.warning("A-SDM feature inheritance: preset %s names %s, which this UNet does not have; "
                     "inheriting the rest", preset, ", ".join(skipped))
@@ -369,8 +344,5 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: float, 
     for path, make in patched:
         key = f"diffusion_model.{path}.forward"
         m.add_object_patch(key, make(m.object_patches.get(key, unet.get_submodule(path).forward)))
-    hooks.track_steps(m, holder)
-    hooks.wrap_unet_calls(m, WRAPPER_KEY, holder.unet_call)
-    # Reachable for reports and tests; ComfyUI copies transformer_options into every call.
-    m.model_options["transformer_options"]["asdm_inheritance"] = holder
+    hooks.attach(m, holder)
     return m

@@ -19,14 +19,12 @@ import logging
 from dataclasses import dataclass, field
 
 from . import compat, hooks
+from .errors import SwitchError
 
 log = logging.getLogger("A-SDM")
 
 TO_END = -1  # an end of -1: until the end of the schedule
 
-
-class SwitchError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -86,22 +84,14 @@ class SwitchRun(hooks.Run):
     calls: list = field(default_factory=list)   # (step, model index) per UNet call
 
 
-class UNetSwitch(hooks.HolderBase):
-    """Shared by the switch MODEL's wrapper and the sampling hooks (a RunHolder)."""
+class UNetSwitch(hooks.Holder):
+    """Shared by the switch MODEL's wrapper and the sampling hooks."""
+    KEY = "asdm_switch"
+    RUN = SwitchRun
 
     def __init__(self, patchers: list, ranges: list[Range], unit: str):
+        super().__init__()
         self.patchers, self.ranges, self.unit = patchers, ranges, unit
-        self.run: SwitchRun | None = None
-        self.last_run: SwitchRun | None = None
-
-    def start_run(self, total):
-        self.run = SwitchRun(total=total)
-        return self.run
-
-    def end_run(self, run):
-        if self.run is run:
-            self.run = None
-        self.last_run = run
 
     def model_index(self, step: int, total: int) -> int:
         for i, r in enumerate(self.ranges):
@@ -113,7 +103,7 @@ class UNetSwitch(hooks.HolderBase):
             f"A-SDM UNet Switch: step {step} of a {total}-step schedule is in no range (the ranges "
             f"end at {last.end}); raise the last end or set it to -1 (until the end)")
 
-    def unet_call(self, call, x, t, c):
+    def run_call(self, call, x, t, c):
         run = hooks.current_run(self)
         if run is None:
             raise SwitchError("A-SDM UNet Switch: could not tell the sampler step on this sampler / "
@@ -132,7 +122,10 @@ class UNetSwitch(hooks.HolderBase):
 
 def merge_options(base: dict, own: dict) -> dict:
     """``base`` (a call's transformer_options) with a model's own added: nested dicts merged,
-    lists joined, other values taken from ``own``. Neither argument is changed."""
+    lists joined (``base``'s first at every level), other values taken from ``own``. Neither
+    argument is changed. (Current ComfyUI's ``patcher_extension.merge_nested_dicts`` swaps its
+    arguments at each nesting level, so patch lists would alternate order by depth; the early
+    host has none.)"""
     out = dict(base)
     for k, v in own.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -144,13 +137,9 @@ def merge_options(base: dict, own: dict) -> dict:
     return out
 
 
-WRAPPER_KEY = "asdm_switch"
-HOLDER_KEY = "asdm_switch"   # transformer_options key of the UNetSwitch (for reports, tests, other nodes)
-
-
 def switch_of(model) -> "UNetSwitch | None":
     """The switch a MODEL routes through, if it is (a clone of) an A-SDM UNet Switch's output."""
-    return model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
+    return hooks.holder_of(model, UNetSwitch)
 
 
 def refuse_switch(model, what: str) -> None:
@@ -172,15 +161,13 @@ def make_switch(models: list, ranges: list[Range], unit: str = "steps"):
     out = models[0].clone()
     compat.without_unet_options(out)   # the first model's own come back in its range
     sw = UNetSwitch(list(models), list(ranges), unit)
-    hooks.track_steps(out, sw)
+    hooks.attach(out, sw)
     compat.copy_step_tracking(out, models[1:])
-    hooks.wrap_unet_calls(out, WRAPPER_KEY, sw.unet_call)
     # The host loads the other models with the switch; one that shares the first model's UNet
     # (a LoRA'd copy) cannot be resident beside it and is made current when its range begins.
     extra = []
     for m in models[1:]:
         if not m.is_clone(out) and not any(m.is_clone(e) for e in extra):
             extra.append(m)
-    compat.add_extra_models(out, WRAPPER_KEY, extra)
-    out.model_options["transformer_options"][HOLDER_KEY] = sw
+    compat.add_extra_models(out, UNetSwitch.KEY, extra)
     return out

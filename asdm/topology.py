@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import TopologyError
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -41,9 +43,6 @@ class Topology:
     def by_name(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}
 
-
-class TopologyError(ValueError):
-    pass
 
 
 def _is_kind(module: torch.nn.Module, cls_name: str) -> bool:
@@ -146,6 +145,17 @@ def _layer_units(seq, prefix: str, path: str, block: str) -> list[Unit]:
                 "UNets (ResBlock + SpatialTransformer layers)")
         out.append(Unit(f"{prefix}.{kind}", f"{path}.{j}", kind, block))
     return out
+
+
+def copy_entries(src_sd: dict, src_paths: list[str], dst_paths: list[str], out: dict) -> None:
+    """Puts the weights of ``src_sd`` under the module paths ``src_paths`` into ``out`` under
+    ``dst_paths`` (pairwise): one part of a UNet (a block's entries) into another UNet's keys."""
+    if len(src_paths) != len(dst_paths):
+        raise TopologyError(f"internal: entry count differs ({src_paths} vs {dst_paths})")
+    for sp, dp in zip(src_paths, dst_paths):
+        for k, v in src_sd.items():
+            if k.startswith(sp + "."):
+                out[dp + k[len(sp):]] = v
 
 
 # ---------------------------------------------------------------------------------------------

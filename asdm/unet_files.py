@@ -13,24 +13,22 @@ Two layouts are read:
 Either way the result is ldm keys plus a ComfyUI ``unet_config``; the MODEL is built from the
 SD1.x (context 768) or SD2.x (context 1024, linear projections) model class, so it works with
 the CLIP and VAE of that family. Every key must be used and every parameter filled: a file
-that does not fit is an error, never a silently half-loaded model.
+that does not fit is an error, never a silently half-loaded model. Files that store only what
+they add to another UNet file are read whole by ``derived_files``.
 """
 from __future__ import annotations
 
-import json
-import logging
+import hashlib
 import os
 import re
 from collections import defaultdict
 
+import safetensors
+import safetensors.torch
 import torch
 
 from . import host_models
-
-
-class UNetFileError(ValueError):
-    pass
-
+from .errors import UNetFileError
 
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -51,7 +49,6 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
             "safetensors.torch.save_file) and load the .safetensors file")
     if not os.path.isfile(path):
         raise UNetFileError(f"{path} does not exist")
-    import safetensors
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -69,7 +66,6 @@ def write_safetensors(sd: dict, path: str, metadata: dict | None = None, int8: b
     """Writes a safetensors file atomically: to a temporary name beside it, then renamed, so a
     crash leaves the old file or the new one, never half of one. ``int8``: store its weights as
     int8 codes (``quantize_int8``); ``read_safetensors`` gives them back as fp16."""
-    import safetensors.torch
     metadata = dict(metadata or {})
     metadata.pop(STORAGE, None)
     if int8:
@@ -126,6 +122,17 @@ def dequantize_int8(sd: dict, name: str = "the file") -> dict:
 
 
 UNET_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tensor_digest(sd: dict, keys=None) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``sd``'s tensors (``keys``: those only),
+    in name order: equal digests, equal tensors."""
+    h = hashlib.sha256()
+    for k in sorted(sd if keys is None else keys):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def check_weights(sd: dict) -> None:
@@ -185,12 +192,12 @@ _TB_RE = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
 def _resnet_map() -> dict:
-    import comfy.utils
+    import comfy.utils   # late: the host's modules exist once it runs (compat.start_host)
     return {d: l for l, d in comfy.utils.UNET_MAP_RESNET.items()}  # diffusers suffix -> ldm
 
 
 def _basic_map() -> dict:
-    import comfy.utils
+    import comfy.utils   # late: the host's modules exist once it runs (compat.start_host)
     return {d: l for l, d in comfy.utils.UNET_MAP_BASIC}
 
 
@@ -287,7 +294,7 @@ def diffusers_to_ldm(sd: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def unet_config(sd_ldm: dict) -> dict:
-    import comfy.model_detection
+    import comfy.model_detection   # late: the host's modules exist once it runs (compat.start_host)
     try:
         cfg = comfy.model_detection.detect_unet_config(sd_ldm, "")
     except (KeyError, IndexError) as e:
@@ -333,18 +340,20 @@ def _heads_check(cfg: dict, family: str, config: dict | None):
                             f"UNet of this width has {want}; this head layout is not supported")
 
 
+def model_config(cfg: dict):
+    """The host's model config (its model class) for a UNet of this ``unet_config``."""
+    import comfy.supported_models as sm   # late: the host's modules exist once it runs (compat.start_host)
+    return (sm.SD20 if family_of(cfg) == "SD2" else sm.SD15)(cfg)
+
+
 def build_model(sd_ldm: dict, prediction: str = "eps", config: dict | None = None):
     """A ComfyUI MODEL (ModelPatcher) holding exactly these weights."""
-    import comfy.supported_models as sm
     cfg = unet_config(sd_ldm)
-    family = family_of(cfg)
-    _heads_check(cfg, family, config)
-    model_config = (sm.SD20 if family == "SD2" else sm.SD15)(cfg)
-    patcher = host_models.model_from_config(model_config, sd_ldm, prediction, _check_keys)
-    return patcher
+    _heads_check(cfg, family_of(cfg), config)
+    return host_models.model_from_config(model_config(cfg), sd_ldm, prediction, check_keys)
 
 
-def _check_keys(unet: torch.nn.Module, sd_ldm: dict):
+def check_keys(unet: torch.nn.Module, sd_ldm: dict):
     own = unet.state_dict()
     missing = [k for k in own if k not in sd_ldm]
     extra = [k for k in sd_ldm if k not in own]
@@ -358,55 +367,3 @@ def _check_keys(unet: torch.nn.Module, sd_ldm: dict):
         k = bad[0]
         raise UNetFileError(f"{len(bad)} weights have the wrong shape, e.g. {k}: file "
                             f"{tuple(sd_ldm[k].shape)}, expected {tuple(own[k].shape)}")
-
-
-def read_unet(path: str, _depth: int = 0) -> tuple[dict, dict]:
-    """(state dict, metadata) of a UNet file; a derived file (see ``assembly.save_unet``) comes
-    back whole, with the parts it takes from its source file (beside it) filled in."""
-    from . import assembly
-    sd, meta = read_safetensors(path)
-    source = meta.get(assembly.DERIVED_FROM)
-    if source is None:
-        return sd, meta
-    name = os.path.basename(path)
-    if os.path.basename(source) != source or source in ("", ".", ".."):
-        raise UNetFileError(f"{name} derives from {source!r}, which is not a file name; it must name "
-                            "a UNet file in the same folder")
-    src_path = os.path.join(os.path.dirname(path), source)
-    if not os.path.isfile(src_path):
-        raise UNetFileError(f"{name} stores only what it adds to {source}, which is not beside it in "
-                            f"{os.path.dirname(path)}; put both files in one folder")
-    if _depth > 8:
-        raise UNetFileError(f"{name}: derived files chain more than 8 deep (a loop?)")
-    try:
-        src_sd, _ = read_unet(src_path, _depth + 1)
-        return assembly.resolve_derived(sd, meta, to_ldm(src_sd)), meta
-    except UNetFileError as e:
-        raise UNetFileError(f"{name} (derived from {source}): {e}") from None
-
-
-def load_unet(path: str, prediction: str = "eps"):
-    """A MODEL from a UNet safetensors file in either layout (a diffusers config.json beside it
-    is read for its head layout only), or a derived file whole."""
-    sd, meta = read_unet(path)
-    config = None
-    cfg_path = os.path.join(os.path.dirname(path), "config.json")
-    check_weights(sd)
-    if layout_of(sd) == "diffusers" and os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path) as f:
-                config = json.load(f)
-            if not isinstance(config, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, OSError) as e:
-            raise UNetFileError(f"{cfg_path} is not a readable JSON config ({type(e).__name__}: {e}); fix it "
-                                "or delete it (it is read for the attention head layout only)") from None
-    if meta.get("asdm.prediction") and prediction == "auto":
-        prediction = meta["asdm.prediction"]
-    if meta.get("asdm.gri"):
-        # the weights were tuned for GRI attention; the MODEL loads as a plain UNet, so say what
-        # to add rather than silently sampling with the attention it was not tuned for
-        logging.getLogger("A-SDM").info(
-            f"A-SDM: {os.path.basename(path)} was distilled with GRI attention ({meta['asdm.gri']}); "
-            "add A-SDM GRI Attention with these settings after the loader")
-    return build_model(to_ldm(sd), "eps" if prediction == "auto" else prediction, config)

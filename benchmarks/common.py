@@ -12,12 +12,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asdm.evaluation.timing import Ratio, device_name, interleaved, sync, timed  # noqa: E402,F401
 from asdm.harness import host  # noqa: E402
-
-engine = host.engine
-_timing = engine("evaluation.timing")
-sync, device_name, timed, interleaved, Ratio = (_timing.sync, _timing.device_name, _timing.timed,
-                                                _timing.interleaved, _timing.Ratio)
 
 
 class Bench:

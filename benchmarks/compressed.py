@@ -14,7 +14,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, engine  # noqa: E402
+from common import device_name  # noqa: E402
+from asdm.evaluation import speed  # noqa: E402
+from asdm.evaluation import strategies  # noqa: E402
 
 
 def main():
@@ -24,20 +26,19 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--switch-at", type=int, default=10)
     a = ap.parse_args()
-    st, speed = engine("evaluation.strategies"), engine("evaluation.speed")
     n = a.switch_at
-    strategies = [st.Strategy("full", "SD1.5 (again)", "plain", "plain")]
-    strategies += [st.Strategy(u, label, "compressed", "unet", unet=u) for u, label in
+    runs = [strategies.Strategy("full", "SD1.5 (again)", "plain", "plain")]
+    runs += [strategies.Strategy(u, label, "compressed", "unet", unet=u) for u, label in
                    (("base", "BK-SDM Base"), ("small", "BK-SDM Small"), ("tiny", "BK-SDM Tiny"), ("m2", "M2"))]
-    strategies.append(st.Strategy("S1", f"S1: Base {n} + SD {a.steps - n} steps", "switch", "switch",
+    runs.append(strategies.Strategy("S1", f"S1: Base {n} + SD {a.steps - n} steps", "switch", "switch",
                                   ranges=[("base", n), ("full", a.steps - n)]))
-    res = speed.measure(strategies, a.steps, a.size, a.rounds,
+    res = speed.measure(runs, a.steps, a.size, a.rounds,
                         progress=lambda d, t: print(f"\r{d}/{t} calls", end="", file=sys.stderr, flush=True))
     print(f"\n\nRandom-weight UNets of the real topologies, latent {speed.CFG_BATCH}x4x{a.size}x{a.size}, "
           f"{a.steps} steps, {device_name()}, {a.rounds} rounds\n")
     print("| UNet | GFLOP per call | ms per call (median) | UNet-time ratio vs SD | FLOP bound |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for s in strategies:
+    for s in runs:
         r = res[s.name]
         key = {"plain": "sd again", "unet": s.unet}.get(s.kind)
         per_call = f"{r['call_flops'][key] / 1e9:.1f} | {r['call_seconds'][key] * 1e3:.0f}" if key else "— | —"

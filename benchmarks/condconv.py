@@ -35,19 +35,22 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Bench, Ratio, device_name, engine, interleaved  # noqa: E402
+from common import Bench, Ratio, device_name, interleaved  # noqa: E402
+from asdm import assembly, condconv  # noqa: E402
+from asdm.evaluation import flops  # noqa: E402
+from asdm.harness import models as tm  # noqa: E402
 
 PATHS = {"mix": "kernel mix", "stacked": "stacked", None: "chosen"}
 
 
-def forced(call, cc, path):
+def forced(call, path):
     """``call`` with every ME-CondConv on ``path`` (None: the cost model's choice per conv)."""
     def f():
-        cc.PATH = path
+        condconv.PATH = path
         try:
             return call()
         finally:
-            cc.PATH = None
+            condconv.PATH = None
     f.prepare = call.prepare
     return f
 
@@ -66,7 +69,7 @@ def conv_inputs(b, plain, unet, paths):
     return shapes
 
 
-def flop_bounds(cc, unet, paths, shapes, conv_flops, total, n, batch, device_type, itemsize):
+def flop_bounds(unet, paths, shapes, conv_flops, total, n, batch, device_type, itemsize):
     """Extra FLOPs / UNet FLOPs of the kernel mix, the stacked path and the chosen mix of both;
     and how many convs the cost model sends to the stacked path."""
     mix = stacked = chosen = 0
@@ -77,8 +80,8 @@ def flop_bounds(cc, unet, paths, shapes, conv_flops, total, n, batch, device_typ
         k = w.numel()
         e_mix = 2 * batch * n * k
         e_st = (n - 1) * conv_flops[p] + 2 * batch * n * out[1] * out[2] * out[3]
-        path = cc.choose_path(batch, out[2] * out[3], n, k, device_type, itemsize,
-                              cc.Workspace().fits(batch * k, itemsize))   # as apply_condconv runs it
+        path = condconv.choose_path(batch, out[2] * out[3], n, k, device_type, itemsize,
+                              condconv.Workspace().fits(batch * k, itemsize))   # as apply_condconv runs it
         mix, stacked = mix + e_mix, stacked + e_st
         chosen += e_st if path == "stacked" else e_mix
         n_stacked += path == "stacked"
@@ -91,7 +94,7 @@ CALIBRATION_SHAPES = [(1280, 1280, 2), (2560, 1280, 2), (1280, 1280, 4), (2560, 
                       (320, 320, 16), (640, 640, 32), (320, 320, 32), (320, 320, 64)]
 
 
-def calibrate(cc, batch, rounds, ns):
+def calibrate(batch, rounds, ns):
     """Single convs: each path's extra time over the plain conv, per weight of the kernel."""
     print(f"\nSingle 3x3 convs, batch {batch}, {device_name()}, torch {torch.__version__}. Cells: time / plain "
           f"conv time, median over {rounds} interleaved rounds (lowest-highest); extra ns per kernel weight.\n")
@@ -103,7 +106,7 @@ def calibrate(cc, batch, rounds, ns):
         conv = torch.nn.Conv2d(i, o, 3, padding=1).to(dev)
         x = torch.randn(batch, i, hw, hw, generator=g).to(dev)
         for n in ns:
-            me = cc.MEExperts(n, o, i, 3)
+            me = condconv.MEExperts(n, o, i, 3)
             with torch.no_grad():
                 me.experts.normal_(0, 0.01, generator=g)
                 me.router.weight.normal_(0, 0.1, generator=g)
@@ -112,15 +115,15 @@ def calibrate(cc, batch, rounds, ns):
 
             def many(fn):
                 return lambda: [fn() for _ in range(reps)]
-            ws = cc.Workspace()   # as a patched model runs it: the kernels written into a reused buffer
+            ws = condconv.Workspace()   # as a patched model runs it: the kernels written into a reused buffer
             calls = {"plain": many(lambda: conv(x)),
-                     "mix": many(lambda: cc.me_conv(x, conv, me, shared=False, path="mix", workspace=ws)),
-                     "stacked": many(lambda: cc.me_conv(x, conv, me, shared=False, path="stacked"))}
+                     "mix": many(lambda: condconv.me_conv(x, conv, me, shared=False, path="mix", workspace=ws)),
+                     "stacked": many(lambda: condconv.me_conv(x, conv, me, shared=False, path="stacked"))}
             t = interleaved(calls, rounds)
             plain = sorted(t["plain"])[rounds // 2] / reps
             cells = {k: Ratio.of(t[k], t["plain"]) for k in ("mix", "stacked")}
             per_w = {k: (cells[k].median - 1) * plain * 1e9 / conv.weight.numel() for k in cells}
-            pick = cc.choose_path(batch, hw * hw, n, conv.weight.numel(), dev, x.element_size(),
+            pick = condconv.choose_path(batch, hw * hw, n, conv.weight.numel(), dev, x.element_size(),
                                   ws.fits(batch * conv.weight.numel(), x.element_size()))
             print(f"| {i} | {o} | {hw}x{hw} | {n} | {plain * 1e3:.1f} ms | {cells['mix']} | {cells['stacked']} "
                   f"| {per_w['mix']:.2f} | {per_w['stacked']:.2f} | {min(per_w, key=per_w.get)} | {pick} |", flush=True)
@@ -139,11 +142,10 @@ def main():
     ns = [int(s) for s in a.experts.split(",")]
     if a.calibrate:
         with torch.no_grad():
-            calibrate(engine("condconv"), a.batch, a.rounds, ns)
+            calibrate(a.batch, a.rounds, ns)
         return
 
     benches = {s: Bench(a.batch, s, a.rounds) for s in latents}
-    tm, asm, cc, flops = (engine(n) for n in ("harness.models", "assembly", "condconv", "evaluation.flops"))
     mm = next(iter(benches.values())).mm
     itemsize = next(iter(benches.values())).x.element_size()
 
@@ -151,12 +153,12 @@ def main():
     with torch.no_grad():
         for layout in a.layouts.split(","):
             sd = tm.sd_model(tm.SD15_UNET, seed=0)
-            plain = asm.compress(sd, layout)
+            plain = assembly.compress(sd, layout)
             del sd
             gc.collect()
             unet = plain.model.diffusion_model
-            paths = cc.select_convs(unet, cc.DEFAULT_UNITS)
-            patched = {n: cc.apply_condconv(plain, cc.make_experts(unet, paths, n, "paper", seed=0)) for n in ns}
+            paths = condconv.select_convs(unet, condconv.DEFAULT_UNITS)
+            patched = {n: condconv.apply_condconv(plain, condconv.make_experts(unet, paths, n, "paper", seed=0)) for n in ns}
             for size, b in benches.items():
                 mm.load_models_gpu([plain])
                 counted = flops.count(unet, lambda: b.call(plain))
@@ -166,14 +168,14 @@ def main():
                 for n in ns:
                     call = b.caller(patched[n])
                     for path in PATHS:
-                        calls[(n, path)] = forced(call, cc, path)
+                        calls[(n, path)] = forced(call, path)
                 print(f"{layout} latent {size}: {len(calls)} calls x {a.rounds} rounds ...", file=sys.stderr, flush=True)
                 t = interleaved(calls, a.rounds)
                 base_s = sorted(t["_base"])[len(t["_base"]) // 2]
                 rows.append((layout.capitalize(), size, "plain vs itself", [None, None, Ratio.of(t["plain"], t["_base"])],
                              None, None, base_s))
                 for n in ns:
-                    bounds = flop_bounds(cc, unet, paths, shapes, counted, total, n, a.batch, b.dev.type, itemsize)
+                    bounds = flop_bounds(unet, paths, shapes, counted, total, n, a.batch, b.dev.type, itemsize)
                     cells = [Ratio.of(t[(n, path)], t["_base"]) for path in PATHS]
                     rows.append((layout.capitalize(), size, n, cells, bounds, len(paths), None))
                     print(f"  N={n}: " + ", ".join(f"{PATHS[p]} {c}" for p, c in zip(PATHS, cells)),

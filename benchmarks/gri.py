@@ -19,6 +19,7 @@ Plain attention is PyTorch's scaled_dot_product_attention (ComfyUI's
 picks by itself (on a CPU its sub-quadratic attention).
 """
 import argparse
+import logging
 import math
 import os
 import sys
@@ -27,7 +28,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Ratio, device_name, engine, interleaved, sync  # noqa: E402
+from common import Ratio, device_name, interleaved, sync  # noqa: E402
+from asdm import compat, gri  # noqa: E402
+from asdm.evaluation import flops  # noqa: E402
+from asdm.harness import models as tm  # noqa: E402
 
 UNITS = "dn0, up3"
 
@@ -42,8 +46,7 @@ def main():
     ap.add_argument("--host-attention", action="store_true",
                     help="plain attention as the host picks it (CPU: sub-quadratic) instead of PyTorch SDPA")
     a = ap.parse_args()
-    import logging
-    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.attention as attention   # late: the host's modules exist once it runs
     if not a.host_attention:
         # what --use-pytorch-cross-attention selects (the host is already booted by common.py);
         # CrossAttention and GRI's outside-the-range path read this global at call time
@@ -51,7 +54,6 @@ def main():
     import comfy.model_management as mm
     import nodes
     logging.getLogger().setLevel(logging.WARNING)
-    tm, gri, compat, flops = (engine(n) for n in ("harness.models", "gri", "compat", "evaluation.flops"))
     N = nodes.NODE_CLASS_MAPPINGS
     dev = mm.get_torch_device()
     settings = [tuple(int(v) for v in s.split("x")) for s in a.settings.split(",") if s.strip()]

@@ -16,7 +16,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, engine  # noqa: E402
+from common import device_name  # noqa: E402
+from asdm import inheritance  # noqa: E402
+from asdm import topology  # noqa: E402
+from asdm.evaluation import speed  # noqa: E402
+from asdm.evaluation import strategies  # noqa: E402
 
 
 def main():
@@ -31,19 +35,18 @@ def main():
                     help="reuse modes: residual, output, with +forecast (e.g. residual,output,output+forecast)")
     ap.add_argument("--deepcache", default="", help="DeepCache depth:interval pairs, e.g. 2:5,3:5")
     a = ap.parse_args()
-    st, speed = engine("evaluation.strategies"), engine("evaluation.speed")
-    presets = [p.strip() for p in a.presets.split(",") if p.strip()] or list(engine("topology").PRESETS)
+    presets = [p.strip() for p in a.presets.split(",") if p.strip()] or list(topology.PRESETS)
     modes = [(m.split("+")[0], m.endswith("+forecast")) for m in a.modes.split(",") if m.strip()]
     dc = [tuple(int(v) for v in pair.split(":")) for pair in a.deepcache.split(",") if pair.strip()]
-    full = st.Strategy("full", "plain", "plain", "plain")
+    full = strategies.Strategy("full", "plain", "plain", "plain")
     n = a.period
-    fi = [st.Strategy(f"{p}-{r}{f}-{m}", p, m, "fi", preset=p, period=n, tail=tail, reuse=r, forecast=f)
+    fi = [strategies.Strategy(f"{p}-{r}{f}-{m}", p, m, "fi", preset=p, period=n, tail=tail, reuse=r, forecast=f)
           for p in presets for r, f in modes for m, tail in ((f"P{n}", 0.0), (f"P{n}†", a.tail))]
-    caches = [st.Strategy(f"dc-{d}-{n}", f"DeepCache depth {d}, interval {n}", "dc", "deepcache", depth=d, period=n)
+    caches = [strategies.Strategy(f"dc-{d}-{n}", f"DeepCache depth {d}, interval {n}", "dc", "deepcache", depth=d, period=n)
               for d, n in dc]
     res = speed.measure([full] + fi + caches, a.steps, a.size, a.rounds,
                         progress=lambda d, n: print(f"\r{d}/{n} calls", end="", file=sys.stderr, flush=True))
-    k = engine("inheritance").Schedule(n, a.tail).tail_steps(a.steps)
+    k = inheritance.Schedule(n, a.tail).tail_steps(a.steps)
     print(f"\n\nSD1.5 topology (random weights), latent {speed.CFG_BATCH}x4x{a.size}x{a.size}, {a.steps} steps, "
           f"{device_name()}, {a.rounds} rounds; plain against itself: {res['full']['ratio']}\n")
     print(f"| preset | reuse | FLOPs skipped per reusing step | P{n} measured | P{n} bound | "
@@ -52,7 +55,7 @@ def main():
     for p in presets:
         for r, f in modes:
             r5, r5d = res[f"{p}-{r}{f}-P{n}"], res[f"{p}-{r}{f}-P{n}†"]
-            print(f"| {p} | {st.reuse_label(r, f)} | {r5['skipped']:.1%} | {r5['ratio']} | {r5['bound']:.2f}x | "
+            print(f"| {p} | {strategies.reuse_label(r, f)} | {r5['skipped']:.1%} | {r5['ratio']} | {r5['bound']:.2f}x | "
                   f"{r5d['ratio']} | {r5d['bound']:.2f}x |")
     if caches:
         print("\n| baseline | FLOPs skipped per cached step | measured | bound |\n| --- | ---: | ---: | ---: |")

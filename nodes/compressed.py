@@ -2,20 +2,25 @@
 BK-SDM §3.1)."""
 import os
 
+import folder_paths   # ComfyUI's: the host loads the node modules
+
 from ..asdm import compat
-from ..asdm.assembly import RECIPES, AssemblyError, assemble, recipe_spec, save_unet
-from ..asdm.switch import SwitchError, refuse_switch
-from ..asdm.topology import TopologyError
-from ..asdm.unet_files import PICKLE_EXTENSIONS, UNetFileError, load_unet
+from ..asdm.assembly import RECIPES, assemble, recipe_spec, save_unet
+from ..asdm.derived_files import load_unet
+from ..asdm.errors import ASDMError, UNetFileError
+from ..asdm.switch import refuse_switch
+from ..asdm.unet_files import PICKLE_EXTENSIONS
+from .common import mappings, node_errors
 
 
 def _unet_files():
-    import folder_paths
     names = folder_paths.get_filename_list(compat.unet_folder())
     return [n for n in names if n.lower().endswith((".safetensors",) + PICKLE_EXTENSIONS)]
 
 
 class LoadCompressedUNet:
+    NODE_ID = "ASDMLoadCompressedUNet"
+    TITLE = "A-SDM Load Compressed UNet"
     CATEGORY = "A-SDM/models"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -39,18 +44,17 @@ class LoadCompressedUNet:
                 "and v2-base are eps). Choose v for UNets distilled from a 768-v SD2 model."}),
         }}
 
+    @node_errors
     def load(self, unet_name, prediction):
-        import folder_paths
         path = folder_paths.get_full_path(compat.unet_folder(), unet_name)
         if path is None:
-            raise ValueError(f"A-SDM Load Compressed UNet: {unet_name} is not in the UNet models folder")
-        try:
-            return (load_unet(path, prediction),)
-        except UNetFileError as e:
-            raise ValueError(f"A-SDM Load Compressed UNet: {unet_name}: {e}") from None
+            raise UNetFileError(f"{unet_name} is not in the UNet models folder")
+        return (load_unet(path, prediction, name=unet_name),)
 
 
 class AssembleUNet:
+    NODE_ID = "ASDMAssembleUNet"
+    TITLE = "A-SDM Assemble UNet"
     CATEGORY = "A-SDM/models"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -78,17 +82,17 @@ class AssembleUNet:
                 "follows mid. A level's up block must have one layer more than its down block."}),
         }}
 
+    @node_errors
     def assemble(self, original, compressed, recipe, custom_recipe):
-        try:
-            refuse_switch(original, "A-SDM Assemble UNet")
-            refuse_switch(compressed, "A-SDM Assemble UNet")
-            spec = custom_recipe if recipe == "custom" else recipe_spec(recipe)
-            return (assemble(original, compressed, spec),)
-        except (AssemblyError, TopologyError, SwitchError) as e:
-            raise ValueError(f"A-SDM Assemble UNet: {e}") from None
+        refuse_switch(original, self.TITLE)
+        refuse_switch(compressed, self.TITLE)
+        spec = custom_recipe if recipe == "custom" else recipe_spec(recipe)
+        return (assemble(original, compressed, spec),)
 
 
 class SaveUNet:
+    NODE_ID = "ASDMSaveUNet"
+    TITLE = "A-SDM Save UNet"
     CATEGORY = "A-SDM/models"
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -108,49 +112,37 @@ class SaveUNet:
                 "File name prefix inside ComfyUI's output folder; a counter is appended."}),
         }}
 
+    @node_errors
     def save(self, model, filename_prefix):
-        import folder_paths
-        try:
-            refuse_switch(model, "A-SDM Save UNet")
-        except SwitchError as e:
-            raise ValueError(f"A-SDM Save UNet: {e}") from None
+        refuse_switch(model, self.TITLE)
         if model.object_patches:
-            raise ValueError(
-                f"A-SDM Save UNet: this MODEL carries {len(model.object_patches)} object patches (e.g. "
+            raise ASDMError(
+                f"this MODEL carries {len(model.object_patches)} object patches (e.g. "
                 "A-SDM Feature Inheritance or ME-CondConv); they are not weights and would be lost. "
                 "Connect the MODEL from before those nodes")
         out_dir = folder_paths.get_output_directory()
         try:
             full, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
         except Exception as e:   # the host refuses prefixes that leave the output folder
-            raise ValueError(f"A-SDM Save UNet: filename_prefix {filename_prefix[:80]!r}: {e}; give a "
-                             "prefix inside the output folder, e.g. unet/asdm") from None
+            raise ASDMError(f"filename_prefix {filename_prefix[:80]!r}: {e}; give a "
+                            "prefix inside the output folder, e.g. unet/asdm") from None
         path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
         if max(len(os.fsencode(p)) for p in os.path.relpath(path, out_dir).split(os.sep)) > 250:
-            raise ValueError(f"A-SDM Save UNet: filename_prefix {filename_prefix[:80]!r}... makes a file or folder "
-                             "name longer than the filesystem allows; choose a shorter or simpler filename_prefix")
+            raise ASDMError(f"filename_prefix {filename_prefix[:80]!r}... makes a file or folder "
+                            "name longer than the filesystem allows; choose a shorter or simpler filename_prefix")
         # The host checks the prefix as written; a link inside the output folder could still lead
         # out of it, so the resolved path is checked too.
         real_out = os.path.realpath(out_dir)
         if os.path.commonpath([real_out, os.path.realpath(path)]) != real_out:
-            raise ValueError(f"A-SDM Save UNet: filename_prefix {filename_prefix[:80]!r} leads outside the "
-                             f"output folder (through a link to {os.path.realpath(full)}); choose another prefix")
+            raise ASDMError(f"filename_prefix {filename_prefix[:80]!r} leads outside the "
+                            f"output folder (through a link to {os.path.realpath(full)}); choose another prefix")
         try:
             os.makedirs(full, exist_ok=True)
             save_unet(model, path)
         except OSError as e:
-            raise ValueError(f"A-SDM Save UNet: cannot write {os.path.relpath(path, out_dir)[:120]} "
-                             f"({e.strerror or e}); choose a shorter or simpler filename_prefix") from None
+            raise ASDMError(f"cannot write {os.path.relpath(path, out_dir)[:120]} "
+                            f"({e.strerror or e}); choose a shorter or simpler filename_prefix") from None
         return {"ui": {"text": [os.path.relpath(path, out_dir)]}}
 
 
-NODE_CLASS_MAPPINGS = {
-    "ASDMLoadCompressedUNet": LoadCompressedUNet,
-    "ASDMAssembleUNet": AssembleUNet,
-    "ASDMSaveUNet": SaveUNet,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ASDMLoadCompressedUNet": "A-SDM Load Compressed UNet",
-    "ASDMAssembleUNet": "A-SDM Assemble UNet",
-    "ASDMSaveUNet": "A-SDM Save UNet",
-}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(LoadCompressedUNet, AssembleUNet, SaveUNet)

@@ -2,29 +2,31 @@
 import logging
 import os
 
-from ..asdm.condconv import (DEFAULT_UNITS, INIT_MODES, CondConvError, apply_condconv, load_experts,
-                             make_experts, select_convs)
-from ..asdm.switch import SwitchError, refuse_switch
-from ..asdm.topology import TopologyError
+import folder_paths   # ComfyUI's: the host loads the node modules
+
+from ..asdm.condconv import (DEFAULT_EXPERTS, DEFAULT_UNITS, INIT_MODES, MAX_EXPERTS, CondConvError,
+                             apply_condconv, load_experts, make_experts, select_convs)
+from ..asdm.switch import refuse_switch
+from .common import mappings, node_errors
 
 FOLDER = "asdm_condconv"   # models/asdm_condconv: trained experts (from the A-SDM trainer)
 log = logging.getLogger("A-SDM")
 
 
 def _register_folder():
-    import folder_paths
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = (
             [os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
 
 
 def _expert_files():
-    import folder_paths
     _register_folder()
     return ["none"] + folder_paths.get_filename_list(FOLDER)
 
 
 class MECondConv:
+    NODE_ID = "ASDMMECondConv"
+    TITLE = "A-SDM ME-CondConv"
     CATEGORY = "A-SDM/models"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -50,7 +52,7 @@ class MECondConv:
                 "Which ResNet units get ME-CondConv (both 3x3 convs of each), in the unit grammar of "
                 "A-SDM Feature Inheritance: 'dn*.*.R, up*.*.R' = every R unit of the down and up "
                 "blocks (paper Tab. II); 'dn0, up3' = the shallowest blocks."}),
-            "experts": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
+            "experts": ("INT", {"default": DEFAULT_EXPERTS, "min": 1, "max": MAX_EXPERTS, "tooltip":
                 "Number of experts N per conv (the paper uses 2). 1 = the plain conv (MODEL unchanged)."}),
             "init": (list(INIT_MODES), {"default": "identity", "tooltip":
                 "New experts: identity = other experts zero, output exactly unchanged (start for "
@@ -62,30 +64,26 @@ class MECondConv:
             "teacher": ("MODEL", {"tooltip": "For init cross-layer: the UNet the student was compressed from (e.g. SD1.5)."}),
         }}
 
+    @node_errors
     def patch(self, model, weights, units, experts, init, seed, teacher=None):
-        import folder_paths
         unet = getattr(model.model, "diffusion_model", None)
-        try:
-            refuse_switch(model, "A-SDM ME-CondConv")
-            if weights != "none":
-                path = folder_paths.get_full_path(FOLDER, weights)
-                if path is None:
-                    raise CondConvError(f"{weights} is not in models/{FOLDER}")
-                me = load_experts(path, unet)
-            else:
-                if experts == 1:
-                    log.info("A-SDM ME-CondConv: 1 expert is the plain convolution; MODEL unchanged")
-                    return (model.clone(),)
-                if teacher is not None and init != "cross-layer":
-                    raise CondConvError(f"a teacher is connected but init is {init!r}; the teacher is "
-                                        "used only by init cross-layer — choose it or disconnect the teacher")
-                paths = select_convs(unet, units)
-                teacher_unet = teacher.model.diffusion_model if teacher is not None else None
-                me = make_experts(unet, paths, experts, init, seed, teacher_unet)
-            return (apply_condconv(model, me),)
-        except (CondConvError, TopologyError, SwitchError) as e:
-            raise ValueError(f"A-SDM ME-CondConv: {e}") from None
+        refuse_switch(model, self.TITLE)
+        if weights != "none":
+            path = folder_paths.get_full_path(FOLDER, weights)
+            if path is None:
+                raise CondConvError(f"{weights} is not in models/{FOLDER}")
+            me = load_experts(path, unet)
+        else:
+            if experts == 1:
+                log.info("A-SDM ME-CondConv: 1 expert is the plain convolution; MODEL unchanged")
+                return (model.clone(),)
+            if teacher is not None and init != "cross-layer":
+                raise CondConvError(f"a teacher is connected but init is {init!r}; the teacher is "
+                                    "used only by init cross-layer — choose it or disconnect the teacher")
+            paths = select_convs(unet, units)
+            teacher_unet = teacher.model.diffusion_model if teacher is not None else None
+            me = make_experts(unet, paths, experts, init, seed, teacher_unet)
+        return (apply_condconv(model, me),)
 
 
-NODE_CLASS_MAPPINGS = {"ASDMMECondConv": MECondConv}
-NODE_DISPLAY_NAME_MAPPINGS = {"ASDMMECondConv": "A-SDM ME-CondConv"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(MECondConv)

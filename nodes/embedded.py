@@ -1,14 +1,16 @@
 """Node: A-SDM Load Embedded Model (the pack's own small text-to-image model, weights/embedded)."""
 import os
 
+import folder_paths   # ComfyUI's: the host loads the node modules
+
 from ..asdm import compat, embedded
+from .common import mappings, node_errors
 from .condconv import FOLDER as CONDCONV_FOLDER, _register_folder
 
 
 def register_family() -> None:
     """The embedded model's compressed / assembled UNets and ME-CondConv experts appear in
     A-SDM Load Compressed UNet and A-SDM ME-CondConv like a user's own files."""
-    import folder_paths
     if os.path.isdir(embedded.FAMILY_UNETS):
         folder_paths.add_model_folder_path(compat.unet_folder(), embedded.FAMILY_UNETS)
     if os.path.isdir(embedded.FAMILY_EXPERTS):
@@ -17,6 +19,8 @@ def register_family() -> None:
 
 
 class LoadEmbeddedModel:
+    NODE_ID = "ASDMLoadEmbeddedModel"
+    TITLE = "A-SDM Load Embedded Model"
     CATEGORY = "A-SDM/models"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("model", "clip", "vae")
@@ -38,13 +42,10 @@ class LoadEmbeddedModel:
     def INPUT_TYPES(cls):
         return {"required": {}}
 
+    @node_errors
     def load(self):
-        try:
-            return embedded.load()
-        except (embedded.EmbeddedModelError, ValueError) as e:
-            raise ValueError(f"A-SDM Load Embedded Model: {e}") from None
+        return embedded.load()
 
 
 register_family()
-NODE_CLASS_MAPPINGS = {"ASDMLoadEmbeddedModel": LoadEmbeddedModel}
-NODE_DISPLAY_NAME_MAPPINGS = {"ASDMLoadEmbeddedModel": "A-SDM Load Embedded Model"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(LoadEmbeddedModel)

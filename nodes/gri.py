@@ -1,8 +1,11 @@
 """Node: A-SDM GRI Attention (global-regional interactive self-attention, A-SDM early version §1)."""
-from ..asdm.gri import DEFAULT_UNITS, GRIError, apply_gri
+from ..asdm.gri import DEFAULT_POOL, DEFAULT_UNITS, DEFAULT_WINDOW, apply_gri
+from .common import mappings, node_errors
 
 
 class GRIAttention:
+    NODE_ID = "ASDMGRIAttention"
+    TITLE = "A-SDM GRI Attention"
     CATEGORY = "A-SDM/acceleration"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -29,12 +32,12 @@ class GRIAttention:
                 "('up3.*.A'). Blocks and layers mean their attention (A) units. dn0 and up3 are the "
                 "highest resolution, where self-attention costs the most (default). Empty = MODEL "
                 "unchanged."}),
-            "window": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip":
+            "window": ("INT", {"default": DEFAULT_WINDOW, "min": 1, "max": 512, "tooltip":
                 "Largest region side, in latent tokens of the unit (the latent is 1/8 of the image "
                 "at dn0/up3): 16 splits a 512 px image's 64x64 latent into 16 regions. Sides that do "
                 "not divide are split into equal regions (a 90-token side: 6 of 15). A window at "
                 "least the latent's side is plain attention there."}),
-            "pool": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
+            "pool": ("INT", {"default": DEFAULT_POOL, "min": 1, "max": 64, "tooltip":
                 "Global set: keys and values averaged over pool x pool latent tokens (4: a 64x64 "
                 "latent gives 256 global tokens). Larger is faster and coarser; 1 = every token "
                 "(full attention, slower)."}),
@@ -46,23 +49,9 @@ class GRIAttention:
                 "0.5 = the first half). Steps from it on compute exactly as the MODEL did."}),
         }}
 
+    @node_errors
     def patch(self, model, units, window, pool, start, end):
-        try:
-            return (apply_gri(model, units, window, pool, start, end),)
-        except GRIError as e:
-            raise ValueError(f"A-SDM GRI Attention: {_named(e)}") from None
+        return (apply_gri(model, units, window, pool, start, end),)
 
 
-def _named(e: GRIError) -> str:
-    """The engine's message with the node's input name in front where it is about one."""
-    msg = str(e)
-    for name in ("window", "pool", "start", "end"):
-        if msg.startswith(name + " "):
-            return msg
-    if "unit" in msg or "names no" in msg:
-        return f"units: {msg}"
-    return msg
-
-
-NODE_CLASS_MAPPINGS = {"ASDMGRIAttention": GRIAttention}
-NODE_DISPLAY_NAME_MAPPINGS = {"ASDMGRIAttention": "A-SDM GRI Attention"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(GRIAttention)

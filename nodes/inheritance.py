@@ -1,9 +1,12 @@
 """Node: A-SDM Feature Inheritance (tuning-free, A-SDM §V)."""
-from ..asdm.inheritance import DEFAULTS, REUSE, InheritanceError, apply_inheritance
+from ..asdm.inheritance import DEFAULTS, REUSE, apply_inheritance
 from ..asdm.topology import PRESETS
+from .common import mappings, node_errors
 
 
 class FeatureInheritance:
+    NODE_ID = "ASDMFeatureInheritance"
+    TITLE = "A-SDM Feature Inheritance"
     CATEGORY = "A-SDM/acceleration"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -60,12 +63,9 @@ class FeatureInheritance:
                 "stored tensor per stored feature."}),
         }}
 
+    @node_errors
     def patch(self, model, preset, units, period, final_full_steps, reuse="residual", forecast=False):
-        try:
-            return (apply_inheritance(model, preset, units, period, final_full_steps, reuse, bool(forecast)),)
-        except InheritanceError as e:
-            raise ValueError(f"A-SDM Feature Inheritance: {e}") from None
+        return (apply_inheritance(model, preset, units, period, final_full_steps, reuse, bool(forecast)),)
 
 
-NODE_CLASS_MAPPINGS = {"ASDMFeatureInheritance": FeatureInheritance}
-NODE_DISPLAY_NAME_MAPPINGS = {"ASDMFeatureInheritance": "A-SDM Feature Inheritance"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(FeatureInheritance)

@@ -1,10 +1,13 @@
 """Node: A-SDM UNet Switch (multi-UNet switching, A-SDM §IV-C)."""
-from ..asdm.switch import TO_END, Range, SwitchError, make_switch
+from ..asdm.switch import TO_END, Range, make_switch
+from .common import mappings, node_errors
 
 _MAX = 4
 
 
 class UNetSwitch:
+    NODE_ID = "ASDMUNetSwitch"
+    TITLE = "A-SDM UNet Switch"
     CATEGORY = "A-SDM/acceleration"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -42,6 +45,7 @@ class UNetSwitch:
             opt.update(rng(i, 0.0, float(TO_END), optional=True))
         return {"required": req, "optional": opt}
 
+    @node_errors
     def switch(self, unit, **kw):
         models, ranges = [], []
         for i in range(1, _MAX + 1):
@@ -50,11 +54,7 @@ class UNetSwitch:
                 continue
             models.append(m)
             ranges.append(Range(kw[f"start_{i}"], kw[f"end_{i}"]))
-        try:
-            return (make_switch(models, ranges, unit),)
-        except SwitchError as e:
-            raise ValueError(f"A-SDM UNet Switch: {e}") from None
+        return (make_switch(models, ranges, unit),)
 
 
-NODE_CLASS_MAPPINGS = {"ASDMUNetSwitch": UNetSwitch}
-NODE_DISPLAY_NAME_MAPPINGS = {"ASDMUNetSwitch": "A-SDM UNet Switch"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(UNetSwitch)

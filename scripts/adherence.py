@@ -16,7 +16,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asdm import embedded  # noqa: E402
+from asdm.evaluation import binding, checker  # noqa: E402
 from asdm.harness import host  # noqa: E402
+from asdm.training import shapes  # noqa: E402
 
 EVAL_SEED = 20261123    # the main job's and the image test's held-out captions
 
@@ -34,33 +37,30 @@ def main():
     log_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out")
     os.makedirs(log_dir, exist_ok=True)
     host.boot(log_file=os.path.join(log_dir, "adherence-host.log"))   # the host's own log
-    import numpy as np
     import torch
     import nodes
     N = nodes.NODE_CLASS_MAPPINGS
-    emb, shapes = host.engine("embedded"), host.engine("training.shapes")
-    metrics, binding = host.engine("evaluation.metrics"), host.engine("evaluation.binding")
-    model, clip, vae = emb.load(a.folder)
-    checker = metrics.load_checker(emb.path("checker"))
+    model, clip, vae = embedded.load(a.folder)
+    net = checker.load_checker(embedded.path("checker"))
 
     t0 = time.time()
-    scenes = shapes.generate(a.captions, emb.IMAGE_SIZE, EVAL_SEED)
+    scenes = shapes.generate(a.captions, embedded.IMAGE_SIZE, EVAL_SEED)
     images = []
     with torch.inference_mode():
         neg = N["CLIPTextEncode"]().encode(clip, "")[0]
         for j, s in enumerate(scenes):
             pos = N["CLIPTextEncode"]().encode(clip, s.caption)[0]
-            lat = N["EmptyLatentImage"]().generate(emb.IMAGE_SIZE, emb.IMAGE_SIZE, a.seeds)[0]
+            lat = N["EmptyLatentImage"]().generate(embedded.IMAGE_SIZE, embedded.IMAGE_SIZE, a.seeds)[0]
             sampled = N["KSampler"]().sample(model, 1000 + j, a.steps, a.cfg, a.sampler, a.scheduler, pos, neg, lat)[0]
             images.append(N["VAEDecode"]().decode(vae, sampled)[0].numpy())
-    r = binding.by_kind(checker, np.concatenate(images), [s.items for s in scenes for _ in range(a.seeds)])
+    r = binding.by_kind(net, np.concatenate(images), [s.items for s in scenes for _ in range(a.seeds)])
     ones = sum(len(s.items) == 1 for s in scenes)
     print(f"adherence, {a.captions} captions x {a.seeds} seeds ({a.steps} steps {a.sampler} / {a.scheduler}, "
           f"cfg {a.cfg}): all {r['all']:.3f}; one-shape captions ({ones}) {r['one']:.3f}; two-shape "
           f"({a.captions - ones}) {r['two']:.3f}: {r['correct']} images right, {r['swapped']} swapped, "
           f"{r['other']} other  ({time.time() - t0:.0f} s)")
 
-    two = [s for s in shapes.generate(400, emb.IMAGE_SIZE, EVAL_SEED) if len(s.items) == 2][:96]
+    two = [s for s in shapes.generate(400, embedded.IMAGE_SIZE, EVAL_SEED) if len(s.items) == 2][:96]
     sens = binding.loaded_swap_sensitivity(model, clip, vae, two)
     print("x0 error on 96 two-shape scenes, true caption vs shapes' places swapped (ratio > 1: the UNet binds):")
     for t, (true, swap) in sens.items():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's Chromium for the browser test (tests/test_browser.py) when it is missing.
+# Installs Debian's Chromium for the browser test (tests/e2e/test_browser.py) when it is missing.
 # Never fatal: without it the browser test is skipped and says why. No browser is downloaded
 # from anywhere but the system's package manager.
 command -v chromium >/dev/null 2>&1 && exit 0

@@ -8,10 +8,14 @@ import argparse
 import os
 import sys
 
+import safetensors.torch
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asdm import assembly  # noqa: E402
 from asdm.harness import host  # noqa: E402
+from asdm.harness import models as tm  # noqa: E402
+from asdm.training import trainer  # noqa: E402
 
 
 def main():
@@ -21,10 +25,8 @@ def main():
     ap.add_argument("--steps2", type=int, default=100)
     a = ap.parse_args()
     host.boot()
-    import safetensors.torch
-    assembly, testmodels, train = (host.engine(n) for n in ("assembly", "harness.models", "training.trainer"))
     os.makedirs(a.dir, exist_ok=True)
-    teacher = testmodels.sd_model(testmodels.TINY_SD1, seed=0)
+    teacher = tm.sd_model(tm.TINY_SD1, seed=0)
     assembly.save_unet(teacher, os.path.join(a.dir, "teacher.safetensors"))
     g = torch.Generator().manual_seed(0)
     safetensors.torch.save_file({"latents": torch.randn(64, 4, 8, 8, generator=g),
@@ -39,7 +41,7 @@ def main():
         with open(path, "w") as f:
             f.write(f'out = "{name}"\nsteps = {n}\n' + common + student)
         print(f"== {name}: python -m asdm.training {path}", flush=True)
-        train.train(train.load_config(path))
+        trainer.train(trainer.load_config(path))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asdm.evaluation import checker  # noqa: E402
 from asdm.harness import host  # noqa: E402
+from asdm.training import embedded as training_embedded  # noqa: E402
 
 
 def main():
@@ -26,16 +28,14 @@ def main():
     ap.add_argument("--force", action="store_true", help="retrain stages whose weights exist")
     a = ap.parse_args()
     host.boot(pytorch_attention=True)
-    training = host.engine("training.embedded")
     t0 = time.time()
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     log = lambda m: print(m, flush=True)   # noqa: E731
     if "checker" in stages:   # the evaluation's attribute checker, trained on the same scenes
-        host.engine("evaluation.metrics").train_checker_file(seed=a.seed, force=a.force, log=log)
-    times = training.run([s for s in stages if s != "checker"], seed=a.seed, vae_steps=a.vae_steps,
-                         unet_steps=a.unet_steps, family_steps=a.family_steps, gri_steps=a.gri_steps,
-                         snapshot_every=a.snapshot_every,
-                         force=a.force, log=log)
+        checker.train_checker_file(seed=a.seed, force=a.force, log=log)
+    times = training_embedded.run([s for s in stages if s != "checker"], seed=a.seed, vae_steps=a.vae_steps,
+                                  unet_steps=a.unet_steps, family_steps=a.family_steps, gri_steps=a.gri_steps,
+                                  snapshot_every=a.snapshot_every, force=a.force, log=log)
     print(f"done in {time.time() - t0:.0f} s: {times}")
 
 

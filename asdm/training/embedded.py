@@ -19,7 +19,7 @@ Stages, each written to ``weights/embedded/`` and skipped when its file exists (
    (``asdm.training.trainer``).
 
 (The evaluation's attribute checker is trained on the same scenes by the same script:
-``asdm.evaluation.metrics``.)
+``asdm.evaluation.checker``.)
 
 Every random draw comes from generators seeded by (seed, step): the same seed gives the same
 weights on the same machine and thread count.
@@ -30,15 +30,18 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from .. import assembly, derived_files, embedded, host_models, unet_files
 from . import distill, shapes
+from . import trainer as train
 from .steps import set_cosine_lr, step_generator
-from .. import embedded
 
 N_SCENES = 4000          # the VAE's, the checker's and the family's scenes
 UNET_SCENES = 16000      # the text-to-image stage's: more layouts per caption, less memorised
@@ -133,7 +136,7 @@ def _clip_layer_forward(layer, x, mask=None, optimized_attention=None):
 
 
 def new_unet_model():
-    import comfy.supported_models as sm
+    import comfy.supported_models as sm   # late: the host's modules exist once it runs (compat.start_host)
     model = sm.SD15(dict(embedded.UNET_CONFIG)).get_model({})
     init_(model.diffusion_model, zero_out=("out_layers.3", "proj_out", "out.2"))
     return model
@@ -154,7 +157,7 @@ def train_text_to_image(latents: torch.Tensor, scenes, steps: int, batch: int, s
     two-shape images; see README, "Where the budget went"):
 
     - a layout read-out: a linear head on the text encoder's state at the EOS token predicts
-      each place's colour and kind (``metrics.targets``), cross-entropy added with weight
+      each place's colour and kind (``shapes.targets``), cross-entropy added with weight
       ``LAYOUT_WEIGHT`` on the samples whose caption is not dropped. It pushes the whole layout
       into the context tokens early, before the UNet settles on reading words one by one; the
       head is thrown away (the files keep their format).
@@ -162,7 +165,6 @@ def train_text_to_image(latents: torch.Tensor, scenes, steps: int, batch: int, s
 
     ``snapshot(model, clip, step)`` is called with the EMA weights swapped in every
     ``snapshot_every`` steps (to watch adherence while it trains)."""
-    from ..evaluation.metrics import COLORS, KINDS, targets
     captions = [s.caption for s in scenes]
     torch.manual_seed(seed)
     model = new_unet_model()
@@ -180,9 +182,9 @@ def train_text_to_image(latents: torch.Tensor, scenes, steps: int, batch: int, s
         keep = torch.zeros(emb.token_embedding.weight.shape[0], dtype=torch.bool)
         keep[used] = True
         emb.token_embedding.weight[~keep] = 0   # unknown words: zero, and never stored
-    place_colour, place_kind = targets(scenes)
+    place_colour, place_kind = shapes.targets(scenes)
     eos = (ids == EOS_TOKEN).float().argmax(1)    # the first EOS; the rest of the 77 is padding
-    nc, nk = len(COLORS), len(KINDS)    # each with 'none'
+    nc, nk = len(shapes.COLOR_CLASSES), len(shapes.KIND_CLASSES)    # each with 'none'
     head = torch.nn.Linear(te.text_model.final_layer_norm.normalized_shape[0], place_colour.shape[1] * (nc + nk))
     two = torch.tensor([len(s.items) == 2 for s in scenes])
     two_idx, one_idx = torch.nonzero(two).flatten(), torch.nonzero(~two).flatten()
@@ -261,15 +263,13 @@ def half(sd: dict) -> dict:
 def save_weights(sd: dict, path: str, meta: dict, int8: bool = False) -> None:
     """Weights of the embedded model: fp16 (``int8``: stored in int8, read back as fp16; see
     ``unet_files.quantize_int8``), written atomically."""
-    from ..unet_files import write_safetensors
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_safetensors(half(sd), path, meta, int8)
+    unet_files.write_safetensors(half(sd), path, meta, int8)
 
 
 def _save_teacher(model, clip, folder: str, steps: int, seed: int) -> None:
     """The trained UNet and text encoder, as the files ``embedded.load(folder)`` reads."""
-    import comfy.model_patcher
-    from .. import assembly
+    import comfy.model_patcher   # late: the host's modules exist once it runs (compat.start_host)
     unet_file = os.path.join(folder, embedded.FILES["unet"])
     os.makedirs(os.path.dirname(unet_file), exist_ok=True)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
@@ -283,7 +283,6 @@ def _save_teacher(model, clip, folder: str, steps: int, seed: int) -> None:
 def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int = 1800, batch: int = 64,
         family_steps: int = 300, gri_steps: int = 150, snapshot_every: int = 0,
         force: bool = False, log=print) -> dict:
-    from .. import assembly, unet_files
     times = {}
     record = os.path.join(embedded.WEIGHTS, "training.json")
     if os.path.exists(record):
@@ -304,14 +303,12 @@ def run(stages: list[str], seed: int = 0, vae_steps: int = 900, unet_steps: int 
         times["vae_s"] = round(time.time() - t0, 1)
 
     if "unet" in stages and (force or not os.path.exists(embedded.path("unet"))):
-        from .. import host_models
         t0 = time.time()
         vae = host_models.make_vae(unet_files.read_safetensors(embedded.path("vae"))[0], embedded.VAE_CONFIG)
         more = shapes.generate(UNET_SCENES, embedded.IMAGE_SIZE, seed)   # the first N_SCENES are `scenes`
         lat = latent_means(vae.first_stage_model.float(), images_tensor(more))
 
         def snapshot(model, clip, step):   # a loadable copy: embedded.load("out/embedded-unet/step-N")
-            import shutil
             folder = os.path.join(embedded.REPO_ROOT, "out", "embedded-unet", f"step-{step}")
             _save_teacher(model, clip, folder, step, seed)
             shutil.copy(embedded.path("vae"), os.path.join(folder, embedded.FILES["vae"]))
@@ -376,12 +373,9 @@ def _toml(d: dict) -> str:
 def _train_run(cfg: dict, toml_path: str, name: str, log) -> tuple[dict, dict, dict]:
     """One fresh run of the project's trainer from ``cfg`` (written to ``toml_path``): its result,
     and the exported UNet's state dict and metadata (named as family member ``name``)."""
-    from .. import unet_files
-    from . import trainer as train
     with open(toml_path, "w") as f:
         f.write(_toml(cfg))
     if os.path.exists(cfg["out"]):   # a fresh run, not a resume of an older one
-        import shutil
         shutil.rmtree(cfg["out"])
     log(f"{name}: {toml_path}")
     t0 = time.time()
@@ -401,8 +395,6 @@ def family_file(name: str) -> str:
 
 
 def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) -> bool:
-    import safetensors.torch
-    from .. import unet_files
     work = os.path.join(embedded.REPO_ROOT, "out", "embedded-family")
     runs = family_runs(steps)
     if not force and all(os.path.exists(family_file(n)) for n in runs):
@@ -410,8 +402,7 @@ def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) 
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "data.safetensors")
     if force or not os.path.exists(data):
-        from ..embedded import load
-        _, clip, vae = load()
+        _, clip, vae = embedded.load()
         lat = latent_means(vae.first_stage_model.float(), images)
         with torch.no_grad():
             ctx = torch.cat([clip.encode_from_tokens(clip.tokenize(s.caption)).float() for s in scenes])
@@ -437,8 +428,7 @@ def train_family(scenes, images, steps: int, seed: int, force: bool, log=print) 
         # (M2 from the stored Base, ME-CondConv from the stored Small / Tiny), so a re-run
         # reproduces the shipped files.
         if source:
-            from .. import assembly
-            assembly.write_unet(half(sd), meta, out_file, derive_from=source, int8=FAMILY_INT8)
+            derived_files.write_unet(half(sd), meta, out_file, derive_from=source, int8=FAMILY_INT8)
         else:
             save_weights(sd, out_file, meta, int8=FAMILY_INT8)
         if res.get("experts"):
@@ -465,8 +455,6 @@ def train_gri_student(steps: int, seed: int, force: bool, log=print) -> bool:
     ``dn0=B, up3=B``: the rest frozen), distilled with GRI attention in those blocks from the
     full-attention teacher on 256 px scenes. Stored as what it adds to the teacher (its dn0 and
     up3 blocks), so the file is small."""
-    import safetensors.torch
-    from .. import assembly
     out_file = family_file("full-gri")
     if os.path.exists(out_file) and not force:
         return False
@@ -474,8 +462,7 @@ def train_gri_student(steps: int, seed: int, force: bool, log=print) -> bool:
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "data.safetensors")
     if force or not os.path.exists(data):
-        from ..embedded import load
-        _, clip, vae = load()
+        _, clip, vae = embedded.load()
         scenes = shapes.generate(GRI_SCENES, GRI_SIZE, seed + 1)
         lat = latent_means(vae.first_stage_model.float(), images_tensor(scenes), batch=16)
         with torch.no_grad():
@@ -492,5 +479,5 @@ def train_gri_student(steps: int, seed: int, force: bool, log=print) -> bool:
            "loss": {"task": 0.0}}
     _, sd, meta = _train_run(cfg, os.path.join(work, "gri.toml"), "full-gri", log)
     meta.pop("asdm.recipe", None)   # a UNet of the teacher's own layout, not an assembly to redo
-    assembly.write_unet(half(sd), meta, out_file, derive_from=embedded.path("unet"), int8=FAMILY_INT8)
+    derived_files.write_unet(half(sd), meta, out_file, derive_from=embedded.path("unet"), int8=FAMILY_INT8)
     return True

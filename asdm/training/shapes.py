@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from PIL import Image
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
           "yellow": (235, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30)}
@@ -21,6 +23,11 @@ REGIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "botto
            "center": (0.5, 0.5)}   # centre (x, y) as fractions of the side
 PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
           "center": "in the center"}
+# The classes a reader of these scenes predicts per region (the attribute checker, the embedded
+# model's layout read-out): the regions in order, and each region's colour and kind, None = empty.
+REGION_NAMES = list(REGIONS)
+COLOR_CLASSES = [None] + list(COLORS)
+KIND_CLASSES = [None] + list(SHAPES)
 # regions that do not overlap, so two shapes never cover each other
 _APART = [("left", "right"), ("top", "bottom")]
 
@@ -41,6 +48,17 @@ class Scene:
 
 def caption_of(items) -> str:
     return " and ".join(f"a {i.color} {i.shape} {PHRASE[i.region]}" for i in items)
+
+
+def targets(scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, regions] class indices of each region's colour and kind (0 = empty)."""
+    col = torch.zeros(len(scenes), len(REGION_NAMES), dtype=torch.long)
+    kind = torch.zeros_like(col)
+    for i, s in enumerate(scenes):
+        for it in s.items:
+            r = REGION_NAMES.index(it.region)
+            col[i, r], kind[i, r] = COLOR_CLASSES.index(it.color), KIND_CLASSES.index(it.shape)
+    return col, kind
 
 
 def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -84,7 +102,6 @@ def generate(n: int, size: int = 64, seed: int = 0) -> list[Scene]:
 
 def write_folder(folder: str, n: int, size: int = 64, seed: int = 0) -> list[Scene]:
     """The scenes as <i>.png with <i>.txt captions: the trainer's `data.images` layout."""
-    from PIL import Image
     os.makedirs(folder, exist_ok=True)
     scenes = generate(n, size, seed)
     for i, s in enumerate(scenes):

@@ -39,15 +39,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import os
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 
+import numpy as np
+import safetensors.torch
 import torch
+import torch.distributed as dist
+from PIL import Image
 
+from .. import assembly, compat, condconv, derived_files, gri
+from ..condconv import MEForward
+from ..errors import ASDMError
+from ..topology import describe
+from ..unet_files import UNetFileError, read_safetensors, tensor_digest, write_safetensors
+from . import distill
 from .steps import step_generator
 
 DEFAULTS = {
@@ -68,16 +80,20 @@ def _one_of(*choices):
     return (f"one of {', '.join(choices)}", lambda v: v in choices)
 
 
+KINDS = ("compress", "assemble", "condconv")   # [student] kind: the three steps of model assembly
+
+# The values the engine takes, from the engine's own constants.
 SCHEMA = {
     "": {"out": _text, "steps": _whole, "batch": _whole, "grad_accum": _whole, "save_every": _whole,
          "log_every": _whole, "seed": ("a whole number >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
          "lr": ("a number > 0 (e.g. 5e-5)", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                 and 0 < v < 1e3)},
     "teacher": {"unet": _text},
-    "student": {"kind": _one_of("compress", "assemble", "condconv"), "layout": _one_of("base", "small", "tiny"),
+    "student": {"kind": _one_of(*KINDS), "layout": _one_of(*assembly.BKSDM_LAYOUTS),
                 "recipe": _text, "train_original": _flag, "compressed": _text, "unet": _text,
-                "experts": ("a whole number from 2 to 16", lambda v: isinstance(v, int) and 2 <= v <= 16),
-                "init": _one_of("identity", "paper", "cross-layer"), "units": _text, "train_unet": _flag},
+                "experts": (f"a whole number from 2 to {condconv.MAX_EXPERTS}",
+                            lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= condconv.MAX_EXPERTS),
+                "init": _one_of(*condconv.INIT_MODES), "units": _text, "train_unet": _flag},
     "data": {"latents": _text, "images": _text, "checkpoint": _text,
              "size": ("a whole number >= 64, a multiple of 8", lambda v: isinstance(v, int) and v >= 64 and v % 8 == 0)},
     "loss": {"task": _number, "out_kd": _number, "feat_kd": _number, "mid": _number, "perceptual": _number,
@@ -89,11 +105,11 @@ SCHEMA = {
 }
 
 # [gri]: its keys' defaults where the table is given (the GRI Attention node's defaults).
-GRI_DEFAULTS = {"window": 16, "pool": 4}
+GRI_DEFAULTS = {"units": gri.DEFAULT_UNITS, "window": gri.DEFAULT_WINDOW, "pool": gri.DEFAULT_POOL}
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(ASDMError):
+    """A config that cannot be trained; the message names the key (``input``) and the fix."""
 
 
 class TrainingError(RuntimeError):
@@ -101,7 +117,6 @@ class TrainingError(RuntimeError):
 
 
 def _check_schema(path: str, raw: dict) -> None:
-    import difflib
     for key, value in raw.items():
         section = key if isinstance(value, dict) else ""
         items = value.items() if isinstance(value, dict) else [(key, value)]
@@ -134,7 +149,6 @@ def _check_writable(path: str, out: str) -> None:
 
 
 def load_config(path: str) -> dict:
-    import tomllib
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
     with open(path, "rb") as f:
@@ -175,10 +189,7 @@ def load_config(path: str) -> dict:
         if cfg["student"].get(k):
             cfg["student"][k] = resolve(cfg["student"][k])
     if "gri" in cfg:
-        from ..gri import DEFAULT_UNITS
-        cfg["gri"] = {"units": cfg["gri"].get("units", DEFAULT_UNITS),
-                      "window": cfg["gri"].get("window", GRI_DEFAULTS["window"]),
-                      "pool": cfg["gri"].get("pool", GRI_DEFAULTS["pool"])}
+        cfg["gri"] = dict(GRI_DEFAULTS, **cfg["gri"])
     kind = cfg["student"]["kind"]
     if kind == "assemble" and not cfg["student"].get("compressed"):
         raise ConfigError(f"{path}: student.kind = 'assemble' needs student.compressed (the step-1 UNet)")
@@ -187,7 +198,6 @@ def load_config(path: str) -> dict:
 
 
 def load_data(path: str, context_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..unet_files import UNetFileError, read_safetensors
     try:
         sd, _ = read_safetensors(path)
     except UNetFileError as e:
@@ -228,10 +238,7 @@ def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print
     if missing:
         raise ConfigError(f"data.images: {len(missing)} images have no caption file, e.g. {missing[0]} "
                           f"(expected {os.path.splitext(missing[0])[0]}.txt beside it)")
-    import numpy as np
-    from PIL import Image
-    import comfy.sd
-    import safetensors.torch
+    import comfy.sd   # late: the host's modules exist once it runs (compat.start_host)
     lats, ctxs, skipped = [], [], []
     with torch.no_grad():   # the host's CLIP constructor writes into its own parameters
         _, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
@@ -258,12 +265,9 @@ def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print
 
 def build(cfg: dict):
     """(teacher unet, student patcher, trainable parameter names, ME-CondConv experts or None)."""
-    from .. import assembly, unet_files
-    from . import distill
-    from ..topology import describe
     try:
-        teacher = unet_files.load_unet(cfg["teacher"]["unet"])
-    except unet_files.UNetFileError as e:
+        teacher = derived_files.load_unet(cfg["teacher"]["unet"])
+    except UNetFileError as e:
         raise ConfigError(f"teacher.unet: {e}") from None
     student_cfg = cfg["student"]
     experts = None
@@ -272,26 +276,25 @@ def build(cfg: dict):
         trainable = [n for n, _ in student.model.diffusion_model.named_parameters()]
     elif student_cfg["kind"] == "assemble":
         try:
-            compressed = unet_files.load_unet(student_cfg["compressed"])
+            compressed = derived_files.load_unet(student_cfg["compressed"])
             spec = assembly.recipe_spec(student_cfg["recipe"])
             student = assembly.assemble(teacher, compressed, spec)
-        except (unet_files.UNetFileError, assembly.AssemblyError) as e:
+        except ASDMError as e:
             raise ConfigError(f"student: {e}") from None
         unet = student.model.diffusion_model
         choice = assembly.parse_recipe(spec, describe(unet).blocks)
         frozen = set(distill.freeze_blocks(unet, choice, student_cfg["train_original"]))
         trainable = [n for n, _ in unet.named_parameters() if n not in frozen]
     else:   # condconv: a compressed student whose 3x3 convs are ME-CondConv
-        from .. import condconv
         try:
-            base = (unet_files.load_unet(student_cfg["unet"]) if student_cfg.get("unet")
+            base = (derived_files.load_unet(student_cfg["unet"]) if student_cfg.get("unet")
                     else assembly.compress(teacher, student_cfg["layout"]))
             unet = base.model.diffusion_model
             paths = condconv.select_convs(unet, student_cfg.get("units", condconv.DEFAULT_UNITS))
-            experts = condconv.make_experts(unet, paths, int(student_cfg.get("experts", 2)),
+            experts = condconv.make_experts(unet, paths, int(student_cfg.get("experts", condconv.DEFAULT_EXPERTS)),
                                             student_cfg.get("init", "identity"), cfg["seed"],
                                             teacher.model.diffusion_model)
-        except (unet_files.UNetFileError, condconv.CondConvError, ValueError) as e:
+        except ASDMError as e:
             raise ConfigError(f"student: {e}") from None
         student = base
         # train_unet = false: the experts alone learn, so the exported UNet is the one it came from
@@ -305,8 +308,6 @@ def build(cfg: dict):
 def gri_sites(unet, settings: dict) -> list:
     """The transformer blocks ``[gri]`` puts GRI attention in (``asdm.gri.Site``); a bad setting
     is a ConfigError naming its key."""
-    from .. import gri
-    from ..topology import describe
     for key in ("window", "pool"):
         try:
             gri.Settings(**{"window": 1, "pool": 1, key: settings[key]})
@@ -344,9 +345,7 @@ class _Student(torch.nn.Module):
 
 def _experts_active(unet, experts):
     """While training, the ME-CondConv convs run their expert forward."""
-    from ..condconv import MEForward
-    from .distill import replaced_forwards
-    return replaced_forwards({unet.get_submodule(p): MEForward(unet.get_submodule(p), me)
+    return distill.replaced_forwards({unet.get_submodule(p): MEForward(unet.get_submodule(p), me)
                               for p, me in (experts or {}).items()})
 
 
@@ -361,34 +360,28 @@ def _experts_active(unet, experts):
 CHECKPOINT_FORMAT = "asdm-train-checkpoint-v1"
 
 
-def _tensor_digest(sd: dict) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        v = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
-
-
-def _checkpoint_tensors(run: "Training") -> dict:
+def _checkpoint_tensors(run: "Training") -> tuple[dict, dict]:
+    """(tensors, metadata) of everything a resume needs: the student, its experts, and the
+    optimizer's state as the optimizer gives it (``state_dict``), its tensors keyed by the
+    parameter's name and the rest (hyperparameters, scalars) as JSON."""
     sd = {f"unet.{k}": v.detach().cpu() for k, v in run.unet.state_dict().items()}
     for conv, me in (run.experts or {}).items():
         sd.update({f"experts.{conv}.{k}": v.detach().cpu() for k, v in me.state_dict().items()})
-    for i, p in enumerate(run.opt.param_groups[0]["params"]):
-        for k, v in run.opt.state.get(p, {}).items():
-            if torch.is_tensor(v) and v.dim() > 0:
+    opt = run.opt.state_dict()
+    plain: dict = {}
+    for i, state in opt["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
                 sd[f"opt.{k}.{run.names[i]}"] = v.detach().cpu()
-            elif k == "step":
-                sd[f"opt.step.{run.names[i]}"] = torch.as_tensor(v, dtype=torch.float64).reshape(1).cpu()
-    return sd
+            else:
+                plain.setdefault(run.names[i], {})[k] = v
+    return sd, {"asdm.optimizer": json.dumps({"param_groups": opt["param_groups"], "state": plain})}
 
 
 def _commit(run: "Training", step: int) -> None:
-    from ..unet_files import write_safetensors
-    sd = _checkpoint_tensors(run)
+    sd, meta = _checkpoint_tensors(run)
     path, prev, nxt = run.path("checkpoint"), run.path("checkpoint-prev"), run.path("checkpoint") + ".next"
-    meta = {"asdm.format": CHECKPOINT_FORMAT, "asdm.step": step, "asdm.digest": _tensor_digest(sd)}
+    meta.update({"asdm.format": CHECKPOINT_FORMAT, "asdm.step": step, "asdm.digest": tensor_digest(sd)})
     if run.gri is not None:
         meta["asdm.gri"] = gri_meta(run.gri)
     write_safetensors(sd, nxt, meta)
@@ -397,35 +390,33 @@ def _commit(run: "Training", step: int) -> None:
     os.replace(nxt, path)
 
 
-def _read_checkpoint(path: str) -> tuple[tuple[dict, int, str | None] | None, str]:
-    """((tensors, step, its asdm.gri metadata or None), "") of a whole, untouched checkpoint
-    file, else (None, the reason)."""
-    from ..unet_files import UNetFileError, read_safetensors
+def _read_checkpoint(path: str) -> tuple[tuple[dict, dict] | None, str]:
+    """((tensors, metadata), "") of a whole, untouched checkpoint file, else (None, the reason)."""
     try:
         sd, meta = read_safetensors(path)
     except UNetFileError as e:
         return None, str(e)
     if meta.get("asdm.format") != CHECKPOINT_FORMAT:
         return None, "not a trainer checkpoint"
-    if meta.get("asdm.digest") != _tensor_digest(sd):
+    if meta.get("asdm.digest") != tensor_digest(sd):
         return None, "its contents do not match its digest (damaged)"
-    return (sd, int(meta["asdm.step"]), meta.get("asdm.gri")), ""
+    return (sd, meta), ""
 
 
-def _restore(run: "Training", sd: dict) -> None:
+def _restore(run: "Training", sd: dict, meta: dict) -> None:
     run.unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
     for conv, me in (run.experts or {}).items():
         pre = f"experts.{conv}."
         me.load_state_dict({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})
-    for i, p in enumerate(run.opt.param_groups[0]["params"]):
-        state = {}
-        for k in ("exp_avg", "exp_avg_sq"):
-            if f"opt.{k}.{run.names[i]}" in sd:
-                state[k] = sd[f"opt.{k}.{run.names[i]}"].to(p.device)
-        if f"opt.step.{run.names[i]}" in sd:
-            state["step"] = sd[f"opt.step.{run.names[i]}"].reshape(()).float()
-        if state:
-            run.opt.state[p] = state
+    saved = json.loads(meta.get("asdm.optimizer", "null")) or {}
+    by_name = {name: dict(v) for name, v in saved.get("state", {}).items()}
+    for k, v in sd.items():
+        if k.startswith("opt."):
+            kind, _, name = k[4:].partition(".")   # opt.<state key>.<parameter name>
+            by_name.setdefault(name, {})[kind] = v
+    state = {i: by_name[name] for i, name in enumerate(run.names) if name in by_name}
+    groups = saved.get("param_groups") or run.opt.state_dict()["param_groups"]
+    run.opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 @dataclass
@@ -464,14 +455,12 @@ class Training:
 
 def _perceptual(cfg: dict, log):
     """The optional perceptual term's network and the loss weights with it on or off."""
-    from . import distill
     weights = dict(cfg["loss"])
     vgg_file = weights.pop("perceptual_weights", None)
     if not vgg_file:
         weights["perceptual"] = 0.0
         log("perceptual term: off (no loss.perceptual_weights given)")
         return None, weights
-    from ..unet_files import UNetFileError, read_safetensors
     vgg_file = vgg_file if os.path.isabs(vgg_file) else os.path.join(cfg.get("_base", ""), vgg_file)
     try:
         net = distill.PerceptualNet(read_safetensors(vgg_file)[0])
@@ -484,10 +473,8 @@ def _perceptual(cfg: dict, log):
 
 def setup(cfg: dict, log=print) -> Training:
     """Processes (DDP), data, teacher and student, the trained parameters and the optimizer."""
-    from . import distill
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     data = cfg["data"]
     if data.get("images"):
@@ -495,14 +482,14 @@ def setup(cfg: dict, log=print) -> Training:
             encode_images(data["images"], data["checkpoint"], int(data.get("size", 512)),
                           os.path.join(cfg["out"], "encoded.safetensors"), log)
         if world > 1:
-            torch.distributed.barrier()
+            dist.barrier()
         data["latents"] = os.path.join(cfg["out"], "encoded.safetensors")
     teacher, student, trainable, experts = build(cfg)
     unet = student.model.diffusion_model
     lat, ctx = load_data(data["latents"], student.model.model_config.unet_config["context_dim"])
     lat = student.model.process_latent_in(lat)   # VAE latents -> the UNet's scale (x0.18215 for SD1.x)
     perceptual, loss_weights = _perceptual(cfg, log)
-    import comfy.model_management as mm
+    import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     dev = mm.get_torch_device()
     teacher.to(dev)
     unet.to(dev)
@@ -539,14 +526,13 @@ def setup(cfg: dict, log=print) -> Training:
 def _log_gri(settings: dict, sites: list, latent: tuple[int, int], log) -> None:
     """Says where the student trains with GRI attention, and where a region covers a unit's
     whole grid at the data's latent size (full attention there: nothing GRI-specific to learn)."""
-    from ..gri import covers
     grids = {}
     for s in sites:
         h, w = latent
         for _ in range(s.level):
             h, w = -(-h // 2), -(-w // 2)
         grids[s.unit.name] = (h, w)
-    full = [u for u, g in grids.items() if covers(g, settings["window"])]
+    full = [u for u, g in grids.items() if gri.covers(g, settings["window"])]
     sizes = ", ".join(sorted({f"{h}x{w}" for h, w in grids.values()}))
     log(f"GRI attention in the student: {', '.join(grids)} (window {settings['window']}, pool {settings['pool']}; "
         f"grids at {latent[0]}x{latent[1]} latents: {sizes})")
@@ -566,10 +552,10 @@ def resume(run: Training, log=print) -> None:
         if found is None:
             log(f"skipping {path}: {why}")
             continue
-        sd, step, gri_saved = found
-        _check_same_gri(run, path, gri_saved)
-        _restore(run, sd)
-        run.start = step
+        sd, meta = found
+        _check_same_gri(run, path, meta.get("asdm.gri"))
+        _restore(run, sd, meta)
+        run.start = step = int(meta["asdm.step"])
         log(f"resuming from step {step} ({path})")
         return
     if os.path.exists(run.path("unet")) and not os.path.exists(run.path("checkpoint")):
@@ -601,8 +587,7 @@ def _gri_active(run: Training):
     if run.gri is None:
         yield None
         return
-    from ..gri import gri_unet
-    with gri_unet(run.unet, run.gri["units"], run.gri["window"], run.gri["pool"]) as g:
+    with gri.gri_unet(run.unet, run.gri["units"], run.gri["window"], run.gri["pool"]) as g:
         run.gri_handle = g
         try:
             yield g
@@ -612,7 +597,6 @@ def _gri_active(run: Training):
 
 def train_step(run: Training, step: int) -> list[dict]:
     """One optimizer step over ``grad_accum`` micro-batches; returns each micro-batch's loss terms."""
-    from . import distill
     if run.gri_handle is not None:
         run.gri_handle.step = step   # the shift parity, as a sampler step sets it: a resume repeats it
     g = step_generator(run.cfg["seed"], step)
@@ -645,19 +629,16 @@ def checkpoint(run: Training, step: int) -> None:
 
 
 def export(run: Training, step: int) -> None:
-    from .. import assembly
     meta = {"asdm.train.step": str(step)}
     if run.gri is not None:
         meta["asdm.gri"] = gri_meta(run.gri)
     assembly.save_unet(run.student, run.path("unet"), extra_meta=meta,
                        state={k: v.detach().cpu() for k, v in run.unet.state_dict().items()})
     if run.experts:
-        from ..condconv import save_experts
-        save_experts(run.experts, run.path("experts"), {"asdm.train.step": str(step)})
+        condconv.save_experts(run.experts, run.path("experts"), {"asdm.train.step": str(step)})
 
 
 def train(cfg: dict, log=print) -> dict:
-    from . import distill
     run = setup(cfg, log)
     resume(run, log)
     terms_log, t0, history = [], time.time(), []
@@ -685,10 +666,7 @@ def train(cfg: dict, log=print) -> dict:
     if run.rank == 0 and run.start >= cfg["steps"]:   # resumed a finished run: its exports made whole
         export(run, run.start)
     if run.world > 1:
-        import hashlib
-        import torch.distributed as dist
-        digest = hashlib.sha256(b"".join(run.params[n].detach().cpu().numpy().tobytes()
-                                         for n in run.names)).hexdigest()
+        digest = tensor_digest({n: run.params[n] for n in run.names})
         print(f"rank {run.rank}: weights sha256 {digest[:16]}", flush=True)   # ranks must agree
         dist.barrier()
         dist.destroy_process_group()
@@ -700,11 +678,10 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="a TOML file (see README, 'Training')")
     a = ap.parse_args(argv)
-    from ..harness import host
     torch.manual_seed(0)
     try:
         cfg = load_config(a.config)   # a bad config is told before ComfyUI starts
-        host.boot()
+        compat.start_host()
         train(cfg)
     except ConfigError as e:
         print(f"asdm.training: {e}", file=sys.stderr)

@@ -17,6 +17,8 @@ import urllib.request
 import pytest
 
 from asdm.harness import graphs, host
+from asdm import compat
+from asdm.harness import models as tm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -48,11 +50,11 @@ def get_json(url, timeout=10):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """ComfyUI's own main.py on 127.0.0.1, the pack in a custom_nodes folder of its own."""
-    ckpt, unet = host.random_sd15_checkpoint(), host.random_bksdm_unet("base")
+    ckpt, unet = tm.random_sd15_checkpoint(), tm.random_bksdm_unet("base")
     work = tmp_path_factory.mktemp("comfy-server")
     os.makedirs(work / "custom_nodes")
     os.symlink(ROOT, work / "custom_nodes" / host.PACK_NAME)
-    cache = host._cache()
+    cache = tm.cache()
     (work / "paths.yaml").write_text(
         f"asdm_pack:\n  base_path: {work}\n  custom_nodes: custom_nodes\n"
         f"asdm_models:\n  base_path: {cache}\n  checkpoints: checkpoints\n  unet: unet\n"
@@ -67,7 +69,7 @@ def server(tmp_path_factory):
            "--disable-auto-launch", "--extra-model-paths-config", str(work / "paths.yaml"),
            "--output-directory", str(work / "output"), "--input-directory", str(work / "input"),
            "--temp-directory", str(work)]
-    cmd[1] = os.path.join(host.comfyui_path(), "main.py")
+    cmd[1] = os.path.join(compat.host_path(), "main.py")
     proc = subprocess.Popen(cmd, cwd=work / "cwd", stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -9,11 +9,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import engine, model_folder
+from conftest import model_folder
+from asdm import assembly
+from asdm import compat
+from asdm import condconv
+from asdm import embedded
 
 
 def save(sd_model, path, **edit):
-    engine("assembly").save_unet(sd_model, str(path))
+    assembly.save_unet(sd_model, str(path))
     sd = safetensors.torch.load_file(str(path))
     meta = safetensors.safe_open(str(path), "pt").metadata()
     for k, fn in edit.items():
@@ -38,7 +42,7 @@ def one_nan(t):
 ])
 def test_non_finite_or_integer_unet_weights_are_refused(N, sd_and_base, tmp_path, edit, needle):
     save(sd_and_base[1], tmp_path / "bad.safetensors", **edit)
-    with model_folder(engine("compat").unet_folder(), tmp_path), pytest.raises(ValueError) as e:
+    with model_folder(compat.unet_folder(), tmp_path), pytest.raises(ValueError) as e:
         load(N, "bad.safetensors")
     assert str(e.value).startswith("A-SDM Load Compressed UNet: bad.safetensors") and needle in str(e.value)
 
@@ -50,16 +54,15 @@ def test_malformed_diffusers_config_is_named(N, tmp_path):
     safetensors.torch.save_file({k: v.contiguous() for k, v in diffusers_unet(bksdm_config("base", 1)).state_dict().items()},
                                 str(d / "diffusion_pytorch_model.safetensors"))
     (d / "config.json").write_text("{ not json")
-    with model_folder(engine("compat").unet_folder(), tmp_path), pytest.raises(ValueError) as e:
+    with model_folder(compat.unet_folder(), tmp_path), pytest.raises(ValueError) as e:
         load(N, os.path.join("bk", "unet", "diffusion_pytorch_model.safetensors"))
     assert "config.json is not a readable JSON config" in str(e.value) and "delete it" in str(e.value)
 
 
 def embedded_copy(tmp_path):
-    emb = engine("embedded")
     d = tmp_path / "emb"
-    shutil.copytree(emb.WEIGHTS, d, ignore=shutil.ignore_patterns("condconv"))
-    return emb, d
+    shutil.copytree(embedded.WEIGHTS, d, ignore=shutil.ignore_patterns("condconv"))
+    return embedded, d
 
 
 def test_damaged_embedded_model_files_are_named(tmp_path, monkeypatch):
@@ -133,9 +136,8 @@ def test_recipes_quoted_short_and_contradictions_refused(N, sd_and_base):
 
 
 def experts_file(tiny, path, sd_edit=None, meta_edit=None):
-    cc = engine("condconv")
     unet = tiny.model.diffusion_model
-    cc.save_experts(cc.make_experts(unet, cc.select_convs(unet, cc.DEFAULT_UNITS), 2, "paper", 0), str(path))
+    condconv.save_experts(condconv.make_experts(unet, condconv.select_convs(unet, condconv.DEFAULT_UNITS), 2, "paper", 0), str(path))
     sd = safetensors.torch.load_file(str(path))
     meta = safetensors.safe_open(str(path), "pt").metadata()
     (sd_edit or (lambda s: None))(sd)

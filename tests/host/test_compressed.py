@@ -5,7 +5,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import engine, model_folder, unload_all
+from conftest import model_folder, unload_all
+from asdm import assembly
+from asdm import compat
+from asdm import topology
+from asdm import unet_files
+from asdm.harness import models as tm
 
 DIFFUSERS = pytest.importorskip("diffusers")
 
@@ -44,7 +49,7 @@ def diffusers_unet(cfg, seed=0):
 @pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("unet")
-    with model_folder(engine("compat").unet_folder(), d):
+    with model_folder(compat.unet_folder(), d):
         yield d
 
 
@@ -71,7 +76,7 @@ def test_diffusers_layout_matches_diffusers(N, unet_dir, layout, version):
     # Two independent fp32 implementations (different attention kernels and summation order):
     # agreement to 1e-4 of the output scale; a wrong key or layout gives errors of order 1.
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-    topo = engine("topology").describe(model.model.diffusion_model)
+    topo = topology.describe(model.model.diffusion_model)
     assert ("mid" in topo.blocks) == (layout == "base")
     assert len([b for b in topo.blocks if b.startswith("dn")]) == (3 if layout == "tiny" else 4)
     # the safetensors alone (no config.json beside it): same weights, same model
@@ -89,16 +94,15 @@ def test_diffusers_layout_matches_diffusers(N, unet_dir, layout, version):
 def test_real_topology_parameter_counts(cfg, want):
     """The real BK-SDM layouts (built by diffusers on the meta device), converted by our key
     reader and built by the host: every key fits, and the counts are BK-SDM's."""
-    uf = engine("unet_files")
     import comfy.model_base
     import comfy.supported_models as sm
     with torch.device("meta"):
         ref = DIFFUSERS.UNet2DConditionModel(**cfg)
-    sd = uf.to_ldm(ref.state_dict())
-    unet_cfg = uf.unet_config(sd)
-    assert uf.family_of(unet_cfg) == "SD1"
+    sd = unet_files.to_ldm(ref.state_dict())
+    unet_cfg = unet_files.unet_config(sd)
+    assert unet_files.family_of(unet_cfg) == "SD1"
     unet = comfy.model_base.BaseModel(sm.SD15(unet_cfg), device="meta").diffusion_model
-    uf._check_keys(unet, sd)
+    unet_files.check_keys(unet, sd)
     n = sum(p.numel() for p in unet.parameters()) / 1e6
     assert abs(n - want) < 0.05, n
 
@@ -115,11 +119,10 @@ def forward(m, seed=0):
 
 
 def test_compress_keeps_bksdm_layers(sd_and_base):
-    tm = engine("harness.models")
     sd = sd_and_base[0]
-    topo = engine("topology").describe
+    topo = topology.describe
     for layout, levels, mid in (("base", 4, True), ("small", 4, False), ("tiny", 3, False)):
-        m = engine("assembly").compress(sd, layout)
+        m = assembly.compress(sd, layout)
         t = topo(m.model.diffusion_model)
         assert ("mid" in t.blocks) == mid and sum(b.startswith("dn") for b in t.blocks) == levels
         assert all(t.layers[f"dn{k}"] == 1 and t.layers[f"up{k}"] == 2 for k in range(levels))
@@ -144,10 +147,10 @@ def test_recipe_from_one_source_reproduces_it(N, sd_and_base, recipe, src):
 def test_m2_takes_each_block_from_its_source(N, sd_and_base):
     sd, base = sd_and_base
     m2 = N["ASDMAssembleUNet"]().assemble(sd, base, "M2", "")[0]
-    t = engine("topology").describe(m2.model.diffusion_model)
+    t = topology.describe(m2.model.diffusion_model)
     assert [t.layers[b] for b in t.blocks] == [1, 1, 2, 2, 1, 3, 3, 2, 2]
-    tb = engine("topology").describe(base.model.diffusion_model)
-    ts = engine("topology").describe(sd.model.diffusion_model)
+    tb = topology.describe(base.model.diffusion_model)
+    ts = topology.describe(sd.model.diffusion_model)
     s, sb, ss = state(m2), state(base), state(sd)
     for block, src_topo, src in (("dn1", tb, sb), ("up2", tb, sb), ("dn2", ts, ss), ("mid", ts, ss), ("up1", ts, ss)):
         for dst, sp in zip(t.entries[block], src_topo.entries[block]):
@@ -176,47 +179,45 @@ def test_derived_file_stores_only_what_it_adds(N, sd_and_base, tmp_path):
     """An assembled UNet saved as what it adds to its original: the original's blocks are not
     stored, loading puts them back bit for bit; a changed or missing source is refused."""
     import json
-    asm = engine("assembly")
     sd, base = sd_and_base
-    m2 = asm.assemble(sd, base, asm.recipe_spec("M2"))
-    asm.save_unet(sd, str(tmp_path / "sd.safetensors"))
-    asm.save_unet(m2, str(tmp_path / "m2.safetensors"), derive_from=str(tmp_path / "sd.safetensors"))
-    asm.save_unet(m2, str(tmp_path / "m2-whole.safetensors"))
+    m2 = assembly.assemble(sd, base, assembly.recipe_spec("M2"))
+    assembly.save_unet(sd, str(tmp_path / "sd.safetensors"))
+    assembly.save_unet(m2, str(tmp_path / "m2.safetensors"), derive_from=str(tmp_path / "sd.safetensors"))
+    assembly.save_unet(m2, str(tmp_path / "m2-whole.safetensors"))
     meta = safetensors.safe_open(str(tmp_path / "m2.safetensors"), "pt").metadata()
     assert sorted(json.loads(meta["asdm.derived_parts"])) == ["dn2", "dn3", "mid", "time", "up0", "up1"]
     assert os.path.getsize(tmp_path / "m2.safetensors") < 0.5 * os.path.getsize(tmp_path / "m2-whole.safetensors")
-    with model_folder(engine("compat").unet_folder(), tmp_path):
+    with model_folder(compat.unet_folder(), tmp_path):
         derived, whole = load_node(N, "m2.safetensors"), load_node(N, "m2-whole.safetensors")
         a, b = state(derived), state(whole)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         # the source changed since: refused, naming it
-        other = engine("harness.models").sd_model(engine("harness.models").TINY_SD1, seed=9)
-        asm.save_unet(other, str(tmp_path / "sd.safetensors"))
+        other = tm.sd_model(tm.TINY_SD1, seed=9)
+        assembly.save_unet(other, str(tmp_path / "sd.safetensors"))
         with pytest.raises(ValueError, match="sd.safetensors is not the file it was made from"):
             load_node(N, "m2.safetensors")
         os.remove(tmp_path / "sd.safetensors")
         with pytest.raises(ValueError, match="stores only what it adds to sd.safetensors, which is not beside it"):
             load_node(N, "m2.safetensors")
-    with pytest.raises(asm.AssemblyError, match="in its own folder"):
-        asm.save_unet(m2, str(tmp_path / "m2b.safetensors"), derive_from=str(tmp_path.parent / "x.safetensors"))
+    with pytest.raises(assembly.AssemblyError, match="in its own folder"):
+        assembly.save_unet(m2, str(tmp_path / "m2b.safetensors"), derive_from=str(tmp_path.parent / "x.safetensors"))
 
 
 def test_int8_storage(N, sd_and_base, tmp_path):
     """The embedded family's storage: a (derived) UNet stored in int8 loads with weights within
     half a code of its fp16 ones, per output channel; biases and norms exactly; a file
     whose scales are damaged is refused, naming the tensor."""
-    uf, asm = engine("unet_files"), engine("assembly")
     sd, base = sd_and_base
-    m2 = asm.assemble(sd, base, asm.recipe_spec("M2"))
-    asm.save_unet(sd, str(tmp_path / "sd.safetensors"), dtype=torch.float16, int8=True)
-    asm.save_unet(m2, str(tmp_path / "m2.safetensors"), dtype=torch.float16, int8=True,
+    m2 = assembly.assemble(sd, base, assembly.recipe_spec("M2"))
+    assembly.save_unet(sd, str(tmp_path / "sd.safetensors"), dtype=torch.float16, int8=True)
+    assembly.save_unet(m2, str(tmp_path / "m2.safetensors"), dtype=torch.float16, int8=True,
                   derive_from=str(tmp_path / "sd.safetensors"))
-    asm.save_unet(m2, str(tmp_path / "m2-fp16.safetensors"), dtype=torch.float16,
+    assembly.save_unet(m2, str(tmp_path / "m2-fp16.safetensors"), dtype=torch.float16,
                   derive_from=str(tmp_path / "sd.safetensors"))
     raw = safetensors.torch.load_file(str(tmp_path / "m2.safetensors"))
     assert any(v.dtype == torch.int8 for v in raw.values())
     assert os.path.getsize(tmp_path / "m2.safetensors") < 0.6 * os.path.getsize(tmp_path / "m2-fp16.safetensors")
-    with model_folder(engine("compat").unet_folder(), tmp_path):
+    with model_folder(compat.unet_folder(), tmp_path):
         for name, m in (("sd.safetensors", sd), ("m2.safetensors", m2)):
             got, want = state(load_node(N, name)), {k: v.half() for k, v in state(m).items()}
             assert got.keys() == want.keys()
@@ -230,17 +231,17 @@ def test_int8_storage(N, sd_and_base, tmp_path):
                     assert bool((err <= bound).all()), k
                 else:
                     assert torch.equal(g, w), k
-        key = next(k for k in raw if k.endswith(uf.INT8_SCALE))
+        key = next(k for k in raw if k.endswith(unet_files.INT8_SCALE))
         meta = safetensors.safe_open(str(tmp_path / "m2.safetensors"), "pt").metadata()
         safetensors.torch.save_file({k: v for k, v in raw.items() if k != key}, str(tmp_path / "bad.safetensors"), meta)
-        with pytest.raises(ValueError, match=f"its tensor {key[:-len(uf.INT8_SCALE)]} has no matching per-channel scale"):
+        with pytest.raises(ValueError, match=f"its tensor {key[:-len(unet_files.INT8_SCALE)]} has no matching per-channel scale"):
             load_node(N, "bad.safetensors")
 
 
 def test_assembly_errors(N, sd_and_base, sd2_tiny):
     sd, base = sd_and_base
-    small = engine("assembly").compress(sd, "small")
-    tiny = engine("assembly").compress(sd, "tiny")
+    small = assembly.compress(sd, "small")
+    tiny = assembly.compress(sd, "tiny")
     node = N["ASDMAssembleUNet"]()
     with pytest.raises(ValueError, match="compressed UNet, which has no mid"):
         node.assemble(sd, small, "custom", "dn0=B, up3=B, mid=B")
@@ -280,7 +281,7 @@ def test_loader_errors(N, unet_dir):
     with pytest.raises(ValueError, match="up_blocks.1 has 1.*one layer more"):
         load_node(N, "pruned.safetensors")
     # a truncated ldm file
-    ldm = engine("unet_files").to_ldm(ref.state_dict())
+    ldm = unet_files.to_ldm(ref.state_dict())
     ldm.pop("output_blocks.3.0.in_layers.2.weight")
     safetensors.torch.save_file(ldm, str(unet_dir / "truncated.safetensors"))
     with pytest.raises(ValueError, match="do not fit|incomplete"):

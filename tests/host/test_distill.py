@@ -1,7 +1,10 @@
 """Distillation core on tiny SD-like UNets (CPU): the losses teach, step 2 freezes what it must."""
 import torch
 
-from conftest import engine
+from asdm import assembly
+from asdm import topology
+from asdm.harness import models as tm
+from asdm.training import distill
 
 
 def synthetic(n=8, size=8, ctx_dim=64, seed=0):
@@ -10,17 +13,16 @@ def synthetic(n=8, size=8, ctx_dim=64, seed=0):
 
 
 def train(teacher, student, params, steps, seed=0, lr=1e-3, weights=None):
-    d = engine("training.distill")
     sigmas = torch.linspace(0.03, 14.6, 1000)   # SD's range of noise levels
     x0, ctx = synthetic(seed=seed)
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    with d.trainable(teacher, student):
+    with distill.trainable(teacher, student):
         for step in range(steps):
             idx = torch.randint(0, len(x0), (4,), generator=g)
-            x_t, t, noise = d.noised(x0[idx], sigmas, g)
-            loss, terms = d.distill_loss(teacher, student, x_t, t, ctx[idx], noise, weights or d.LossWeights())
+            x_t, t, noise = distill.noised(x0[idx], sigmas, g)
+            loss, terms = distill.distill_loss(teacher, student, x_t, t, ctx[idx], noise, weights or distill.LossWeights())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -35,7 +37,7 @@ def test_training_forward_equals_the_hosts(tiny):
     t = torch.tensor([100.0, 700.0])
     with torch.no_grad():
         want = unet(x, timesteps=t, context=ctx)
-        with engine("training.distill").trainable(unet):
+        with distill.trainable(unet):
             got = unet(x, timesteps=t, context=ctx)
         again = unet(x, timesteps=t, context=ctx)
     assert torch.equal(got, want) and torch.equal(again, want)
@@ -52,9 +54,9 @@ def gap(teacher, student):
 def test_step1_compress_lowers_the_loss_and_moves_toward_the_teacher(tiny):
     torch.manual_seed(0)
     teacher = tiny.model.diffusion_model
-    student_m = engine("assembly").compress(tiny, "base")
+    student_m = assembly.compress(tiny, "base")
     student = student_m.model.diffusion_model
-    engine("harness.models").fill_(student, seed=7)   # start far from the teacher (BK-SDM would start from its weights)
+    tm.fill_(student, seed=7)   # start far from the teacher (BK-SDM would start from its weights)
     for p in teacher.parameters():
         p.requires_grad_(False)
     state = {k: v.clone() for k, v in student.state_dict().items()}
@@ -67,20 +69,19 @@ def test_step1_compress_lowers_the_loss_and_moves_toward_the_teacher(tiny):
     student.load_state_dict(state)
     before = gap(teacher, student)
     train(teacher, student, [p for p in student.parameters()], steps=200,
-          weights=engine("training.distill").LossWeights(task=0.0))
+          weights=distill.LossWeights(task=0.0))
     assert gap(teacher, student) < 0.5 * before
     # feature-KD saw every shared block output, mid included
-    pairs = engine("training.distill").shared_blocks(teacher, student)
+    pairs = distill.shared_blocks(teacher, student)
     assert [p[0] for p in pairs] == ["dn0", "dn1", "dn2", "dn3", "mid", "up0", "up1", "up2", "up3"]
 
 
 def test_step2_assembly_trains_only_the_compressed_part(tiny):
-    asm, d = engine("assembly"), engine("training.distill")
-    base = asm.compress(tiny, "base")
-    m2 = asm.assemble(tiny, base, asm.RECIPES["M2"][0])
+    base = assembly.compress(tiny, "base")
+    m2 = assembly.assemble(tiny, base, assembly.RECIPES["M2"][0])
     unet = m2.model.diffusion_model
-    choice = asm.parse_recipe(asm.RECIPES["M2"][0], engine("topology").describe(unet).blocks)
-    frozen = set(d.freeze_blocks(unet, choice))
+    choice = assembly.parse_recipe(assembly.RECIPES["M2"][0], topology.describe(unet).blocks)
+    frozen = set(distill.freeze_blocks(unet, choice))
     before = {k: v.detach().clone() for k, v in unet.named_parameters()}
     teacher = tiny.model.diffusion_model
     train(teacher, unet, [p for p in unet.parameters() if p.requires_grad], steps=5)

@@ -4,10 +4,10 @@ import gc
 import pytest
 import torch
 
-from conftest import engine, holder_of, ksample, unload_all
+from conftest import holder_of, ksample, unload_all
+from asdm import compat
+from asdm import inheritance
 
-inh = engine("inheritance")
-compat = engine("compat")
 
 
 # (reuse, forecast): every requirement below holds in every mode of the node
@@ -121,7 +121,7 @@ def test_refresh_pattern_counts_sampler_steps(N, tiny, conds, sampler, period, t
     p = patch(N, tiny, "LI1", period=period, tail=tail, mode=mode)
     ksample(p, conds, sampler=sampler, steps=steps, size=8)
     calls = holder_of(p).last_run.calls
-    expected = inh.Schedule(period, tail).pattern(steps)
+    expected = inheritance.Schedule(period, tail).pattern(steps)
     assert expected == ("FI" * 6 if period == 2 else "FIIIIFIIFFFF")
     per_step = [[m for s, m in calls if s == i] for i in range(steps)]
     assert [len(c) for c in per_step] == _expected_calls(sampler, steps)
@@ -249,7 +249,7 @@ def test_final_full_steps_hold_for_every_sampler_of_the_host(N, tiny, conds):
             continue
         steps = sorted({s for s, _ in run.calls})
         modes = {s: {m for s2, m in run.calls if s2 == s} for s in steps}
-        tail = inh.Schedule(2, 0.2).tail_steps(run.total)
+        tail = inheritance.Schedule(2, 0.2).tail_steps(run.total)
         if steps != list(range(run.total)) or any(len(m) != 1 for m in modes.values()) \
                 or any(modes[s] == {"inherit"} for s in steps[run.total - tail:]) \
                 or not any(modes[s] == {"inherit"} for s in steps):

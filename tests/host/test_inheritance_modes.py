@@ -5,11 +5,11 @@ sizes, LoRA, unpatch, stacking) are parametrized over every mode in test_inherit
 import pytest
 import torch
 
-from conftest import engine, holder_of, ksample
+from conftest import holder_of, ksample
+from asdm import inheritance
+from asdm import topology
+from asdm.evaluation import deepcache
 
-inh = engine("inheritance")
-topology = engine("topology")
-deepcache = engine("evaluation.deepcache")
 
 # DeepCache's shallow branch at depth d, as a unit set: depth 2 computes conv_in and dn0's two
 # layers (EX3's complement); depth 3 also dn0's downsampler and up2's last layer.
@@ -68,25 +68,25 @@ def test_output_reuse_equals_the_deepcache_baseline(N, tiny, conds, depth, sampl
 
 
 def test_forecast_is_the_line_through_the_last_two_full_steps(N, tiny):
-    holder = inh.InheritanceHolder([], inh.Schedule(5, 0), "t", "output", forecast=True)
-    run = inh.RunState(total=20)
+    holder = inheritance.InheritanceHolder([], inheritance.Schedule(5, 0), "t", "output", forecast=True)
+    run = inheritance.RunState(total=20)
     keys = ((0, 0), (1, 0))
     f2, f1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    holder._save(inh.CallContext("store", keys, run, 0), "p", f2)
-    holder._save(inh.CallContext("store", keys, run, 5), "p", f1)
-    holder._save(inh.CallContext("store", keys[:1], run, 5), "p", f1[:1])   # a later call of step 5
+    holder._save(inheritance.CallContext("store", keys, run, 0), "p", f2)
+    holder._save(inheritance.CallContext("store", keys, run, 5), "p", f1)
+    holder._save(inheritance.CallContext("store", keys[:1], run, 5), "p", f1[:1])   # a later call of step 5
     assert len(run.features["p"]) == 2                                      # still two full steps
     x = torch.zeros(2, 3, 4, 4)
-    got = holder._reuse(inh.CallContext("inherit", keys, run, 7), "p", x)
+    got = holder._reuse(inheritance.CallContext("inherit", keys, run, 7), "p", x)
     torch.testing.assert_close(got, f1 + (f1 - f2) * 2 / 5, rtol=1e-6, atol=1e-6)
     # two equal stored features: exactly plain reuse
-    holder._save(inh.CallContext("store", keys, run, 10), "p", f1.clone())
-    assert torch.equal(holder._reuse(inh.CallContext("inherit", keys, run, 13), "p", x), f1)
+    holder._save(inheritance.CallContext("store", keys, run, 10), "p", f1.clone())
+    assert torch.equal(holder._reuse(inheritance.CallContext("inherit", keys, run, 13), "p", x), f1)
     # without forecast only the last full step is kept
-    plain = inh.InheritanceHolder([], inh.Schedule(5, 0), "t", "output", forecast=False)
-    plain._save(inh.CallContext("store", keys, run, 15), "q", f2)
-    plain._save(inh.CallContext("store", keys, run, 20), "q", f1)
-    assert len(run.features["q"]) == 1 and torch.equal(plain._reuse(inh.CallContext("inherit", keys, run, 21), "q", x), f1)
+    plain = inheritance.InheritanceHolder([], inheritance.Schedule(5, 0), "t", "output", forecast=False)
+    plain._save(inheritance.CallContext("store", keys, run, 15), "q", f2)
+    plain._save(inheritance.CallContext("store", keys, run, 20), "q", f1)
+    assert len(run.features["q"]) == 1 and torch.equal(plain._reuse(inheritance.CallContext("inherit", keys, run, 21), "q", x), f1)
 
 
 @pytest.mark.parametrize("reuse", ["residual", "output"])

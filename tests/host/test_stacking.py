@@ -3,11 +3,11 @@ EasyCache (current ComfyUI's keyed wrappers) and a ControlNet through the host's
 import pytest
 import torch
 
-from conftest import engine, holder_of, ksample, unload_all
-from asdm.harness import host
+from conftest import holder_of, ksample, unload_all
+from asdm import assembly
+from asdm import compat
+from asdm.harness import models as tm
 
-compat = engine("compat")
-tm = engine("harness.models")
 
 # Runs that differ only by where the same float operations happen (inside or outside another
 # wrapper) are equal to this relative tolerance; inheritance itself changes outputs by > 1e-3.
@@ -31,7 +31,7 @@ def switch(N, m1, m2, boundary):
                     reason="EasyCache is a node of current ComfyUI; the early host has none")
 def test_inheritance_in_a_switch_range_with_easycache(N, conds):
     sd = tm.sd_model(seed=0)
-    small = engine("assembly").compress(sd, "base")
+    small = assembly.compress(sd, "base")
     tm.fill_(small.model.diffusion_model, seed=5)
     inheriting = fi(N, sd)
     alone = switch(N, small, inheriting, 3)
@@ -62,7 +62,7 @@ def test_controlnet_acts_on_inheriting_steps(N, conds, preset, reuse, forecast):
     # attention head, so the narrow net has attention from the second level on only; its zero
     # convs still match every skip of the UNet it controls.
     cfg = dict(tm.TINY_UNET, transformer_depth=[0, 0, 1, 1, 1, 1, 0, 0])
-    cn = compat.call_node(N["ControlNetLoader"], control_net_name=host.random_controlnet(cfg))[0]
+    cn = compat.call_node(N["ControlNetLoader"], control_net_name=tm.random_controlnet(cfg))[0]
     hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(1))
     pos, neg = conds
 

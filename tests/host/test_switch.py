@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from conftest import engine, unload_all
+from conftest import holder_of, unload_all
+from asdm import hooks
+from asdm.switch import UNetSwitch
 
 STEPS, BOUNDARY = 8, 3
 
@@ -60,7 +62,7 @@ def test_switch_equals_two_sampler_chain(N, models, conds768, sampler):
     # and it really switched: not the single run of either model
     assert (got - single(sd, conds768, sampler)).abs().max() > 100 * max(diff, 1e-6)
     assert (got - single(base, conds768, sampler)).abs().max() > 100 * max(diff, 1e-6)
-    h = sw.model_options["transformer_options"]["asdm_switch"]
+    h = hooks.holder_of(sw, UNetSwitch)
     per_step = {}
     for step, i in h.last_run.calls:
         per_step.setdefault(step, set()).add(i)
@@ -112,7 +114,7 @@ def test_switch_stacks_with_feature_inheritance(N, models, conds768, reuse, fore
     out = single(switch(N, [base, fi], [BOUNDARY, -1]), conds768)
     plain = single(switch(N, [base, sd], [BOUNDARY, -1]), conds768)
     assert not torch.equal(out, plain)
-    holder = fi.model_options["transformer_options"]["asdm_inheritance"]
+    holder = holder_of(fi)
     modes = {}
     for step, mode in holder.last_run.calls:
         modes[step] = mode
@@ -156,5 +158,5 @@ def test_ranges_count_the_steps_the_sampler_samples(N, models, conds768):
     sd, base = models
     sw = switch(N, [base, sd], [2, -1])
     adv(sw, conds768, 3, 8)
-    calls = sw.model_options["transformer_options"]["asdm_switch"].last_run.calls
+    calls = hooks.holder_of(sw, UNetSwitch).last_run.calls
     assert [(s, i) for s, i in calls] == [(0, 0), (1, 0), (2, 1), (3, 1), (4, 1)]

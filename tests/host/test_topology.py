@@ -1,10 +1,10 @@
 """Block / layer / unit names over the UNets the host builds."""
 import pytest
 
-from conftest import engine
+from asdm import inheritance
+from asdm import topology
+from asdm.harness import models as tm
 
-topology = engine("topology")
-tm = engine("harness.models")
 
 
 def unet(**over):
@@ -61,11 +61,10 @@ def test_unit_spec_grammar():
 
 
 def test_every_preset_resolves_on_sd_layout():
-    inh = engine("inheritance")
     t = topology.describe(unet())
     sizes = {}
     for name in topology.PRESETS:
-        units, skipped = inh.resolve_units(t, name, "")
+        units, skipped = inheritance.resolve_units(t, name, "")
         assert units and not skipped, name
         sizes[name] = {u.name for u in units}
     assert sizes["LI1"] == {f"{b}.1.{k}" for b in ("dn0", "dn1", "dn2", "up0", "up1", "up2", "up3") for k in "RA"} - {"up0.1.A"} | {"dn3.1.R"}

@@ -2,15 +2,19 @@
 nodes load, ME-CondConv students, image folders, bad input (the command line: e2e tier)."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
 import torch
 
-from conftest import engine, ksample, model_folder, trainer_config as config
-from asdm.harness import host
+from conftest import ksample, model_folder, trainer_config as config
+from asdm import assembly
+from asdm import compat
+from asdm import condconv
+from asdm.harness import models as tm
+from asdm.training import distill
+from asdm.training import trainer
+from asdm import derived_files
 
 
 def weights(out):
@@ -18,43 +22,40 @@ def weights(out):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(trainer_files, N, tmp_path):
-    tr = engine("training.trainer")
-    full = tr.train(tr.load_config(config(trainer_files, tmp_path / "full")))
+    full = trainer.train(trainer.load_config(config(trainer_files, tmp_path / "full")))
     assert len(full["history"]) == 6 and all(v > 0 for v in full["history"][0][1].values())
-    tr.train(tr.load_config(config(trainer_files, tmp_path / "parts", steps=3)))            # "interrupted" after 3
+    trainer.train(trainer.load_config(config(trainer_files, tmp_path / "parts", steps=3)))            # "interrupted" after 3
     meta = safetensors.safe_open(os.path.join(tmp_path / "parts", "unet.safetensors"), "pt").metadata()
     assert meta["asdm.train.step"] == "3"
     logs = []
-    tr.train(tr.load_config(config(trainer_files, tmp_path / "parts")), log=logs.append)    # resumes at 3
+    trainer.train(trainer.load_config(config(trainer_files, tmp_path / "parts")), log=logs.append)    # resumes at 3
     assert any(line.startswith("resuming from step 3") for line in logs)
     assert "perceptual term: off (no loss.perceptual_weights given)" in logs
     a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
     # Same seed, same ops in the same order on the CPU: bit for bit.
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the checkpoint is a UNet file the loader node reads, and it samples
-    with model_folder(engine("compat").unet_folder(), tmp_path / "full"):
+    with model_folder(compat.unet_folder(), tmp_path / "full"):
         m = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
-    tm = engine("harness.models")
     out = ksample(m, (tm.conditioning(768, 1), tm.conditioning(768, 2)), steps=3)
     assert torch.isfinite(out).all()
 
 
 def test_bad_input_is_named_and_nothing_starts(trainer_files, tmp_path):
-    tr = engine("training.trainer")
     bad = tmp_path / "bad.toml"
     bad.write_text('out = "x"\n[teacher]\nunet = "t.safetensors"\n')
-    with pytest.raises(tr.ConfigError, match="'data.latents' is missing"):
-        tr.load_config(str(bad))
+    with pytest.raises(trainer.ConfigError, match="'data.latents' is missing"):
+        trainer.load_config(str(bad))
     g = torch.Generator().manual_seed(0)
     safetensors.torch.save_file({"latents": torch.randn(2, 4, 8, 8, generator=g),
                                  "context": torch.randn(2, 77, 1024, generator=g)}, str(tmp_path / "v2.safetensors"))
-    cfg = tr.load_config(config(trainer_files, tmp_path / "wrongctx"))
+    cfg = trainer.load_config(config(trainer_files, tmp_path / "wrongctx"))
     cfg["data"]["latents"] = str(tmp_path / "v2.safetensors")
-    with pytest.raises(tr.ConfigError, match="context dim 1024 but the teacher takes 768"):
-        tr.train(cfg)
+    with pytest.raises(trainer.ConfigError, match="context dim 1024 but the teacher takes 768"):
+        trainer.train(cfg)
     assert not os.path.exists(tmp_path / "wrongctx" / "unet.safetensors")
-    with pytest.raises(tr.ConfigError, match=r"'student.kind' must be one of compress, assemble, condconv \(got 'distill'\)"):
-        tr.load_config(_kind(trainer_files, tmp_path))
+    with pytest.raises(trainer.ConfigError, match=r"'student.kind' must be one of compress, assemble, condconv \(got 'distill'\)"):
+        trainer.load_config(_kind(trainer_files, tmp_path))
 
 
 def _kind(trainer_files, tmp_path):
@@ -65,25 +66,23 @@ def _kind(trainer_files, tmp_path):
 
 
 def test_condconv_student_trains_its_experts_and_the_node_loads_them(trainer_files, N, tmp_path):
-    tr, cc = engine("training.trainer"), engine("condconv")
-    res = tr.train(tr.load_config(config(trainer_files, tmp_path / "cc", steps=4, save_every=4,
+    res = trainer.train(trainer.load_config(config(trainer_files, tmp_path / "cc", steps=4, save_every=4,
                                          student='kind = "condconv"\nlayout = "small"\nexperts = 2\ninit = "identity"')))
     assert res["experts"] and os.path.exists(res["experts"])
     trained = safetensors.torch.load_file(res["experts"])
     assert any(k.endswith(".experts") and v.abs().max() > 0 for k, v in trained.items())   # moved off zero
-    with model_folder(engine("compat").unet_folder(), tmp_path / "cc"), model_folder("asdm_condconv", tmp_path / "cc"):
+    with model_folder(compat.unet_folder(), tmp_path / "cc"), model_folder("asdm_condconv", tmp_path / "cc"):
         unet = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
-        m = N["ASDMMECondConv"]().patch(unet, "condconv.safetensors", cc.DEFAULT_UNITS, 2, "identity", 0)[0]
-    tm = engine("harness.models")
+        m = N["ASDMMECondConv"]().patch(unet, "condconv.safetensors", condconv.DEFAULT_UNITS, 2, "identity", 0)[0]
     conds = (tm.conditioning(768, 1), tm.conditioning(768, 2))
     assert not torch.equal(ksample(m, conds, steps=3), ksample(unet, conds, steps=3))
     # train_unet = false: the experts move, the UNet is the layout it started from bit for bit
-    res2 = tr.train(tr.load_config(config(trainer_files, tmp_path / "cc2", steps=4, save_every=4,
+    res2 = trainer.train(trainer.load_config(config(trainer_files, tmp_path / "cc2", steps=4, save_every=4,
                                           student='kind = "condconv"\nlayout = "small"\nexperts = 2\n'
                                                   'init = "identity"\ntrain_unet = false')))
     moved = safetensors.torch.load_file(res2["experts"])
     assert any(k.endswith(".experts") and v.abs().max() > 0 for k, v in moved.items())
-    start = engine("assembly").compress(engine("unet_files").load_unet(str(trainer_files / "teacher.safetensors")), "small")
+    start = assembly.compress(derived_files.load_unet(str(trainer_files / "teacher.safetensors")), "small")
     start = {k: v.float() for k, v in start.model.diffusion_model.state_dict().items()}
     kept = {k: v.float() for k, v in weights(tmp_path / "cc2").items()}
     changed = {k: v.float() for k, v in weights(tmp_path / "cc").items()}
@@ -93,8 +92,7 @@ def test_condconv_student_trains_its_experts_and_the_node_loads_them(trainer_fil
 
 def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(trainer_files, tmp_path):
     from PIL import Image
-    tr = engine("training.trainer")
-    ckpt = os.path.join(host._cache(), "checkpoints", host.random_sd15_checkpoint())
+    ckpt = os.path.join(tm.cache(), "checkpoints", tm.random_sd15_checkpoint())
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i, color in enumerate(["red", "blue", "green"]):
@@ -104,17 +102,16 @@ def test_image_folder_is_encoded_with_the_checkpoints_vae_and_clip(trainer_files
     (imgs / "3.txt").write_text("broken")
     data = f'images = "{imgs}"\ncheckpoint = "{ckpt}"\nsize = 64'
     logs = []
-    tr.train(tr.load_config(config(trainer_files, tmp_path / "enc", steps=1, data=data)), log=logs.append)
+    trainer.train(trainer.load_config(config(trainer_files, tmp_path / "enc", steps=1, data=data)), log=logs.append)
     enc = safetensors.torch.load_file(str(tmp_path / "enc" / "encoded.safetensors"))
     assert enc["latents"].shape == (3, 4, 8, 8) and enc["context"].shape == (3, 77, 768)
     assert any("skipped 3.png" in line for line in logs)
     (imgs / "4.png").write_bytes((imgs / "0.png").read_bytes())   # no 4.txt
-    with pytest.raises(tr.ConfigError, match="have no caption file, e.g. 4.png"):
-        tr.train(tr.load_config(config(trainer_files, tmp_path / "enc2", steps=1, data=data)))
+    with pytest.raises(trainer.ConfigError, match="have no caption file, e.g. 4.png"):
+        trainer.train(trainer.load_config(config(trainer_files, tmp_path / "enc2", steps=1, data=data)))
 
 
 def test_optional_perceptual_term(trainer_files, tmp_path):
-    tr = engine("training.trainer")
     g = torch.Generator().manual_seed(0)
     vgg = {"features.0.weight": torch.randn(8, 3, 3, 3, generator=g), "features.0.bias": torch.zeros(8),
            "features.2.weight": torch.randn(8, 8, 3, 3, generator=g), "features.2.bias": torch.zeros(8),
@@ -123,35 +120,34 @@ def test_optional_perceptual_term(trainer_files, tmp_path):
     p = config(trainer_files, tmp_path / "perc", steps=2, save_every=2)
     open(p, "a").write(f'[loss]\nperceptual_weights = "{tmp_path / "vgg.safetensors"}"\nperceptual = 0.5\n')
     logs = []
-    res = tr.train(tr.load_config(p), log=logs.append)
+    res = trainer.train(trainer.load_config(p), log=logs.append)
     assert any(line.startswith("perceptual term: on (vgg.safetensors, 3 convs, weight 0.5)") for line in logs)
     assert res["history"][-1][1]["perceptual"] > 0
     safetensors.torch.save_file({"x": torch.zeros(2)}, str(tmp_path / "notvgg.safetensors"))
     p2 = config(trainer_files, tmp_path / "perc2", steps=1)
     open(p2, "a").write(f'[loss]\nperceptual_weights = "{tmp_path / "notvgg.safetensors"}"\n')
-    with pytest.raises(tr.ConfigError, match="perceptual_weights: the perceptual weights file holds no"):
-        tr.train(tr.load_config(p2))
+    with pytest.raises(trainer.ConfigError, match="perceptual_weights: the perceptual weights file holds no"):
+        trainer.train(trainer.load_config(p2))
     p3 = config(trainer_files, tmp_path / "perc3", steps=1)
     open(p3, "a").write("[loss]\nfeat_kdd = 1.0\n")
-    with pytest.raises(tr.ConfigError, match="unknown key 'loss.feat_kdd'; did you mean 'loss.feat_kd'"):
-        tr.load_config(p3)
+    with pytest.raises(trainer.ConfigError, match="unknown key 'loss.feat_kdd'; did you mean 'loss.feat_kd'"):
+        trainer.load_config(p3)
 
 
 def test_teacher_and_student_of_other_families_are_refused(trainer_files, tmp_path):
-    tr, tm = engine("training.trainer"), engine("harness.models")
     v2 = tm.sd_model(dict(tm.TINY_SD1, model_channels=64, context_dim=1024, use_linear_in_transformer=True,
                           num_heads=-1, num_head_channels=64), seed=1)   # an SD2-family UNet (64-wide heads)
-    engine("assembly").save_unet(v2, str(tmp_path / "v2.safetensors"))
+    assembly.save_unet(v2, str(tmp_path / "v2.safetensors"))
     p = config(trainer_files, tmp_path / "fam", steps=1,
                student=f'kind = "assemble"\ncompressed = "{tmp_path / "v2.safetensors"}"\nrecipe = "M2"')
-    with pytest.raises(tr.ConfigError, match="student: .*different families"):
-        tr.train(tr.load_config(p))
+    with pytest.raises(trainer.ConfigError, match="student: .*different families"):
+        trainer.train(trainer.load_config(p))
     teacher = tm.sd_model(tm.TINY_SD1, seed=0)
-    engine("assembly").save_unet(engine("assembly").compress(teacher, "base"), str(tmp_path / "base.safetensors"))
+    assembly.save_unet(assembly.compress(teacher, "base"), str(tmp_path / "base.safetensors"))
     p = config(trainer_files, tmp_path / "lay", steps=1,
                student=f'kind = "assemble"\ncompressed = "{tmp_path / "base.safetensors"}"\nrecipe = "dn0=B"')
-    with pytest.raises(tr.ConfigError, match="student: .*one layer more"):
-        tr.train(tr.load_config(p))
+    with pytest.raises(trainer.ConfigError, match="student: .*one layer more"):
+        trainer.train(trainer.load_config(p))
 
 
 class Killed(BaseException):
@@ -163,8 +159,7 @@ def test_a_crash_at_any_point_of_a_save_resumes_to_the_same_weights(trainer_file
     written, a rename not done), then rerun: it resumes from a whole checkpoint and ends bit for
     bit where an uninterrupted run ends."""
     import safetensors.torch as st
-    tr = engine("training.trainer")
-    ref = tr.train(tr.load_config(config(trainer_files, tmp_path / "ref")))
+    ref = trainer.train(trainer.load_config(config(trainer_files, tmp_path / "ref")))
     want = weights(tmp_path / "ref")
     real_save, real_replace = st.save_file, os.replace
     ops = []
@@ -184,7 +179,7 @@ def test_a_crash_at_any_point_of_a_save_resumes_to_the_same_weights(trainer_file
     crash_at = [0]
     monkeypatch.setattr(st, "save_file", counting("write", real_save))
     monkeypatch.setattr(os, "replace", counting("rename", real_replace))
-    tr.train(tr.load_config(config(trainer_files, tmp_path / "count", steps=3)))
+    trainer.train(trainer.load_config(config(trainer_files, tmp_path / "count", steps=3)))
     n_ops = len(ops)   # every file operation of the first save (at step 3)
     assert n_ops >= 5
     for k in range(1, n_ops + 1):
@@ -192,17 +187,16 @@ def test_a_crash_at_any_point_of_a_save_resumes_to_the_same_weights(trainer_file
         ops.clear()
         crash_at[0] = k
         with pytest.raises(Killed):
-            tr.train(tr.load_config(config(trainer_files, out)))
+            trainer.train(trainer.load_config(config(trainer_files, out)))
         crash_at[0] = 0
         logs = []
-        tr.train(tr.load_config(config(trainer_files, out)), log=logs.append)
+        trainer.train(trainer.load_config(config(trainer_files, out)), log=logs.append)
         got = weights(out)
         assert got.keys() == want.keys() and all(torch.equal(got[k2], want[k2]) for k2 in want), (k, ops[:k], logs[:3])
     assert ref["unet"]
 
 
 def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(trainer_files, tmp_path, monkeypatch):
-    tr, distill = engine("training.trainer"), engine("training.distill")
     real = distill.distill_loss
     calls = [0]
 
@@ -214,9 +208,9 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(trainer_files, tm
         return loss, terms
 
     monkeypatch.setattr(distill, "distill_loss", poisoned)
-    with pytest.raises(tr.TrainingError, match=r"not finite \(NaN or Inf\) at step 5; training stopped and "
+    with pytest.raises(trainer.TrainingError, match=r"not finite \(NaN or Inf\) at step 5; training stopped and "
                                                 r"the last good checkpoint \(step 3\) is kept"):
-        tr.train(tr.load_config(config(trainer_files, tmp_path / "nan")))
+        trainer.train(trainer.load_config(config(trainer_files, tmp_path / "nan")))
     meta = safetensors.safe_open(str(tmp_path / "nan" / "checkpoint.safetensors"), "pt").metadata()
     assert meta["asdm.step"] == "3"
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "nan").values())
@@ -232,24 +226,22 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(trainer_files, tm
     ('[student]\nexperts = 1', "'student.experts' must be a whole number from 2 to 16"),
 ])
 def test_bad_config_values_are_named(trainer_files, tmp_path, text, needle):
-    tr = engine("training.trainer")
     p = tmp_path / "bad.toml"
     p.write_text(text + '\n')
-    with pytest.raises(tr.ConfigError, match=re.escape(needle)):
-        tr.load_config(str(p))
+    with pytest.raises(trainer.ConfigError, match=re.escape(needle)):
+        trainer.load_config(str(p))
 
 
 def test_unwritable_out_and_non_finite_data_are_named(trainer_files, tmp_path):
-    tr = engine("training.trainer")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(tr.ConfigError, match="'out' = .* cannot be written"):
-        tr.load_config(config(trainer_files, blocker / "sub"))
+    with pytest.raises(trainer.ConfigError, match="'out' = .* cannot be written"):
+        trainer.load_config(config(trainer_files, blocker / "sub"))
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(4, 4, 8, 8, generator=g)
     lat[2, 0, 0, 0] = float("nan")
     safetensors.torch.save_file({"latents": lat, "context": torch.randn(4, 77, 768, generator=g)},
                                 str(tmp_path / "nan.safetensors"))
-    cfg = tr.load_config(config(trainer_files, tmp_path / "o", data=f'latents = "{tmp_path / "nan.safetensors"}"'))
-    with pytest.raises(tr.ConfigError, match="'latents' of 1 samples are not finite .* e.g. sample 2"):
-        tr.train(cfg)
+    cfg = trainer.load_config(config(trainer_files, tmp_path / "o", data=f'latents = "{tmp_path / "nan.safetensors"}"'))
+    with pytest.raises(trainer.ConfigError, match="'latents' of 1 samples are not finite .* e.g. sample 2"):
+        trainer.train(cfg)

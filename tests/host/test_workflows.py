@@ -9,6 +9,8 @@ import torch
 
 from conftest import unload_all
 from asdm.harness import graphs, host
+from asdm import compat
+from asdm.harness import models as tm
 
 ROOT = host.REPO_ROOT
 
@@ -22,7 +24,7 @@ def runner():
 
 @pytest.fixture(scope="module")
 def ckpt():
-    return host.random_sd15_checkpoint()
+    return tm.random_sd15_checkpoint()
 
 
 def small(prompt, ckpt, steps=6, size=64, batch=1):
@@ -109,7 +111,7 @@ def variant(prompt):
 
 @pytest.fixture(scope="module")
 def base_unet():
-    return host.random_bksdm_unet("base")
+    return tm.random_bksdm_unet("base")
 
 
 def test_switch_s1_workflow(runner, ckpt, base_unet):
@@ -137,7 +139,7 @@ def test_assembly_m2_workflow_and_stock_loader(runner, ckpt, base_unet):
     import safetensors
     assert safetensors.safe_open(os.path.join(out, saved), "pt").metadata()["asdm.recipe"].startswith("dn0=B, dn1=B")
     # ComfyUI's own UNet loader reads the saved M2 back: same sampling result, bit for bit
-    host.add_model_folder(engine_compat().unet_folder(), out)
+    host.add_model_folder(compat.unet_folder(), out)
     stock = variant(m2)
     for k in ("5", "6", "10"):
         del stock[k]
@@ -148,7 +150,3 @@ def test_assembly_m2_workflow_and_stock_loader(runner, ckpt, base_unet):
     assert torch.equal(read_latent("asmB"), read_latent("asmA"))
     os.remove(os.path.join(out, saved))
 
-
-def engine_compat():
-    from conftest import engine
-    return engine("compat")

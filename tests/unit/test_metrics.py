@@ -1,9 +1,10 @@
-"""The main job's metrics on cases with a known answer."""
+"""The main job's metrics and the attribute checker on cases with a known answer."""
 import math
 
 import numpy as np
 import pytest
 
+import asdm.evaluation.checker as C
 import asdm.evaluation.metrics as M
 import asdm.training.shapes as shapes
 from asdm import embedded
@@ -45,18 +46,18 @@ def test_frechet_known_answers():
 
 @pytest.fixture(scope="module")
 def checker():
-    return M.load_checker(embedded.path("checker"))
+    return C.load_checker(embedded.path("checker"))
 
 
 def test_checker_reads_dataset_scenes(checker):
     """Held-out scenes (a seed the checker never saw): it reads >= 97 % of their attributes."""
     scenes = shapes.generate(300, 64, seed=99)
     imgs = np.stack([s.image for s in scenes]) / 255.0
-    assert M.adherence(checker, imgs, scenes) >= 0.97
+    assert C.adherence(checker, imgs, scenes) >= 0.97
     # the same images scored against captions with every colour changed: colours all wrong
     other = {c: list(shapes.COLORS)[(i + 1) % len(shapes.COLORS)] for i, c in enumerate(shapes.COLORS)}
     wrong = [tuple(shapes.Item(it.shape, other[it.color], it.region) for it in s.items) for s in scenes]
-    assert M.adherence(checker, imgs, wrong) <= 0.52
+    assert C.adherence(checker, imgs, wrong) <= 0.52
 
 
 def test_checker_feature_distance(checker):
@@ -64,5 +65,5 @@ def test_checker_feature_distance(checker):
     a = np.stack([s.image for s in shapes.generate(400, 64, seed=5)]) / 255.0
     b = np.stack([s.image for s in shapes.generate(400, 64, seed=6)]) / 255.0
     blank = np.full_like(a, 0.9) + np.random.default_rng(0).normal(0, 0.02, a.shape)
-    fa, fb, fblank = (M.features(checker, x) for x in (a, b, blank))
+    fa, fb, fblank = (C.features(checker, x) for x in (a, b, blank))
     assert M.frechet_distance(fa, fb) * 10 < M.frechet_distance(fa, fblank)
