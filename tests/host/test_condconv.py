@@ -1,20 +1,18 @@
 """ME-CondConv on the real host: exact where it claims, both per-sample paths (kernel mix,
-stacked) = per-sample reference, the cost model, caches that follow changes, gradients,
-input-dependent routing, save/load, stacking and clean undo."""
-import copy
-
+stacked) = per-sample reference, input-dependent routing, save/load, stacking and clean undo.
+(The cost model, caches and gradients as plain torch: tests/unit/test_condconv_math.py.)"""
 import pytest
 import torch
 
-from conftest import engine, ksample, unload_all
-
-
-def cc():
-    return engine("condconv")
+from conftest import ksample, unload_all
+from asdm import assembly
+from asdm import condconv
+from asdm import topology
+from references import condconv_reference as reference
 
 
 def node(N, model, **kw):
-    args = dict(weights="none", units=cc().DEFAULT_UNITS, experts=2, init="identity", seed=0)
+    args = dict(weights="none", units=condconv.DEFAULT_UNITS, experts=2, init="identity", seed=0)
     args.update(kw)
     return N["ASDMMECondConv"]().patch(model, **args)[0]
 
@@ -29,19 +27,6 @@ def test_paper_init_changes_the_output(N, tiny, conds):
     assert not torch.equal(ksample(node(N, tiny, init="paper"), conds), ksample(tiny, conds))
 
 
-def reference(x, conv, me):
-    """Per-sample loop: each sample's mixed kernel, one plain convolution at a time."""
-    w = torch.cat([conv.weight[None], me.experts])
-    b = torch.cat([conv.bias[None], me.expert_bias])
-    outs = []
-    for s in range(x.shape[0]):
-        r = torch.sigmoid(me.router(x[s:s + 1].mean((2, 3))))[0]
-        k = sum(r[n] * w[n] for n in range(len(r)))
-        bias = sum(r[n] * b[n] for n in range(len(r)))
-        outs.append(torch.nn.functional.conv2d(x[s:s + 1], k, bias, conv.stride, conv.padding))
-    return torch.cat(outs)
-
-
 # Both paths compute the same sum as the reference in another order (kernel mix: one grouped
 # conv with per-sample kernels; stacked: the plain conv plus a matmul of the other experts over
 # the unfolded input, then a weighted sum): fp32 rounding only, well under 1e-5 of the output scale.
@@ -54,11 +39,11 @@ TOL = 1e-5
 def test_each_path_equals_per_sample_loop(tiny, path, experts, size):
     unet = tiny.model.diffusion_model
     p = "input_blocks.4.0.in_layers.2"
-    me = cc().make_experts(unet, [p], experts, "paper", seed=3)[p]
+    me = condconv.make_experts(unet, [p], experts, "paper", seed=3)[p]
     conv = unet.get_submodule(p)
     x = torch.randn(3, conv.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got, want = cc().me_conv(x, conv, me, path=path), reference(x, conv, me)
+        got, want = condconv.me_conv(x, conv, me, path=path), reference(x, conv, me)
     assert (got - want).abs().max() <= TOL * want.abs().max()
 
 
@@ -68,18 +53,18 @@ def test_workspace_reuse_is_exact(tiny):
     across inference mode (a buffer made there is replaced outside it, not written)."""
     unet = tiny.model.diffusion_model
     paths = ["input_blocks.4.0.in_layers.2", "input_blocks.1.0.in_layers.2", "input_blocks.4.0.out_layers.3"]
-    experts = cc().make_experts(unet, paths, 3, "paper", seed=5)
+    experts = condconv.make_experts(unet, paths, 3, "paper", seed=5)
     g = torch.Generator().manual_seed(1)
     xs = {p: torch.randn(2, unet.get_submodule(p).in_channels, 8, 8, generator=g) for p in paths}
-    ws = cc().Workspace()
+    ws = condconv.Workspace()
     for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
         with mode():
             for p in paths + paths[:1]:
                 conv = unet.get_submodule(p)
-                fresh = cc().me_conv(xs[p], conv, experts[p], shared=False, path="mix")
-                reused = cc().me_conv(xs[p], conv, experts[p], shared=False, path="mix", workspace=ws)
+                fresh = condconv.me_conv(xs[p], conv, experts[p], shared=False, path="mix")
+                reused = condconv.me_conv(xs[p], conv, experts[p], shared=False, path="mix", workspace=ws)
                 assert torch.equal(fresh, reused), p
-    assert ws.take((cc().Workspace.MAX_BYTES // 4 + 1,), xs[paths[0]]) is None   # over the cap: fresh memory
+    assert ws.take((condconv.Workspace.MAX_BYTES // 4 + 1,), xs[paths[0]]) is None   # over the cap: fresh memory
 
 
 def test_the_path_switch_reaches_sampling_and_both_paths_take_a_lora(N, tiny, conds, monkeypatch):
@@ -92,7 +77,7 @@ def test_the_path_switch_reaches_sampling_and_both_paths_take_a_lora(N, tiny, co
     lora.add_patches({key: (0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(1)),)}, 1.0)
     outs = {}
     for path in ("mix", "stacked"):
-        monkeypatch.setattr(cc(), "PATH", path)
+        monkeypatch.setattr(condconv, "PATH", path)
         outs[path] = ksample(m, conds, steps=4)
         assert not torch.equal(ksample(lora, conds, steps=4), outs[path])
         assert torch.equal(ksample(m, conds, steps=4), outs[path])
@@ -100,71 +85,10 @@ def test_the_path_switch_reaches_sampling_and_both_paths_take_a_lora(N, tiny, co
     assert (outs["mix"] - outs["stacked"]).abs().max() <= 1e-4 * scale   # 4 steps of fp32 rounding
 
 
-def test_cost_model_takes_stacked_on_small_maps_and_mix_on_large():
-    choose = cc().choose_path
-    sd_kernel = 1280 * 1280 * 9
-    assert choose(2, 2 * 2, 2, sd_kernel) == "stacked"        # SD's deepest level at latent 16
-    assert choose(2, 64 * 64, 2, 320 * 320 * 9) == "mix"      # SD's top level at latent 64
-    # fewer outputs never move a conv from stacked to mix; more experts never the other way
-    for k in (320 * 320 * 9, 640 * 640 * 9, sd_kernel):
-        for n in (2, 3, 4, 8):
-            picks = [choose(2, hw * hw, n, k) for hw in (1, 2, 4, 8, 16, 32, 64)]
-            assert picks == sorted(picks, key=lambda p: p == "mix"), (k, n, picks)
-            assert all(choose(2, hw * hw, n + 1, k) == "mix" for hw, p in zip((1, 2, 4, 8, 16, 32, 64), picks)
-                       if p == "mix")
-    assert choose(2, 4, 1, sd_kernel) == "mix"                # one expert: nothing to stack
-    assert choose(2, 4, 2, sd_kernel, "cuda", 2) == "stacked"
-
-
-def test_cached_experts_follow_in_place_changes():
-    """MEForward caches the placed experts (a converted copy in another dtype) and the
-    shared-routing flag: a trainer's in-place updates, and expert 0 changed behind autograd's
-    back (ComfyUI's ``param.data.copy_``, no version bump), still show in the next call."""
-    g = torch.Generator().manual_seed(5)
-    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
-    me = cc().MEExperts(3, 6, 8, 3)
-    with torch.no_grad():
-        me.router.weight.zero_()                                   # shared routing first
-        me.router.bias.copy_(torch.tensor([2.0, -1.0, 0.5]))
-        me.experts.normal_(0, 0.1, generator=g)
-    fwd = cc().MEForward(conv, me)
-    changes = [lambda: me.experts.mul_(-2),                        # a trainer's in-place step
-               lambda: me.router.weight.normal_(0, 0.5, generator=g),   # routing now per sample
-               lambda: conv.weight.data.copy_(torch.randn(conv.weight.shape, generator=g)),
-               lambda: me.router.weight.zero_()]                   # shared again
-    for dtype in (torch.float32, torch.float64):                   # float64: a converted copy
-        x = torch.randn(2, 8, 5, 5, generator=g, dtype=dtype)
-        with torch.no_grad():
-            for change in [lambda: None] + changes:
-                change()
-                got = fwd(x)
-                want = reference(x, copy.deepcopy(conv).to(dtype), copy.deepcopy(me).to(dtype))
-                assert got.dtype == dtype and (got - want).abs().max() <= TOL * want.abs().max()
-
-
-@pytest.mark.parametrize("path", ["mix", "stacked"])
-def test_experts_and_router_train_through_each_path(path, monkeypatch):
-    g = torch.Generator().manual_seed(6)
-    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
-    me = cc().MEExperts(2, 6, 8, 3)
-    with torch.no_grad():
-        me.router.weight.normal_(0, 0.5, generator=g)
-        me.experts.normal_(0, 0.1, generator=g)
-    x = torch.randn(2, 8, 6, 6, generator=g)
-    params = [me.experts, me.expert_bias, me.router.weight, me.router.bias, conv.weight, conv.bias]
-    want = torch.autograd.grad(reference(x, conv, me).square().sum(), params)
-    monkeypatch.setattr(cc(), "PATH", path)
-    fwd = cc().MEForward(conv, me)
-    for _ in range(2):   # the second call must not reuse anything of the first's graph
-        got = torch.autograd.grad(fwd(x).square().sum(), params)
-        for a, b in zip(got, want):
-            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
-
-
 def test_routing_depends_on_the_input(tiny):
     unet = tiny.model.diffusion_model
     path = "output_blocks.9.0.out_layers.3"
-    me = cc().make_experts(unet, [path], 2, "paper", seed=1)[path]
+    me = condconv.make_experts(unet, [path], 2, "paper", seed=1)[path]
     conv = unet.get_submodule(path)
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(1, conv.in_channels, 8, 8, generator=g), torch.randn(1, conv.in_channels, 8, 8, generator=g) * 3
@@ -178,7 +102,7 @@ def test_routing_depends_on_the_input(tiny):
     with torch.no_grad():
         ra, rb = (torch.sigmoid(me.router(v.mean((2, 3))))[0] for v in (a, b))
         assert (ra - rb).abs().max() > 1e-3
-        both = cc().me_conv(torch.cat([a, b]), conv, me)
+        both = condconv.me_conv(torch.cat([a, b]), conv, me)
         scale = both.abs().max()
         # each sample gets its own routing's kernel, not its batch neighbour's
         assert (both[1:] - mixed(b, rb)).abs().max() <= 1e-5 * scale
@@ -188,25 +112,25 @@ def test_routing_depends_on_the_input(tiny):
 def test_save_load_is_exact_and_foreign_layouts_are_refused(N, tiny, conds, tmp_path, monkeypatch):
     import folder_paths
     unet = tiny.model.diffusion_model
-    paths = cc().select_convs(unet, "dn0, up3")
-    me = cc().make_experts(unet, paths, 2, "paper", seed=4)
+    paths = condconv.select_convs(unet, "dn0, up3")
+    me = condconv.make_experts(unet, paths, 2, "paper", seed=4)
     folder = tmp_path / "cc"
     folder.mkdir()
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "asdm_condconv", ([str(folder)], {".safetensors"}))
-    cc().save_experts(me, str(folder / "trained.safetensors"))
+    condconv.save_experts(me, str(folder / "trained.safetensors"))
     loaded = node(N, tiny, weights="trained.safetensors")
-    direct = cc().apply_condconv(tiny, me)
+    direct = condconv.apply_condconv(tiny, me)
     assert torch.equal(ksample(loaded, conds), ksample(direct, conds))
     # as ComfyUI's executor runs nodes: in inference mode (the experts are inference tensors)
     with torch.inference_mode():
         out_inf = ksample(node(N, tiny, weights="trained.safetensors"), conds)
     assert torch.equal(out_inf.clone(), ksample(direct, conds))
-    back = cc().load_experts(str(folder / "trained.safetensors"), unet)
+    back = condconv.load_experts(str(folder / "trained.safetensors"), unet)
     for p in paths:
         for k, v in me[p].state_dict().items():
             assert torch.equal(back[p].state_dict()[k], v)
     # experts of the tiny SD layout do not fit a BK-SDM Base made from it
-    base = engine("assembly").compress(tiny, "base")
+    base = assembly.compress(tiny, "base")
     with pytest.raises(ValueError, match="A-SDM ME-CondConv: the experts .*(another layout|does not have)"):
         node(N, base, weights="trained.safetensors")
     (folder / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
@@ -228,18 +152,18 @@ def test_stacks_with_inheritance_and_lora_and_undoes_cleanly(N, tiny, conds):
     unload_all()
     after = unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    for p in cc().select_convs(unet, "dn*.*.R, up*.*.R"):
+    for p in condconv.select_convs(unet, "dn*.*.R, up*.*.R"):
         conv = unet.get_submodule(p)
         assert getattr(conv.forward, "__func__", None) is type(conv).forward   # the original forward again
     assert torch.equal(ksample(tiny, conds), ksample(tiny, conds))
 
 
 def test_cross_layer_init_takes_teacher_block_weights(N, tiny):
-    student = engine("assembly").compress(tiny, "base")
+    student = assembly.compress(tiny, "base")
     su, tu = student.model.diffusion_model, tiny.model.diffusion_model
-    st, tt = (engine("topology").describe(u) for u in (su, tu))
+    st, tt = (topology.describe(u) for u in (su, tu))
     path = f"{st.by_name()['up3.1.R'].path}.out_layers.3"     # student up3.1 = teacher up3.2
-    me = cc().make_experts(su, [path], 3, "cross-layer", teacher_unet=tu)[path]
+    me = condconv.make_experts(su, [path], 3, "cross-layer", teacher_unet=tu)[path]
     teacher = [tu.get_submodule(f"{tt.by_name()[f'up3.{j}.R'].path}.out_layers.3").weight for j in range(3)]
     # expert 0 is the student's own (= teacher up3.2); the others are teacher up3.0 and up3.1
     assert torch.equal(me.experts[0], teacher[0]) and torch.equal(me.experts[1], teacher[1])
@@ -251,6 +175,6 @@ def test_condconv_errors(N, tiny):
     with pytest.raises(ValueError, match="connect the teacher MODEL"):
         node(N, tiny, init="cross-layer")
     with pytest.raises(ValueError, match="used only by init cross-layer"):
-        N["ASDMMECondConv"]().patch(tiny, "none", cc().DEFAULT_UNITS, 2, "paper", 0, teacher=tiny)
+        N["ASDMMECondConv"]().patch(tiny, "none", condconv.DEFAULT_UNITS, 2, "paper", 0, teacher=tiny)
     with pytest.raises(ValueError, match="malformed unit token"):
         node(N, tiny, units="dn0..1")

@@ -1,19 +1,22 @@
-"""GRI attention on a real ComfyUI: the attention against a per-query reference, exactness where
-it claims (whole-grid regions, outside the step range, unpatching), steps and shifts under
-multi-call samplers and split cond / uncond, odd sizes, stacking, the bare-UNet form, errors.
+"""GRI attention on a real ComfyUI: exactness where it claims (whole-grid regions, outside the
+step range, unpatching), steps and shifts under multi-call samplers and split cond / uncond, odd
+sizes, stacking, the bare-UNet form, errors. (The attention's math alone: tests/unit.)
 
 The tiny UNet's level-0 attention units (dn0, up3) see 16x16 = 256 tokens at 16x16 latents,
 level 1 (dn1, up2) 8x8: windows of 4 and pools of 2 give several regions there."""
-import math
-
 import pytest
 import torch
 
-from conftest import engine, ksample, unload_all
+from conftest import ksample, unload_all
+from asdm import compat
+from asdm import condconv
+from asdm import gri
+from asdm.harness import models as tm
+from asdm.training import distill
+from references import full_attention, qkv
+from asdm import hooks
+from asdm.inheritance import InheritanceHolder
 
-gri = engine("gri")
-compat = engine("compat")
-tm = engine("harness.models")
 
 # Relative tolerance for results that differ only by float summation order: SDPA over a masked,
 # concatenated key set against an explicit softmax, or batched against split UNet calls
@@ -30,7 +33,7 @@ def patch(N, model, units="dn0, up3", window=4, pool=2, start=0.0, end=1.0):
 
 
 def holder_of(model):
-    return model.model_options["transformer_options"]["asdm_gri"]
+    return hooks.holder_of(model, gri.GRIHolder)
 
 
 def sample(model, conds, shape, sampler="euler", steps=6, cfg=5.0):
@@ -41,59 +44,8 @@ def sample(model, conds, shape, sampler="euler", steps=6, cfg=5.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# The attention itself
+# The attention itself (its math alone: tests/unit/test_gri_attention.py)
 # ---------------------------------------------------------------------------------------------
-
-def reference(q, k, v, heads, grid, window, pool, shift):
-    """Per query, spelled out: the tokens of its region (the offset partition a shift makes)
-    plus one pooled key per global cell, weighted by the cell's tokens outside the region."""
-    b, n, c = q.shape
-    d, (h, w) = c // heads, grid
-    (ny, wh), (nx, ww) = gri.split(h, window), gri.split(w, window)
-    sy, sx = (wh // 2 if shift and ny > 1 else 0), (ww // 2 if shift and nx > 1 else 0)
-    region_of = {y * w + x: ((y - sy) // wh, (x - sx) // ww) for y in range(h) for x in range(w)}
-    cells: dict = {}
-    for y in range(h):
-        for x in range(w):
-            cells.setdefault((y // pool, x // pool), []).append(y * w + x)
-    qh, kh, vh = (t.view(b, n, heads, d) for t in (q, k, v))
-    out = torch.zeros_like(q)
-    for i in range(n):
-        region = [j for j in range(n) if region_of[j] == region_of[i]]
-        keys, vals, bias = [kh[:, region]], [vh[:, region]], [0.0] * len(region)
-        for toks in cells.values():
-            outside = sum(region_of[t] != region_of[i] for t in toks)
-            keys.append(kh[:, toks].mean(1, keepdim=True))
-            vals.append(vh[:, toks].mean(1, keepdim=True))
-            bias.append(math.log(outside) if outside else float("-inf"))
-        s = torch.einsum("bhd,bkhd->bhk", qh[:, i], torch.cat(keys, 1)) / math.sqrt(d) + torch.tensor(bias)
-        out[:, i] = torch.einsum("bhk,bkhd->bhd", s.softmax(-1), torch.cat(vals, 1)).reshape(b, c)
-    return out
-
-
-def full_attention(q, k, v, heads):
-    b, n, c = q.shape
-    split = lambda t: t.view(b, -1, heads, c // heads).transpose(1, 2)  # noqa: E731
-    return torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, c)
-
-
-def qkv(b, n, c, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, n, c, generator=g) for _ in range(3))
-
-
-@pytest.mark.parametrize("grid,window,pool,shift", [
-    ((8, 8), 4, 2, False), ((8, 8), 4, 2, True),      # windows divide the grid
-    ((7, 10), 4, 3, True), ((5, 9), 3, 2, False),     # padding, non-square, cells cut by the edge
-    ((5, 9), 2, 2, True), ((9, 4), 4, 4, True),       # a region entirely of padding; one axis one region
-])
-def test_gri_attention_equals_per_query_reference(grid, window, pool, shift):
-    q, k, v = qkv(2, grid[0] * grid[1], 8)
-    got = gri.gri_attention(q, k, v, 2, grid, window, pool, shift)
-    assert rel_err(got, reference(q, k, v, 2, grid, window, pool, shift)) < REL_TOL
-    # pool 1: every token outside the region is its own global key with weight 1: full attention
-    assert rel_err(gri.gri_attention(q, k, v, 2, grid, window, 1, shift), full_attention(q, k, v, 2)) < REL_TOL
-
 
 def test_region_covering_the_grid_is_full_attention():
     q, k, v = qkv(2, 6 * 5, 8)
@@ -104,35 +56,6 @@ def test_region_covering_the_grid_is_full_attention():
     site = gri.Site(gri.Unit("dn0.0.A", "input_blocks.1.1", "A", "dn0"), 0, 0, 0)
     extra = {"n_heads": 2, "dim_head": 4, "attn_precision": None, "original_shape": [2, 4, 6, 5]}
     assert torch.equal(holder.attn1_patch(site, None)(q, k, v, extra), gri.host_attention(q, k, v, extra))
-
-
-def test_gradients_flow():
-    q, k, v = (t.requires_grad_() for t in qkv(2, 7 * 10, 8))
-    gri.gri_attention(q, k, v, 2, (7, 10), 4, 3, True).square().sum().backward()
-    for t in (q, k, v):
-        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
-
-
-def test_a_query_sees_other_regions_only_through_the_pooled_keys():
-    # 8x8 grid, 4x4 regions, pool 8: one global key, the mean of all tokens. Moving two keys
-    # of region (0, 0) in opposite directions leaves that mean (and every other region) as it was.
-    q, k, v = qkv(1, 64, 8)
-    k2 = k.clone()
-    k2[:, 0] += 3.0
-    k2[:, 1] -= 3.0
-    base = gri.gri_attention(q, k, v, 2, (8, 8), 4, 8, False)
-    moved = gri.gri_attention(q, k2, v, 2, (8, 8), 4, 8, False)
-    far = [y * 8 + x for y in range(8) for x in range(8) if y >= 4 or x >= 4]
-    near = [y * 8 + x for y in range(4) for x in range(4)]
-    assert (moved[:, far] - base[:, far]).abs().max() < 1e-5   # float rounding of the mean only
-    assert (moved[:, near] - base[:, near]).abs().max() > 1e-2
-
-
-def test_attention_flops():
-    full, fast = gri.attention_flops((64, 64), 16, 4, 320, batch=2)
-    assert full == 4 * 2 * 4096 * 4096 * 320
-    assert fast == 4 * 2 * 4096 * (256 + 256) * 320 + 2 * 2 * 4096 * 320    # 8x fewer
-    assert gri.attention_flops((16, 16), 16, 4, 32) == (4 * 256 * 256 * 32,) * 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +185,7 @@ def test_stacks_with_feature_inheritance(N, tiny, conds, order):
     out = ksample(on, conds)
     assert torch.isfinite(out).all() and rel_err(out, alone) > 1e-3
     assert holder_of(on).last_run.gri > 0
-    inh = on.model_options["transformer_options"]["asdm_inheritance"]
+    inh = hooks.holder_of(on, InheritanceHolder)
     assert "inherit" in {m for _, m in inh.last_run.calls}
 
 
@@ -292,7 +215,7 @@ def test_stacks_with_the_unet_switch(N, sd_and_base, conds768):
 
 
 def test_stacks_with_condconv(N, tiny, conds):
-    me = N["ASDMMECondConv"]().patch(tiny, weights="none", units=engine("condconv").DEFAULT_UNITS,
+    me = N["ASDMMECondConv"]().patch(tiny, weights="none", units=condconv.DEFAULT_UNITS,
                                      experts=2, init="paper", seed=0)[0]
     alone = ksample(me, conds)
     assert torch.equal(ksample(patch(N, me, start=0.95), conds), alone)
@@ -383,7 +306,7 @@ def test_bare_unet_context_matches_the_model_patch_and_trains(N, tiny):
     weight.requires_grad_(True)
     xg = x.clone().requires_grad_()
     # with the trainer's out-of-place transformer blocks (the early host's add in place)
-    with torch.enable_grad(), engine("training.distill").trainable(s_unet), \
+    with torch.enable_grad(), distill.trainable(s_unet), \
             gri.gri_unet(s_unet, "dn0", window=4, pool=2, step=1) as handle:
         assert handle.step == 1
         loss = (student.model.apply_model(xg, t, c_crossattn=ctx) - plain.detach()).square().mean()
