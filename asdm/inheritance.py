@@ -45,15 +45,10 @@ from .topology import PRESETS, Topology, Unit, describe, parse_unit_spec, span_p
 
 log = logging.getLogger("A-SDM")
 REUSE = ("residual", "output")
-# What a new node starts with, chosen from measurement (README, "Inheritance modes against
-# DeepCache"): EX3 P3 with span-output reuse and forecast. It does DeepCache's work at depth 2,
-# interval 3 (same FLOPs: bound 1.86x at SD1.5 width; measured 2.27x at latent 16, 1.85x at
-# latent 32) and the forecast brings it from DeepCache's 40.3 dB to 45.0 dB against full compute
-# on the embedded model; DeepCache depth 3, interval 3 is slower (bound 1.67x) and at 41.9 dB.
-# The former default (CO6 P5† residual: bound 1.91x, 28.6 dB) is as fast and 16 dB further from
-# full compute. Final full steps cost more speed than they return once the forecast is on.
-# (Those figures are the earlier embedded model's. On the retrained one the forecast does not help
-# EX3 P3: 39.3 dB against 39.9 dB for span output alone, DeepCache's own result; to re-measure.)
+# What a new node starts with: EX3 P3 with span-output reuse and forecast, DeepCache's work at
+# depth 2, interval 3 (the same FLOPs: the deep span's output reused whole on two of every three
+# steps), the closest to full compute of the settings compared at that work when it was chosen
+# (docs/report/report.md and docs/benchmarks.md hold the current figures).
 DEFAULTS = dict(preset="EX3", period=3, final_full_steps=0.0, reuse="output", forecast=True)
 
 

@@ -81,9 +81,8 @@ def write_safetensors(sd: dict, path: str, metadata: dict | None = None, int8: b
 # matters; SD-sized user files are never written this way). Each float weight of 2+ dimensions
 # and 1024+ values is stored as int8 codes q and a float32 scale s per output channel (symmetric:
 # s = max|w| / 127 over the channel), taken from its fp16 value; reading gives fp16(q * s). The
-# weight moves by at most s / 2 (half a code); on the embedded family this changes sampled images
-# by about 1/400 of their range (51-54 dB PSNR against the fp16 weights, measured on 8 captions x
-# 2 seeds), far below what separates two family members (~23 dB).
+# weight moves by at most s / 2 (half a code): far less than what separates two family members
+# (docs/embedded-model.md gives the images' difference).
 STORAGE = "asdm.storage"
 INT8 = "int8-per-output-channel"
 INT8_SCALE = ".int8_scale"   # the scale of tensor K is stored as K + INT8_SCALE

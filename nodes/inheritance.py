@@ -17,8 +17,7 @@ class FeatureInheritance:
         "their residual-branch output; on the following inheriting steps they compute only their "
         "identity path and reuse it. Pn = one full step then n-1 inheriting steps; with "
         "final_full_steps the last part of the schedule is all full (Pn†). The defaults (EX3 P3, "
-        "span-output reuse with forecast) are the most faithful setting measured at their speed "
-        "(README: Inheritance modes against DeepCache). "
+        "span-output reuse with forecast) do the work of DeepCache at depth 2, interval 3. "
         "Periods count the steps the sampler samples (with KSamplerAdvanced's start_at_step, from that step), "
         "so multi-call samplers (heun, dpm_2, uni_pc) and CFG keep the pattern. Stacks with LoRA, "
         "FreeU, ToMe and the other A-SDM nodes.")

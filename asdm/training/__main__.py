@@ -1,4 +1,4 @@
-"""``python -m asdm.training CONFIG.toml``: the distillation trainer (see README, "Training")."""
+"""``python -m asdm.training CONFIG.toml``: the distillation trainer (see docs/training.md)."""
 import sys
 
 from .trainer import main

@@ -154,7 +154,7 @@ def train_text_to_image(latents: torch.Tensor, scenes, steps: int, batch: int, s
 
     Two additions make the model bind each shape to its place (without them the UNet learns the
     caption as a bag of colours, kinds and places and swaps two shapes' places in half of the
-    two-shape images; see README, "Where the budget went"):
+    two-shape images; see docs/embedded-model.md, "Where the budget went"):
 
     - a layout read-out: a linear head on the text encoder's state at the EOS token predicts
       each place's colour and kind (``shapes.targets``), cross-entropy added with weight
@@ -385,8 +385,8 @@ def _train_run(cfg: dict, toml_path: str, name: str, log) -> tuple[dict, dict, d
 
 
 # The family (compressed, assembled, ME-CondConv and GRI students) is stored in int8 so the pack's
-# weights stay small (38 MB with it, 58 MB in fp16); the teacher, which every fidelity
-# number is measured against, stays fp16. Loading gives fp16 either way.
+# weights stay small (docs/embedded-model.md); the teacher, which every fidelity number is
+# measured against, stays fp16. Loading gives fp16 either way.
 FAMILY_INT8 = True
 
 

@@ -1,4 +1,4 @@
-"""Distillation trainer: ``python -m asdm.training CONFIG.toml`` (see README, "Training").
+"""Distillation trainer: ``python -m asdm.training CONFIG.toml`` (see docs/training.md).
 
 Steps of A-SDM model assembly (§IV-A), as ``[student] kind``:
 
@@ -676,7 +676,7 @@ def train(cfg: dict, log=print) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m asdm.training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="a TOML file (see README, 'Training')")
+    ap.add_argument("config", help="a TOML file (see docs/training.md)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     try:

@@ -13,7 +13,7 @@ from asdm.evaluation import checker
 
 EVAL_SEED = 20261123      # the main job's evaluation captions
 RATE = 0.85               # stated adherence floor for the full model: measured 1.000 here (8 captions x 2 seeds,
-                          # mostly two-shape), 0.979 on 64 x 2 (scripts/adherence.py, see README)
+                          # mostly two-shape), 0.979 on 64 x 2 (scripts/adherence.py, see docs/embedded-model.md)
 SWAP_SCENES = 48          # two-shape scenes of test_unet_binds_shapes_to_places
 SWAP_RATIO = 1.5          # its floor: measured 2.28 (t 500) and 3.54 (t 700); a bag-of-words UNet: 1.00
 
@@ -65,7 +65,7 @@ def test_unet_binds_shapes_to_places():
     """The UNet uses which shape goes where: on held-out two-shape scenes its x0 error at mid
     noise (where the layout is decided) is well above the true caption's when the two shapes'
     places are swapped in the caption. A UNet reading the caption as a bag of words reads 1.000
-    here (the model before the layout read-out: 1.000 +- 0.006 at every t, see README)."""
+    here (the model before the layout read-out: 1.000 +- 0.006 at every t, see docs/embedded-model.md)."""
     model, clip, vae = embedded.load()   # a copy of its own: its text encoder is made float32
     two = [s for s in shapes.generate(200, 64, EVAL_SEED) if len(s.items) == 2][:SWAP_SCENES]
     sens = binding.loaded_swap_sensitivity(model, clip, vae, two, steps=(500, 700))
@@ -128,7 +128,7 @@ def test_adherence_by_caption_kind():
     """binding.by_kind on dataset images: every attribute found and every two-shape image right;
     the same scenes drawn with the two shapes' places swapped: one-shape unchanged, every two-shape
     image counted as swapped (what the embedded model got wrong before its layout read-out, see
-    README), its attributes found only where both shapes are of one kind (the two colours always
+    docs/embedded-model.md), its attributes found only where both shapes are of one kind (the two colours always
     differ)."""
     net = checker.load_checker(embedded.path("checker"))
     scenes = shapes.generate(40, 64, seed=7)
