@@ -26,6 +26,33 @@ TINY_UNET = dict(SD15_UNET, model_channels=32, context_dim=64)
 # The same narrow UNet with SD1's text context (768), for the nodes that check the family.
 TINY_SD1 = dict(TINY_UNET, context_dim=768)
 
+# The SDXL family's UNets as the host describes them (its model_detection configs): SDXL (and its
+# fine-tunes), and the block-removed students the host loads natively. Three levels, no
+# attention at level 0, a class embedding (label_emb) of SDXL's y: pooled text + size (2816).
+_SDXL_COMMON = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 320, "channel_mult": [1, 2, 4], "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64, "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SDXL_UNETS = {
+    "sdxl": dict(_SDXL_COMMON, num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10]),
+    "ssd-1b": dict(_SDXL_COMMON, num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 4, 4],
+                   transformer_depth_middle=-1, transformer_depth_output=[0, 0, 0, 1, 1, 2, 10, 4, 4]),
+    "vega": dict(_SDXL_COMMON, num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
+                 transformer_depth_middle=-1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2]),
+    "koala-700m": dict(_SDXL_COMMON, num_res_blocks=[1, 1, 1], transformer_depth=[0, 2, 5],
+                       transformer_depth_middle=-2, transformer_depth_output=[0, 0, 2, 2, 5, 5]),
+    "koala-1b": dict(_SDXL_COMMON, num_res_blocks=[1, 1, 1], transformer_depth=[0, 2, 6],
+                     transformer_depth_middle=6, transformer_depth_output=[0, 0, 2, 2, 6, 6]),
+}
+# The same topologies, narrow (32 channels, 16-wide heads, a 64-wide text context) for fast
+# tests; the y embedding keeps SDXL's 2816 (pooled text 1280 + six size embeddings of 256).
+TINY_SDXL = {name: dict(cfg, model_channels=32, num_head_channels=16, context_dim=64)
+             for name, cfg in SDXL_UNETS.items()}
+SDXL_POOLED = 1280   # the pooled text width in SDXL's y
+
 
 def fill_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Seeded init: weights N(0, 1/fan_in), norms near 1, small biases. Residual branches are
@@ -45,12 +72,13 @@ def fill_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def sd_model(unet_config: dict | None = None, seed: int = 0):
-    """A ComfyUI MODEL (ModelPatcher) of an SD1.x-style UNet with seeded random weights."""
+    """A ComfyUI MODEL (ModelPatcher) of an SD-style UNet with seeded random weights, built with
+    the host's model class for its family (SDXL's where the config has SDXL's y embedding)."""
     import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_patcher
     import comfy.supported_models as sm
     cfg = dict(unet_config or TINY_UNET)
-    model_config = sm.SD15(cfg)
+    model_config = (sm.SDXL if cfg.get("adm_in_channels") == 2816 else sm.SD15)(cfg)
     model = model_config.get_model({})
     fill_(model.diffusion_model, seed)
     model.eval()
@@ -58,9 +86,12 @@ def sd_model(unet_config: dict | None = None, seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
-def conditioning(context_dim: int, seed: int, batch: int = 1, tokens: int = 77):
+def conditioning(context_dim: int, seed: int, batch: int = 1, tokens: int = 77, pooled: int = 0):
+    """A CONDITIONING of random text context; ``pooled``: with a pooled output of that width
+    (SDXL's y takes SDXL_POOLED)."""
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(batch, tokens, context_dim, generator=g), {}]]
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=g)} if pooled else {}
+    return [[torch.randn(batch, tokens, context_dim, generator=g), extra]]
 
 
 @torch.no_grad()  # ComfyUI's CLIP constructor writes into its own parameters
