@@ -235,33 +235,53 @@ class InheritanceHolder(hooks.Holder):
 
     # -- stored features ----------------------------------------------------------------------
     def _save(self, call: CallContext, path: str, f: torch.Tensor) -> None:
-        # Per chunk (so a step whose cond and uncond run in separate calls is fully stored), plus
-        # the whole call's tensor for the common case where the next calls batch the same chunks.
-        # Calls of one step (multi-call samplers, split chunks) update that step's entry; a new
-        # full step pushes the previous one back (kept only for the forecast).
-        levels = call.run.features.setdefault(path, [])
-        if not levels or levels[0]["step"] != call.step:
-            levels.insert(0, {"step": call.step, "whole": None, "chunks": {}})
-            del levels[2 if self.forecast else 1:]
-        level = levels[0]
-        level["whole"] = (call.keys, f)
-        n = f.shape[0] // len(call.keys)
-        for i, k in enumerate(call.keys):
-            level["chunks"][k] = f[i * n:(i + 1) * n]
+        save_feature(call, path, f, keep=2 if self.forecast else 1)
 
     def _reuse(self, call: CallContext, path: str, x: torch.Tensor, copy: bool = False) -> torch.Tensor | None:
         """What an inheriting call uses for ``path``: the stored feature, or its forecast."""
-        f1 = _stored(call, path, x.shape[0])
-        if f1 is None or (self.reuse == "residual" and (f1.shape[2:] != x.shape[2:] or f1.dtype != x.dtype)):
+        f = reuse_feature(call, path, x.shape[0], self.forecast, copy)
+        if f is None or (self.reuse == "residual" and (f.shape[2:] != x.shape[2:] or f.dtype != x.dtype)):
             return None
-        levels = call.run.features[path]
-        if self.forecast and len(levels) > 1:
-            f2 = _stored(call, path, x.shape[0], level=1)
-            if f2 is not None and f2.shape == f1.shape:
-                s1, s2 = levels[0]["step"], levels[1]["step"]
-                # lerp(f2, f1, w) = f1 + (f1 - f2) * (w - 1): the line through both, one kernel
-                return torch.lerp(f2, f1, 1.0 + (call.step - s1) / (s1 - s2))
-        return f1.clone() if copy else f1
+        return f
+
+
+# Stored features, shared with Auto Cache (``autocache``): ``call`` is any object with ``run``
+# (holding ``features``: path -> stored levels, newest full step first), ``keys`` (one per
+# conditioning chunk of the call) and ``step``.
+
+def save_feature(call, path: str, f: torch.Tensor, keep: int) -> None:
+    """Stores ``f`` as ``path``'s feature of ``call``'s step, keeping the ``keep`` newest steps."""
+    # Per chunk (so a step whose cond and uncond run in separate calls is fully stored), plus
+    # the whole call's tensor for the common case where the next calls batch the same chunks.
+    # Calls of one step (multi-call samplers, split chunks) update that step's entry; a new
+    # full step pushes the previous one back (kept only for the forecast).
+    levels = call.run.features.setdefault(path, [])
+    if not levels or levels[0]["step"] != call.step:
+        levels.insert(0, {"step": call.step, "whole": None, "chunks": {}})
+        del levels[keep:]
+    level = levels[0]
+    level["whole"] = (call.keys, f)
+    n = f.shape[0] // len(call.keys)
+    for i, k in enumerate(call.keys):
+        level["chunks"][k] = f[i * n:(i + 1) * n]
+
+
+def reuse_feature(call, path: str, batch: int, forecast: bool, copy: bool = False,
+                  level: int = 0) -> torch.Tensor | None:
+    """``path``'s stored feature for ``call`` (None when a chunk of it is missing), or with
+    ``forecast`` the line through the two newest stored steps, evaluated at ``call.step``;
+    ``level`` 1: the stored step before the newest, as it was stored."""
+    f1 = _stored(call, path, batch, level)
+    if f1 is None or level:
+        return f1 if f1 is None or not copy else f1.clone()
+    levels = call.run.features[path]
+    if forecast and len(levels) > 1:
+        f2 = _stored(call, path, batch, level=1)
+        if f2 is not None and f2.shape == f1.shape:
+            s1, s2 = levels[0]["step"], levels[1]["step"]
+            # lerp(f2, f1, w) = f1 + (f1 - f2) * (w - 1): the line through both, one kernel
+            return torch.lerp(f2, f1, 1.0 + (call.step - s1) / (s1 - s2))
+    return f1.clone() if copy else f1
 
 
 def _stored(call: CallContext, path: str, batch: int, level: int = 0) -> torch.Tensor | None:
