@@ -666,20 +666,20 @@ class AutoCacheHolder(hooks.Holder):
         _, shares = self._shares[tuple(x.shape[1:])]
         run.active = select(shares)
         run.share = {j: shares[j] for j in run.active}
+        record, run.record = run.record, None   # kept only by a calibration run
+        if self.plan_override is not None:
+            run.plan, run.forecast = [list(v) for v in self.plan_override]
+            run.stores = {d for d in run.plan if d >= 0}
+            return
         info = compat.sampling_schedule()
         total = run.total if run.total is not None else (len(info[1]) - 1 if info else None)
         sigmas = [float(s) for s in info[1]] if info else None
-        record, run.record = run.record, None   # kept only by a calibration run
         if total is None or sigmas is None or len(sigmas) != total + 1:
             log.warning("A-SDM Auto Cache: this sampler's schedule could not be read; computing every step fully")
             run.stores = set()
             return
         run.sigmas = sigmas
         allowed = self._window(sigmas)
-        if self.plan_override is not None:
-            run.plan, run.forecast = [list(v) for v in self.plan_override]
-            run.stores = set(run.active) | {d for d in run.plan if d >= 0}
-            return
         if self.calibration == "off":
             run.rule = RuntimeRule(run.share, self.speed, allowed)
             run.stores = set(run.rule.shares)
