@@ -5,8 +5,8 @@ units and a per-step refresh schedule chosen on the user's own model.
 block, then the up path taken one layer further at a time, each with the down-path modules only
 it reads (``topology.span_plan`` finds them: the deep down blocks and the downsamplers whose
 every reader is in the span). A group is named by the last up layer it takes: ``up1`` is the
-middle block, up0 and up1 with dn3 and dn2 (EX2's unit set on SD1.5), ``up2.1`` stops one layer
-short of ``up2`` (EX3's set, what DeepCache skips at depth 2). A group is reused as feature
+middle block, up0 and up1 with dn3 and dn2 (EX2's unit set on SD1.5), ``up2`` adds up2 and dn1
+(EX3's set, what DeepCache skips at depth 2), ``up2.1`` stops one layer short of it. A group is reused as feature
 inheritance reuses a span's output: its modules are not run, and the one output leaving it (the
 last layer's) is stored whenever the group computes and reused whole, or extrapolated with
 inheritance's first-order forecast. The groups nest, so one sampler step reuses at most one of
@@ -32,14 +32,13 @@ predicted error.
 **calibration = "off".** No calibration run: ``RuntimeRule`` decides at each group's entry, as
 the forward reaches it, whether its input changed enough since its last refresh (scaled by the
 rate its output changed per input change between its last two refreshes: EasyCache's rule, per
-group), with a threshold steered so the run meets the FLOP target.
+group), against what an even schedule meeting the rest of the FLOP target would let it change.
 
 Steps are sampler steps (``hooks``): multi-call samplers, CFG and cond/uncond splitting keep one
 depth per step. Stored outputs are keyed by conditioning chunk and dropped when the run ends.
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -65,9 +64,9 @@ FULL = -1             # a step's depth when it reuses nothing
 SAMPLE_SIDE = 16      # recorded outputs are strided down to at most this many positions per side
 MIN_SHARE_GAP = 0.12  # groups used: at least this share of a UNet call's FLOPs apart
 PROBE_FRACTIONS = (0.25, 0.75)   # where in the run the calibration probes each group
-# The spread of clean latents around their mean that the propagation weights assume: a denoiser
-# passes an input error through to its prediction about as sigma_data^2 / (sigma^2 + sigma_data^2).
-# 0.5 is what the single-step errors of the embedded model follow (docs/autocache.md).
+# The spread of clean latents that the propagation weights assume: a denoiser passes an input
+# error through to its prediction about as sigma_data^2 / (sigma^2 + sigma_data^2). Chosen to
+# follow how single-step errors carried to the end on the embedded model (docs/autocache.md).
 SIGMA_DATA = 0.5
 
 
@@ -423,7 +422,7 @@ class RuntimeRule:
     meets the target: a step reuses nothing once the target is met, and the primary group when
     refreshing would leave the target out of reach. Reuse takes the forecast up to
     FORECAST_STEPS steps after a refresh (further out a line through two refreshes overshoots)."""
-    REUSE_SHARE = 0.6
+    REUSE_SHARE = 0.6   # the primary group meets the target reused on about this share of the steps
     PACE = 0.5          # weight of the newest step in a group's pace of change
     FORECAST_STEPS = 2  # reuse with the forecast up to this many steps after a refresh
 
@@ -543,7 +542,8 @@ class AutoCall:
     depth: int              # the group this call reuses, FULL: none
     record: bool = False    # record the groups' outputs (a calibration run's first call of a step)
     probe: bool = False     # a calibration probe: reuse the output of the step before, store nothing
-    decide: bool = False    # calibration "off": the depth is decided at the groups' entries
+    decide: bool = False    # calibration "off": the depth is still to be decided at the groups' entries
+    ruled: bool = False     # calibration "off": the step's deciding call (it tells the rule what refreshed)
 
 
 class AutoCacheHolder(hooks.Holder):
@@ -607,7 +607,7 @@ class AutoCacheHolder(hooks.Holder):
         depth = self._available(run, depth, keys, x.shape[0])
         record = run.record is not None and bool(run.active) and \
             not all(k in run.record.feats.get((run.active[-1], step), {}) for k in keys)
-        return AutoCall(run, keys, step, depth, record=record, decide=decide)
+        return AutoCall(run, keys, step, depth, record=record, decide=decide, ruled=decide)
 
     def _available(self, run: AutoRun, depth: int, keys: tuple, batch: int, level: int = 0) -> int:
         """The largest group at or inside ``depth`` that this call can reuse (its skipped atoms'
@@ -845,7 +845,7 @@ class AutoCacheHolder(hooks.Holder):
                         rec = run.record.feats.setdefault((j, call.step), {})
                         for k, v in zip(call.keys, strided(out, len(call.keys))):
                             rec.setdefault(k, v)
-                    if call.decide and run.rule is not None:
+                    if call.ruled:
                         run.rule.refreshed(j, strided(out, len(call.keys))[0])
             return out
 
