@@ -27,15 +27,19 @@ class FeatureInheritance:
         presets = list(PRESETS) + ["custom"]
         preset_help = "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items())
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.x/SD2.x-family MODEL (SD, BK-SDM, assembled UNets)."}),
+            "model": ("MODEL", {"tooltip": "An SD-style UNet MODEL: SD1.x/2.x, BK-SDM, assembled UNets, SDXL and its students (SSD-1B, Vega, KOALA)."}),
             "preset": (presets, {"default": DEFAULTS["preset"], "tooltip":
-                "Which units inherit on inheriting steps (paper Fig. 10). 'custom' uses only the "
-                "units field. " + preset_help}),
+                "Which units inherit on inheriting steps (paper Fig. 10), by level role, so each preset "
+                "means the analogous parts on every layout (level pair k = the k-th down block and its "
+                "mirrored up block, k = 0 the highest resolution). A preset that would inherit nothing, "
+                "everything, or replay the stored output on this layout is refused with the nearest one "
+                "that fits. 'custom' uses only the units field. " + preset_help}),
             "units": ("STRING", {"default": "", "multiline": False, "tooltip":
                 "Extra units to inherit, added to the preset (with preset = custom: the whole set). "
                 "Comma-separated names: a block ('dn0', 'mid', 'up3'), a layer ('dn1.1'), or a unit "
-                "('up3.0.R', 'mid.A'); '*' is a wildcard ('up3.*.A', 'dn*.*.R'). dn0 and up3 are the "
-                "highest resolution; R = ResNet unit, A = attention unit."}),
+                "('up3.0.R', 'mid.A'); '*' is a wildcard ('up3.*.A', 'dn*.*.R'). dn0 and the last up "
+                "block (up3 on SD1.x/2.x, up2 on the SDXL family) are the highest resolution; R = ResNet "
+                "unit, A = attention unit."}),
             "period": ("INT", {"default": DEFAULTS["period"], "min": 1, "max": 1000, "tooltip":
                 "n of Pn: one full step, then n-1 inheriting steps, repeating. 1 = every step full "
                 "(the MODEL is unchanged)."}),

@@ -62,7 +62,7 @@ class Job:
     sd15_rounds: int = 3
     attention_prompts: int = 3
     attention_steps: int = 10
-    mode_presets: list = field(default_factory=lambda: ["EX3", "EX2", "CO6"])
+    mode_presets: list = field(default_factory=lambda: ["EX3", "EX2", "CO3"])
     quick: bool = False
     out: str = os.path.join(ROOT, "out", "main-job")
     publish: bool = False
@@ -85,7 +85,7 @@ class Job:
                         help="captions (one seed each) for the self-attention section at 256 px")
         ap.add_argument("--attention-steps", type=int, default=cls.attention_steps,
                         help="sampler steps in the self-attention section (256 px runs cost ~16x a 64 px one)")
-        ap.add_argument("--mode-presets", default="EX3,EX2,CO6",
+        ap.add_argument("--mode-presets", default="EX3,EX2,CO3",
                         help="presets compared in every reuse mode against DeepCache (comma-separated)")
         ap.add_argument("--quick", action="store_true", help="2 captions x 2 seeds, presets CO6,EX3,IN3, SD1.5 latent 8, "
                         "reuse modes on EX3 at P5 against DeepCache depth 2 interval 5")
