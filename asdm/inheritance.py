@@ -316,9 +316,22 @@ def resolve_units(topo: Topology, preset: str, units: str) -> tuple[list[Unit], 
     return [u for u in topo.units if u.name in names], skipped
 
 
-# An inheriting step that computes less than this share of the UNet replays stored outputs
-# nearly whole: a different method (a stale-output step skip), not feature inheritance.
-MIN_SHARE = 0.05
+# With span-output reuse an inheriting step computes what lies outside the reused span. The
+# least a step that inherits features computes is DeepCache's shallow branch: the shallowest
+# level pair around the reused deep part. A step computing under half of that pair's cost (or
+# nothing that reads its input) replays stored outputs nearly whole: a different method (a
+# stale-output step skip), not feature inheritance.
+MIN_PAIR_SHARE = 0.5
+
+
+def replay_floor(unet, topo: Topology, latent: int) -> float:
+    """The least share of the UNet an inheriting step must compute with span-output reuse:
+    MIN_PAIR_SHARE of what the shallowest level pair (dn0 and the last up block) costs."""
+    macs = atom_macs(unet, latent)
+    levels = sum(b.startswith("dn") for b in topo.blocks)
+    pair = topo.entries["dn0"] + topo.entries[f"up{levels - 1}"]
+    cost = sum(v for p, v in macs.items() if any(p.startswith(e + ".") for e in pair))
+    return MIN_PAIR_SHARE * cost / sum(macs.values())
 
 
 def reference_latent(unet) -> int:
@@ -345,11 +358,14 @@ def check_setting(model, topo: Topology, preset: str, chosen: list[Unit], reuse:
             f"{what} names {'no unit' if not chosen else 'every unit'} of this {layout_name(model, topo)}, so "
             f"there would be nothing {'to inherit' if not chosen else 'left to compute'}; "
             + _nearest(model, topo, preset, reuse), input="preset")
-    share, depends = inheriting_share(unet, chosen, reuse, reference_latent(unet))
-    if not depends or share < MIN_SHARE:
+    latent = reference_latent(unet)
+    share, depends = inheriting_share(unet, chosen, reuse, latent)
+    floor = replay_floor(unet, topo, latent) if reuse == "output" else 0.0
+    if not depends or share < floor:
         why = ("its output would not depend on the step's input: the reused outputs cover every path "
                "from the input to the output" if not depends else
-               f"it would compute only {share:.0%} of the UNet")
+               f"it would compute only {share:.0%} of the UNet, under half of what the shallowest level "
+               f"pair costs ({2 * floor:.0%})")
         raise InheritanceError(
             f"{what} with {mode} on this {layout_name(model, topo)}: an inheriting step would replay the "
             f"stored outputs nearly whole instead of inheriting features, since {why}; "
@@ -368,8 +384,9 @@ def _nearest(model, topo: Topology, preset: str, reuse: str) -> str:
         units = parse_unit_spec(preset_spec(name, topo), topo, strict=False)
         if not units or len(units) == len(topo.units):
             return False
-        share, depends = inheriting_share(unet, units, mode, reference_latent(unet))
-        return depends and share >= MIN_SHARE
+        latent = reference_latent(unet)
+        share, depends = inheriting_share(unet, units, mode, latent)
+        return depends and share >= (replay_floor(unet, topo, latent) if mode == "output" else 0.0)
 
     if preset != "custom" and reuse == "output" and fits(preset, "residual"):
         return f"use reuse = residual with {preset}, or a preset whose units form one span (EX1-EX3, DE1-DE3)"

@@ -82,8 +82,9 @@ def main():
         "span-output reuse), at 512 px for SD1.x / BK-SDM and 1024 px for the SDXL family, as the "
         "node logs it. *refused*: the node refuses that setting on that layout, naming a preset that "
         "fits: it names every unit (nothing left to compute), or its inheriting step would replay "
-        f"the stored outputs (its output would not depend on its input, or it computes under "
-        f"{inheritance.MIN_SHARE:.0%} of the UNet).",
+        "the stored outputs (its output would not depend on its input, or, with span-output "
+        f"reuse, it computes under {inheritance.MIN_PAIR_SHARE:.0%} of what the shallowest level "
+        "pair costs: less than DeepCache's shallow branch).",
         "",
         "| preset | " + " | ".join(topos) + " |",
         "| --- |" + " ---: |" * len(topos),
