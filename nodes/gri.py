@@ -7,6 +7,8 @@ class GRIAttention:
     NODE_ID = "ASDMGRIAttention"
     TITLE = "A-SDM GRI Attention"
     CATEGORY = "A-SDM/acceleration"
+    SEARCH_ALIASES = ["attention", "windowed attention", "regional attention", "global attention",
+                      "gri", "speed up", "faster", "accelerate", "a-sdm"]
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The MODEL with GRI self-attention in the chosen units; connect it to any sampler.",)
@@ -26,7 +28,7 @@ class GRIAttention:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD1.x/SD2.x-family MODEL (SD, BK-SDM, assembled UNets)."}),
-            "units": ("STRING", {"default": DEFAULT_UNITS, "multiline": False, "tooltip":
+            "units": ("STRING", {"default": DEFAULT_UNITS, "multiline": False, "advanced": True, "tooltip":
                 "Which attention units use GRI self-attention. Comma-separated names: a block "
                 "('dn0', 'up3'), a layer ('dn0.1') or an A unit ('up3.2.A'); '*' is a wildcard "
                 "('up3.*.A'). Blocks and layers mean their attention (A) units. dn0 and up3 are the "
@@ -41,10 +43,10 @@ class GRIAttention:
                 "Global set: keys and values averaged over pool x pool latent tokens (4: a 64x64 "
                 "latent gives 256 global tokens). Larger is faster and coarser; 1 = every token "
                 "(full attention, slower)."}),
-            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "advanced": True, "tooltip":
                 "First part of the schedule that uses GRI, as a fraction of the sampler's steps "
                 "(0 = from the first step). Steps before it compute exactly as the MODEL did."}),
-            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "advanced": True, "tooltip":
                 "Where GRI stops, as a fraction of the sampler's steps (1 = to the last step; "
                 "0.5 = the first half). Steps from it on compute exactly as the MODEL did."}),
         }}
