@@ -46,6 +46,7 @@ from .topology import (PRESETS, Topology, Unit, atom_macs, atom_sides, describe,
 
 log = logging.getLogger("A-SDM")
 REUSE = ("residual", "output")
+FEATURES_ON = ("compute", "offload")   # where stored features are kept between steps
 # What a new node starts with: EX3 P3 with span-output reuse and forecast, DeepCache's work at
 # depth 2, interval 3 (the same FLOPs: the deep span's output reused whole on two of every three
 # steps), the closest to full compute of the settings compared at that work when it was chosen
@@ -420,11 +421,17 @@ def inheriting_share(unet, units: list[Unit], reuse: str, latent: int) -> tuple[
 
 
 def apply_inheritance(model, preset: str, units: str, period: int, tail: float, reuse: str = "residual",
-                      forecast: bool = False):
+                      forecast: bool = False, features_on: str = "compute"):
     """Returns a clone of ``model`` (a ComfyUI ModelPatcher) with feature inheritance."""
     schedule = Schedule(period, tail)
     if reuse not in REUSE:
         raise InheritanceError(f"reuse must be one of {', '.join(REUSE)} (got {reuse!r})", input="reuse")
+    if features_on not in FEATURES_ON:
+        raise InheritanceError(f"features_on must be one of {', '.join(FEATURES_ON)} (got {features_on!r})",
+                               input="features_on")
+    if features_on != "compute":
+        raise InheritanceError("features_on = offload is not available in this version; choose compute",
+                               input="features_on")
     refuse_switch(model, "A-SDM Feature Inheritance")
     unet = getattr(model.model, "diffusion_model", None)
     if unet is None:

@@ -7,6 +7,8 @@ class GRIAttention:
     NODE_ID = "ASDMGRIAttention"
     TITLE = "A-SDM GRI Attention"
     CATEGORY = "A-SDM/acceleration"
+    SEARCH_ALIASES = ["attention", "windowed attention", "regional attention", "global attention",
+                      "gri", "speed up", "faster", "accelerate", "a-sdm"]
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The MODEL with GRI self-attention in the chosen units; connect it to any sampler.",)
@@ -26,7 +28,7 @@ class GRIAttention:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD-style UNet MODEL: SD1.x/2.x, BK-SDM, assembled UNets, SDXL and its students (SSD-1B, Vega, KOALA)."}),
-            "units": ("STRING", {"default": DEFAULT_UNITS, "multiline": False, "tooltip":
+            "units": ("STRING", {"default": DEFAULT_UNITS, "multiline": False, "advanced": True, "tooltip":
                 "Which attention units use GRI self-attention. auto (default): the highest-resolution "
                 "level that has attention units, where self-attention costs the most (dn0, up3 on "
                 "SD1.x/2.x; dn1, up1 on the SDXL family, which has none at level 0). Or comma-separated "
@@ -42,10 +44,10 @@ class GRIAttention:
                 "Global set: keys and values averaged over pool x pool tokens (4: a 64x64 grid gives "
                 "256 global tokens). Larger is faster and coarser; 1 = every token "
                 "(full attention, slower)."}),
-            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "advanced": True, "tooltip":
                 "First part of the schedule that uses GRI, as a fraction of the sampler's steps "
                 "(0 = from the first step). Steps before it compute exactly as the MODEL did."}),
-            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "advanced": True, "tooltip":
                 "Where GRI stops, as a fraction of the sampler's steps (1 = to the last step; "
                 "0.5 = the first half). Steps from it on compute exactly as the MODEL did."}),
         }}

@@ -4,7 +4,7 @@ embedded model and on SD1.5-width UNets.
 1. Fidelity and embedded-model speed: every strategy (full compute; feature inheritance with every
    preset at P5, P5† and P2†; switching S1/S2/S3; Base, Small, Tiny, M2 and ME-CondConv) samples
    the same captions and seeds through ComfyUI's own executor, from the bundled graph
-   workflows/api/embedded_s1_inheritance.json rewired per strategy. Each caption's run is paired
+   example_workflows/api/embedded_s1_inheritance.json rewired per strategy. Each caption's run is paired
    with a full-compute run of the same caption right before it (A B A B ...); a timer node before
    the sampler sums the UNet's own time (every model call, through ComfyUI's patching), and the
    executor's wall time of the graph gives the end-to-end time (sampler, decode, save; the text

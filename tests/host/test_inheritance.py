@@ -226,7 +226,7 @@ def test_bad_input_is_a_clear_node_error(N, tiny, kwargs, needle):
     with pytest.raises(ValueError) as e:
         patch(N, tiny, **kwargs)
     msg = str(e.value)
-    assert msg.startswith("A-SDM Feature Inheritance:") and needle in msg
+    assert msg.startswith("A-SDM Feature Inheritance (deprecated):") and needle in msg
     if "unit" in needle:
         assert "Valid names here:" in msg and "dn0.0-1 (A/R)" in msg
 

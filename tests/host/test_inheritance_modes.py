@@ -105,5 +105,5 @@ def test_forecast_acts_once_two_full_steps_are_stored(N, tiny, conds, reuse):
 
 
 def test_unknown_reuse_is_a_clear_node_error(N, tiny):
-    with pytest.raises(ValueError, match="A-SDM Feature Inheritance: reuse must be one of residual, output"):
+    with pytest.raises(ValueError, match=r"A-SDM Feature Inheritance \(deprecated\): reuse must be one of residual, output"):
         N["ASDMFeatureInheritance"]().patch(tiny, "EX3", "", 5, 0, "span", False)

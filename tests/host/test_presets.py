@@ -76,12 +76,13 @@ def test_every_preset_and_mode_computes_a_real_share_or_is_refused(N, models, la
     import comfy.model_management as mm
     mm.load_models_gpu([model])
     full = sum(flops.count(unet, lambda: model.model.apply_model(x, t, **kw)).values())
-    node = N["ASDMFeatureInheritance"]()
+    node = N["ASDMFeatureInheritance2"]()
     refused, ran = [], 0
     for preset in topology.PRESETS:
         for reuse in inheritance.REUSE:
             try:
-                m = node.patch(model, preset, "", 2, 0.0, reuse, False)[0]
+                m = node.patch(model, preset=preset, period=2, units="", reuse=reuse, forecast=False,
+                               final_full_fraction=0.0)[0]
             except ValueError as e:
                 msg = str(e)
                 assert msg.startswith("A-SDM Feature Inheritance: preset ") and " levels (" in msg, msg
@@ -119,12 +120,17 @@ def test_sdxl_presets_name_the_analogous_parts(models):
     assert gri.auto_units(topology.describe(models["sd15"].model.diffusion_model)) == "dn0, up3"
 
 
+def fi(N, model, preset, reuse):
+    return N["ASDMFeatureInheritance2"]().patch(model, preset=preset, period=3, units="", reuse=reuse,
+                                                  forecast=False, final_full_fraction=0.0)
+
+
 def test_a_preset_that_would_replay_the_output_names_the_layout_and_a_fix(N, models):
     with pytest.raises(ValueError) as e:   # SDXL has no A units at level 0: CO6 inherits every unit
-        N["ASDMFeatureInheritance"]().patch(models["sdxl"], "CO6", "", 3, 0.0, "residual", False)
+        fi(N, models["sdxl"], "CO6", "residual")
     msg = str(e.value)
     assert "names every unit of this SDXL layout with 3 levels (dn0, dn1, dn2, mid, up0, up1, up2)" in msg
     assert "nearest preset that fits is CO5" not in msg and "nearest preset that fits is" in msg
     with pytest.raises(ValueError) as e:   # SD1.5, IN1 as span output: nothing reads the input
-        N["ASDMFeatureInheritance"]().patch(models["sd15"], "IN1", "", 3, 0.0, "output", False)
+        fi(N, models["sd15"], "IN1", "output")
     assert "would not depend on the step's input" in str(e.value) and "use reuse = residual with IN1" in str(e.value)

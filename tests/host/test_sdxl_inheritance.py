@@ -29,7 +29,12 @@ def xconds():
 
 
 def patch(N, model, preset=PRESET, units="", period=2, tail=0, mode=MODES[0]):
-    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode)[0]
+    """The node a user places (ASDMFeatureInheritance2); a ``tail`` of whole steps (patched units
+    that never inherit) needs the earlier node, which takes a count."""
+    if tail >= 1:
+        return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode)[0]
+    return N["ASDMFeatureInheritance2"]().patch(model, preset=preset, period=period, units=units, reuse=mode[0],
+                                                  forecast=mode[1], final_full_fraction=tail)[0]
 
 
 def rel_err(a, b):
