@@ -136,7 +136,7 @@ def test_inherits_inside_a_switch_with_an_sdxl_student(N, sdxl, xconds):
     ksample(sw, xconds, steps=6)
     modes = {s: m for s, m in holder_of(fi).last_run.calls}
     assert sorted(modes) == [2, 3, 4, 5]   # the student's steps do not reach it
-    assert [modes[s] for s in (2, 3, 4, 5)] == ["full", "inherit", "full", "inherit"]
+    assert [modes[s] for s in (2, 3, 4, 5)] == ["store", "inherit", "store", "inherit"]
 
 
 def test_controlnet_acts_on_inheriting_steps(N, sdxl, xconds):
