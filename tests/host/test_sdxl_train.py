@@ -55,7 +55,8 @@ def test_every_student_kind_trains_on_an_sdxl_teacher(sdxl_files, tmp_path, kind
     cfg = trainer.load_config(config(sdxl_files, out, student=student.format(d=sdxl_files), steps=2, save_every=2))
     start = {k: v.clone() for k, v in trainer.build(cfg)[1].model.diffusion_model.state_dict().items()}
     res = trainer.train(cfg)
-    assert all(v > 0 and v == v for _, terms in res["history"] for v in terms.values())
+    for _, terms in res["history"]:   # (no middle block in the student: no mid term)
+        assert all(v >= 0 and v == v for v in terms.values()) and terms["out_kd"] > 0 and terms["feat_kd"] > 0
     m = derived_files.load_unet(res["unet"])
     cfg_out = m.model.model_config.unet_config
     assert unet_files.family_of(cfg_out) == "SDXL" and cfg_out["adm_in_channels"] == unet_files.SDXL_Y
