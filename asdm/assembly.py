@@ -181,7 +181,7 @@ def assemble(original, compressed, recipe: str):
     _check_sources(original, compressed)
     ua, ub = _unet(original), _unet(compressed)
     ta, tb = describe(ua), describe(ub)
-    choice = parse_recipe(recipe_spec(recipe), ta.blocks)
+    choice = parse_recipe(RECIPES[recipe][0] if recipe in RECIPES else recipe, ta.blocks)
     src = {"A": _Source(original, ua, ta), "B": _Source(compressed, ub, tb)}
     for part, s in choice.items():
         if part in STEM:

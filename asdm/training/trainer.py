@@ -362,6 +362,8 @@ def _build(cfg: dict):
         raise ConfigError(f"student: the student UNet and the teacher are of different families ({what}: "
                           f"{ks[what]} vs the teacher's {kt[what]}); give a student of the teacher's family")
     if cfg.get("gri") is not None:
+        if cfg["gri"]["units"].strip().lower() == gri.AUTO:   # recorded as the units it means on this student
+            cfg["gri"]["units"] = gri.auto_units(describe(student.model.diffusion_model))
         gri_sites(student.model.diffusion_model, cfg["gri"])   # bad settings: told before training
     return teacher, teacher.model.diffusion_model, student, trainable, experts
 
@@ -377,8 +379,8 @@ def gri_sites(unet, settings: dict) -> list:
     topo = describe(unet)
     try:
         units = gri.resolve_units(topo, settings["units"])
-    except gri.GRIError as e:
-        raise ConfigError(f"gri.units: {e}") from None
+    except ASDMError as e:   # a unit name the grammar refuses, or units without attention
+        raise ConfigError(f"gri.units: {e}", input="gri.units") from None
     if not units:
         raise ConfigError(f"gri.units: {settings['units']!r} names no unit; name the A units (or their "
                           f"blocks or layers) to train with GRI attention, e.g. {gri.DEFAULT_UNITS!r}")

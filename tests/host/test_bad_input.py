@@ -91,7 +91,7 @@ def test_nodes_that_act_on_one_unet_refuse_a_switch(N, sd_and_base):
     cases = {
         "A-SDM Save UNet": lambda: N["ASDMSaveUNet"]().save(sw, "unet/x"),
         "A-SDM Assemble UNet": lambda: N["ASDMAssembleUNet"]().assemble(sd, sw, "M2", ""),
-        "A-SDM Feature Inheritance": lambda: N["ASDMFeatureInheritance"]().patch(sw, "CO6", "", 5, 0.2),
+        "A-SDM Feature Inheritance": lambda: N["ASDMFeatureInheritance2"]().patch(sw, "CO6", 5, "", "residual", False, 0.2),
         "A-SDM ME-CondConv": lambda: N["ASDMMECondConv"]().patch(sw, "none", "dn*.*.R, up*.*.R", 2, "identity", 0),
         "A-SDM GRI Attention": lambda: N["ASDMGRIAttention"]().patch(sw, "dn0, up3", 16, 4, 0.0, 1.0),
     }
