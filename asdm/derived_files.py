@@ -51,20 +51,35 @@ def read_unet(path: str, _depth: int = 0) -> tuple[dict, dict]:
         raise UNetFileError(f"{name} (derived from {source}): {e}") from None
 
 
-def load_unet(path: str, prediction: str = "eps", name: str | None = None):
+def load_unet(path: str, prediction: str = "eps", name: str | None = None, zsnr: bool = False):
     """A MODEL from a UNet safetensors file in either layout (a diffusers config.json beside it
     is read for its head layout only), or a derived file whole. ``name``: how the user knows the
-    file (a node's file list entry); errors are led by it."""
+    file (a node's file list entry); errors are led by it.
+
+    ``prediction``: "eps", "v", or "auto": what the file says (an A-SDM file's metadata, else the
+    host's marks 'v_pred' / 'ztsnr'), else eps. ``zsnr``: sample with the zero-terminal-SNR
+    schedule; with "auto" a file that says so turns it on too."""
     try:
-        return _load_unet(path, prediction)
+        return _load_unet(path, prediction, zsnr)
     except UNetFileError as e:
         if name is None:
             raise
         raise UNetFileError(f"{name}: {e}", e.input) from None
 
 
-def _load_unet(path: str, prediction: str):
+def file_prediction(meta: dict, marks: dict) -> tuple[str | None, bool]:
+    """(prediction, zero terminal SNR) a UNet file states: A-SDM's metadata, else the host's
+    marks; (None, False) when it states nothing."""
+    if meta.get("asdm.prediction"):
+        return meta["asdm.prediction"], meta.get("asdm.zsnr") == "true"
+    if "v_pred" in marks:
+        return "v", "ztsnr" in marks
+    return None, False
+
+
+def _load_unet(path: str, prediction: str, zsnr: bool):
     sd, meta = read_unet(path)
+    sd, marks = unet_files.split_marks(sd)
     config = None
     cfg_path = os.path.join(os.path.dirname(path), "config.json")
     unet_files.check_weights(sd)
@@ -77,14 +92,15 @@ def _load_unet(path: str, prediction: str):
         except (ValueError, OSError) as e:
             raise UNetFileError(f"{cfg_path} is not a readable JSON config ({type(e).__name__}: {e}); fix it "
                                 "or delete it (it is read for the attention head layout only)") from None
-    if meta.get("asdm.prediction") and prediction == "auto":
-        prediction = meta["asdm.prediction"]
+    if prediction == "auto":
+        said, said_zsnr = file_prediction(meta, marks)
+        prediction, zsnr = said or "eps", zsnr or said_zsnr
     if meta.get("asdm.gri"):
         # the weights were tuned for GRI attention; the MODEL loads as a plain UNet, so say what
         # to add rather than silently sampling with the attention it was not tuned for
         log.info(f"A-SDM: {os.path.basename(path)} was distilled with GRI attention ({meta['asdm.gri']}); "
                  "add A-SDM GRI Attention with these settings after the loader")
-    return unet_files.build_model(unet_files.to_ldm(sd), "eps" if prediction == "auto" else prediction, config)
+    return unet_files.build_model(unet_files.to_ldm(sd), prediction, config, zsnr)
 
 
 def write_unet(sd: dict, meta: dict, path: str, derive_from: str | None = None, int8: bool = False) -> None:

@@ -48,7 +48,7 @@ SURFACE = {
     "ASDMFeatureInheritance": ["preset", "units", "period", "final_full_steps", "reuse", "forecast",
                                "+features_on"],
     "ASDMUNetSwitch": ["unit", "start_1", "end_1", "start_2", "end_2", "start_3", "end_3", "start_4", "end_4"],
-    "ASDMLoadCompressedUNet": ["unet_name", "+prediction"],
+    "ASDMLoadCompressedUNet": ["unet_name", "+prediction", "+zsnr"],
     "ASDMAssembleUNet": ["recipe", "+custom_recipe"],
     "ASDMSaveUNet": ["filename_prefix"],
     "ASDMMECondConv": ["weights", "units", "experts", "+init", "+seed"],
