@@ -55,6 +55,7 @@ def load_unet(path: str, prediction: str = "eps", name: str | None = None):
     """A MODEL from a UNet safetensors file in either layout (a diffusers config.json beside it
     is read for its head layout only), or a derived file whole. ``name``: how the user knows the
     file (a node's file list entry); errors are led by it."""
+    host_models.check_prediction(prediction, auto=True)
     try:
         return _load_unet(path, prediction)
     except UNetFileError as e:
@@ -79,6 +80,10 @@ def _load_unet(path: str, prediction: str):
                                 "or delete it (it is read for the attention head layout only)") from None
     if meta.get("asdm.prediction") and prediction == "auto":
         prediction = meta["asdm.prediction"]
+        if prediction not in host_models.PREDICTIONS:
+            raise UNetFileError(f"its metadata records the prediction {prediction[:40]!r}, which is none of "
+                                f"{', '.join(host_models.PREDICTIONS)}; choose the prediction in the loader "
+                                "instead of auto, or re-save the file")
     if meta.get("asdm.gri"):
         # the weights were tuned for GRI attention; the MODEL loads as a plain UNet, so say what
         # to add rather than silently sampling with the attention it was not tuned for

@@ -377,18 +377,28 @@ def attention_key(unit: Unit) -> tuple[str, int]:
 
 
 def resolve_units(topo: Topology, spec: str) -> list[Unit]:
-    """The A units a spec names (blocks and layers resolve to their A units)."""
+    """The A units a spec names (blocks and layers resolve to their A units). An error says
+    where this UNet's highest-resolution attention is: the default names SD1.5's level 0, which
+    other layouts lack (SDXL has no attention there, BK-SDM Tiny no up3)."""
     try:
         named = parse_unit_spec(spec, topo, strict=True)
     except TopologyError as e:
-        e.input = "units"
-        raise
+        raise TopologyError(f"{e} {_attention_hint(topo)}", input="units") from None
     chosen = [u for u in named if u.kind == "A"]
     if named and not chosen:
         raise GRIError(f"{spec!r} names no attention (A) unit, only ResNet units: GRI replaces "
                        "self-attention, so name blocks, layers or A units, e.g. 'dn0, up3' or "
-                       "'up3.*.A'", input="units")
+                       f"'up3.*.A'. {_attention_hint(topo)}", input="units")
     return chosen
+
+
+def _attention_hint(topo: Topology) -> str:
+    depth = sum(b.startswith("dn") for b in topo.blocks)
+    for k in range(depth):
+        pair = [b for b in (f"dn{k}", f"up{depth - 1 - k}") if any(u.block == b and u.kind == "A" for u in topo.units)]
+        if pair:
+            return f"This UNet's highest-resolution attention units are in {' and '.join(pair)}: units = '{', '.join(pair)}'."
+    return "This UNet has no attention units in its down and up blocks."
 
 
 @dataclass(frozen=True)

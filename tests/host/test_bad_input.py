@@ -3,6 +3,7 @@ the input or file and the fix), never a bare traceback, never silent wrong outpu
 cases are in test_train.py, the samplers' in test_inheritance.py and test_switch.py."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -14,6 +15,8 @@ from asdm import assembly
 from asdm import compat
 from asdm import condconv
 from asdm import embedded
+from asdm.errors import ASDMError
+from asdm.harness import host
 
 
 def save(sd_model, path, **edit):
@@ -173,3 +176,204 @@ def test_damaged_experts_files_are_named(N, tiny, tmp_path, case, needle):
     with model_folder("asdm_condconv", tmp_path), pytest.raises(ValueError) as e:
         N["ASDMMECondConv"]().patch(tiny, "bad.safetensors", "", 2, "identity", 0)
     assert str(e.value).startswith("A-SDM ME-CondConv: ") and needle in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every input of every node, checked against the node's own INPUT_TYPES (nodes/common.py): a
+# prompt sent to the API, or a value arriving over a link, bypasses the front end's limits, and
+# the host lets NaN through its own min / max check.
+# ---------------------------------------------------------------------------------------------
+
+def pack_node_classes():
+    pack = host.boot()
+    import nodes
+    return {k: v for k, v in sorted(nodes.NODE_CLASS_MAPPINGS.items()) if v.__module__.startswith(pack.__name__ + ".")}
+
+
+PACK_NODES = pack_node_classes()
+
+
+def common_module():
+    import sys
+    return sys.modules[host.boot().__name__ + ".nodes.common"]
+
+
+def specs(cls):
+    types = cls.INPUT_TYPES()
+    return [(sec, name, spec[0], spec[1] if len(spec) > 1 else {})
+            for sec in ("required", "optional") for name, spec in types.get(sec, {}).items()]
+
+
+def default_inputs(cls, model):
+    """What the front end sends for a new node: every widget at its default, every MODEL input
+    connected (required ones)."""
+    out = {}
+    for sec, name, kind, opts in specs(cls):
+        if kind == "MODEL":
+            if sec == "required":
+                out[name] = model
+        elif isinstance(kind, list):
+            if kind:
+                out[name] = opts.get("default", kind[0])
+        elif "default" in opts:
+            out[name] = opts["default"]
+    return out
+
+
+def number_text(x):
+    return f"{x:g}" if isinstance(x, float) else repr(x)
+
+
+def test_the_pack_loads_the_nodes_this_catalogue_covers():
+    assert set(PACK_NODES) == {"ASDMAssembleUNet", "ASDMFeatureInheritance", "ASDMGRIAttention", "ASDMLoadCompressedUNet",
+                               "ASDMLoadEmbeddedModel", "ASDMMECondConv", "ASDMSaveUNet", "ASDMUNetSwitch"}
+
+
+@pytest.mark.parametrize("node_id", list(PACK_NODES))
+def test_every_numeric_input_refuses_non_finite_and_out_of_range_values(sd_and_base, node_id):
+    """NaN, infinities, values past min / max, booleans, text and (INT) fractions in every INT and
+    FLOAT input, through the node's function as the executor calls it: each one refused at the
+    node, naming the input and its range, before the node does any work."""
+    cls = PACK_NODES[node_id]
+    base = default_inputs(cls, sd_and_base[0])
+    numeric = [(name, kind, opts) for _, name, kind, opts in specs(cls) if kind in ("INT", "FLOAT")]
+    failures = []
+    for name, kind, opts in numeric:
+        lo, hi = opts["min"], opts["max"]   # every numeric input of the pack states both
+        what = f"{'a whole number' if kind == 'INT' else 'a number'} from {number_text(lo)} to {number_text(hi)}"
+        step = 1 if kind == "INT" else 1.0
+        bad = [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf"),
+               (lo - step, number_text(lo - step)), (hi + step, number_text(hi + step)),
+               (True, "bool True"), ("3", "str '3'")]
+        if kind == "INT":
+            bad.append((lo + 0.5, number_text(lo + 0.5)))
+        for value, shown in bad:
+            try:
+                compat.call_node(cls, **dict(base, **{name: value}))
+                failures.append((name, value, "accepted"))
+            except ValueError as e:
+                want = f"{cls.TITLE}: {name} must be {what} (got {shown})"
+                if str(e) != want:
+                    failures.append((name, value, str(e), want))
+    assert not failures, failures
+    if node_id in ("ASDMFeatureInheritance", "ASDMGRIAttention", "ASDMMECondConv", "ASDMUNetSwitch"):
+        assert numeric   # the nodes with numbers are covered, not skipped
+
+
+@pytest.mark.parametrize("node_id", list(PACK_NODES))
+def test_values_the_front_end_sends_pass_the_check_unchanged(node_id):
+    """Defaults, both ends of every range, every combo choice, a whole FLOAT sent as a JSON
+    integer, optional inputs left out: all pass; a whole INT sent as a float comes back an int."""
+    check = common_module().check_inputs
+    cls = PACK_NODES[node_id]
+    for sec, name, kind, opts in specs(cls):
+        if kind in ("INT", "FLOAT"):
+            values = [opts["default"], opts["min"], opts["max"]]
+            if kind == "FLOAT":
+                values.append(int(opts["default"]))
+            for v in values:
+                assert check(cls, {name: v}) == {name: v}
+            if kind == "INT":
+                got = check(cls, {name: float(opts["default"])})[name]
+                assert got == opts["default"] and type(got) is int
+        elif isinstance(kind, list):
+            for v in kind:
+                assert check(cls, {name: v}) == {name: v}
+        elif kind in ("STRING", "BOOLEAN") and "default" in opts:
+            assert check(cls, {name: opts["default"]}) == {name: opts["default"]}
+    assert check(cls, {}) == {}
+
+
+def test_the_v1_spec_forms_are_read():
+    check = common_module().check_inputs
+
+    class Node:
+        PATH_INPUTS = ("prefix",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"mode": ("COMBO", {"options": ["a", "b"]}), "count": ("INT",), "model": ("MODEL",),
+                                 "prefix": ("STRING", {"default": "x/y"}), "text": ("STRING", {"multiline": True})},
+                    "optional": {"ratio": ("FLOAT", {"min": 0.0})}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    ok = {"mode": "b", "count": -7, "model": object(), "prefix": "a/b c", "text": "line\nline", "ratio": 3,
+          "unique_id": "12"}
+    assert check(Node, ok) == ok
+    with pytest.raises(ASDMError, match=re.escape("mode must be one of a, b (got 'c')")):
+        check(Node, dict(ok, mode="c"))
+    with pytest.raises(ASDMError, match=re.escape("count must be a whole number (got nan)")):
+        check(Node, dict(ok, count=float("nan")))
+    with pytest.raises(ASDMError, match=re.escape("ratio must be a number of at least 0 (got -1)")):
+        check(Node, dict(ok, ratio=-1))
+    with pytest.raises(ASDMError, match=re.escape("prefix holds a control character ('\\t' at character 2)")):
+        check(Node, dict(ok, prefix="a\tb"))
+
+
+@pytest.mark.parametrize("node_id,inputs,needle", [
+    ("ASDMAssembleUNet", dict(recipe="M9"), "A-SDM Assemble UNet: recipe must be one of M1, M2, M3, custom (got 'M9')"),
+    ("ASDMLoadCompressedUNet", dict(unet_name="x.safetensors", prediction="x0"),
+     "A-SDM Load Compressed UNet: prediction must be one of auto, eps, v (got 'x0')"),
+    ("ASDMMECondConv", dict(init="zeros"), "A-SDM ME-CondConv: init must be one of paper, identity, cross-layer (got 'zeros')"),
+    ("ASDMFeatureInheritance", dict(reuse=None), "A-SDM Feature Inheritance: reuse must be one of residual, output (got None)"),
+    ("ASDMFeatureInheritance", dict(features_on="gpu"),
+     "A-SDM Feature Inheritance: features_on must be one of compute, offload (got 'gpu')"),
+    ("ASDMFeatureInheritance", dict(units=5), "A-SDM Feature Inheritance: units must be text (got int 5)"),
+    ("ASDMUNetSwitch", dict(unit="seconds"), "A-SDM UNet Switch: unit must be one of steps, fraction (got 'seconds')"),
+])
+def test_combo_and_text_inputs_outside_their_choices(sd_and_base, node_id, inputs, needle):
+    cls = PACK_NODES[node_id]
+    given = default_inputs(cls, sd_and_base[0])
+    if node_id == "ASDMLoadCompressedUNet":
+        given["unet_name"] = "x.safetensors"   # a listed file: the check reaches prediction
+        with model_folder(compat.unet_folder(), host.workdir()):
+            open(os.path.join(host.workdir(), "x.safetensors"), "wb").close()
+            try:
+                with pytest.raises(ValueError) as e:
+                    compat.call_node(cls, **dict(given, **inputs))
+            finally:
+                os.remove(os.path.join(host.workdir(), "x.safetensors"))
+    else:
+        with pytest.raises(ValueError) as e:
+            compat.call_node(cls, **dict(given, **inputs))
+    assert str(e.value) == needle
+
+
+@pytest.mark.parametrize("prefix,shown", [("unet/a\0b", "'\\x00' at character 7"), ("unet/a\nb", "'\\n' at character 7"),
+                                          ("\x1b[31munet", "'\\x1b' at character 1"), ("unet/\ud800", "'\\ud800' at character 6")])
+def test_save_refuses_control_characters_in_the_prefix(N, sd_and_base, prefix, shown):
+    import folder_paths
+    out = folder_paths.get_output_directory()
+    before = sorted(os.listdir(out))
+    with pytest.raises(ValueError) as e:
+        N["ASDMSaveUNet"]().save(sd_and_base[1], prefix)
+    assert str(e.value) == (f"A-SDM Save UNet: filename_prefix holds a control character ({shown}), which a file name "
+                            "cannot hold; write it in ordinary characters, e.g. unet/asdm")
+    assert sorted(os.listdir(out)) == before
+
+
+def embedded_prompt(**switch):
+    return {
+        "1": {"class_type": "ASDMLoadEmbeddedModel", "inputs": {}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "ASDMUNetSwitch", "inputs": dict({"unit": "steps", "model_1": ["1", 0], "start_1": 0.0, "end_1": 2.0,
+                                                              "model_2": ["1", 0], "start_2": 2.0, "end_2": -1.0}, **switch)},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "seed": 0, "steps": 3, "cfg": 4.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "bad_input_switch"}},
+    }
+
+
+def test_an_api_prompt_with_a_nan_switch_end_is_refused_at_the_node():
+    """The host's own validation passes end_1 = NaN (NaN < min is false); the executor then
+    reports the node's message, naming the input and its range (it was int()'s "cannot
+    convert float NaN to integer")."""
+    from asdm.harness.host import Runner, WorkflowError
+    runner = Runner()
+    runner.run(embedded_prompt())   # the same graph with a finite end runs
+    with pytest.raises(WorkflowError) as e:
+        runner.run(embedded_prompt(end_1=float("nan")))
+    assert str(e.value).strip() == ("ASDMUNetSwitch (node 5): ValueError: A-SDM UNet Switch: end_1 must be a number from -1 "
+                            "to 10000 (got nan)")
