@@ -1,5 +1,5 @@
 """Node: A-SDM Feature Inheritance (tuning-free, A-SDM §V)."""
-from ..asdm.inheritance import DEFAULTS, REUSE, apply_inheritance
+from ..asdm.inheritance import DEFAULTS, FEATURES_ON, REUSE, apply_inheritance
 from ..asdm.topology import PRESETS
 from .common import mappings, node_errors
 
@@ -60,11 +60,18 @@ class FeatureInheritance:
                 "(F1 + (F1 - F2) x steps since F1 / steps between them) instead of the last "
                 "stored feature; until two full steps are stored, the last one. Costs one more "
                 "stored tensor per stored feature."}),
+            "features_on": (list(FEATURES_ON), {"default": "compute", "advanced": True, "tooltip":
+                "Where stored features are kept between steps. compute: on the GPU that runs the "
+                "UNet (fastest). offload: in system memory, moved back to the GPU on each "
+                "inheriting step: the same result for less VRAM, at the cost of the copies. The "
+                "log line of each run says how much they held at most."}),
         }}
 
     @node_errors
-    def patch(self, model, preset, units, period, final_full_steps, reuse="residual", forecast=False):
-        return (apply_inheritance(model, preset, units, period, final_full_steps, reuse, bool(forecast)),)
+    def patch(self, model, preset, units, period, final_full_steps, reuse="residual", forecast=False,
+              features_on="compute"):
+        return (apply_inheritance(model, preset, units, period, final_full_steps, reuse, bool(forecast),
+                                  features_on),)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(FeatureInheritance)
