@@ -586,7 +586,7 @@ def _check_same_student(run: Training, path: str, sd: dict, meta: dict) -> None:
                    for k, v in me.state_dict().items()}
     if shapes("experts.", sd) != own_experts:
         def told(state):
-            convs = {k.rsplit(".", 2)[0] for k in state}
+            convs = [k for k in state if k.endswith(".experts")]   # one expert tensor per conv
             return f"ME-CondConv experts on {len(convs)} convs" if convs else "no ME-CondConv experts"
         raise ConfigError(f"{path} holds a student with {told(shapes('experts.', sd))}, but this config "
                           f"({_student_setting(run.cfg)}) trains one with {told(own_experts)}. Resume it with "

@@ -10,13 +10,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import model_folder
+from conftest import model_folder, trainer_config
 from asdm import assembly
 from asdm import compat
 from asdm import condconv
 from asdm import embedded
+from asdm import hooks
 from asdm.errors import ASDMError
 from asdm.harness import host
+from asdm.training import trainer
 
 
 def save(sd_model, path, **edit):
@@ -377,3 +379,258 @@ def test_an_api_prompt_with_a_nan_switch_end_is_refused_at_the_node():
         runner.run(embedded_prompt(end_1=float("nan")))
     assert str(e.value).strip() == ("ASDMUNetSwitch (node 5): ValueError: A-SDM UNet Switch: end_1 must be a number from -1 "
                             "to 10000 (got nan)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The GRI node's inputs
+# ---------------------------------------------------------------------------------------------
+
+def gri(N, model, units="dn0, up3", window=16, pool=4, start=0.0, end=1.0):
+    return N["ASDMGRIAttention"]().patch(model, units, window, pool, start, end)[0]
+
+
+@pytest.mark.parametrize("inputs,message", [
+    (dict(window=0), "window must be a whole number from 1 to 512 (got 0)"),
+    (dict(window=10**6), "window must be a whole number from 1 to 512 (got 1000000)"),
+    (dict(pool=0), "pool must be a whole number from 1 to 64 (got 0)"),
+    (dict(pool=65), "pool must be a whole number from 1 to 64 (got 65)"),
+    (dict(start=float("nan")), "start must be a number from 0 to 1 (got nan)"),
+    (dict(end=float("inf")), "end must be a number from 0 to 1 (got inf)"),
+    (dict(units="dn0.0.R, up3.*.R"), "units: 'dn0.0.R, up3.*.R' names no attention (A) unit, only ResNet units: GRI "
+                                      "replaces self-attention, so name blocks, layers or A units, e.g. 'dn0, up3' or "
+                                      "'up3.*.A'. This UNet's highest-resolution attention units are in dn0 and up3: "
+                                      "units = 'dn0, up3'."),
+])
+def test_gri_inputs_out_of_range_or_without_attention(N, tiny, inputs, message):
+    with pytest.raises(ValueError) as e:
+        gri(N, tiny, **inputs)
+    assert str(e.value) == "A-SDM GRI Attention: " + message
+
+
+@pytest.mark.parametrize("layout,want", [("sdxl", ["dn1", "up1"]), ("bk-sdm-tiny", ["dn0", "up2"])])
+def test_gri_default_units_on_a_layout_without_that_level(N, layout, want):
+    """The default names SD1.5's level 0 (dn0, up3): SDXL has no attention there and no up3,
+    BK-SDM Tiny no up3. The message says which units this layout's highest resolution has, and
+    those units work."""
+    from asdm import gri as engine_gri
+    from asdm.harness import models as tm
+    model = (tm.sd_model(tm.TINY_SDXL["sdxl"]) if layout == "sdxl"
+             else assembly.compress(tm.sd_model(tm.TINY_SD1), "tiny"))
+    with pytest.raises(ValueError) as e:
+        gri(N, model)
+    msg = str(e.value)
+    assert msg.startswith("A-SDM GRI Attention: units: unit token 'up3' names no unit of this UNet. Valid names here:")
+    assert msg.endswith(f"This UNet's highest-resolution attention units are in {want[0]} and {want[1]}: "
+                        f"units = '{want[0]}, {want[1]}'.")
+    holder = hooks.holder_of(gri(N, model, units=", ".join(want)), engine_gri.GRIHolder)
+    assert sorted({s.unit.block for s in holder.sites}) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine calls made directly (scripts, other packs): the same clear errors
+# ---------------------------------------------------------------------------------------------
+
+def test_direct_engine_calls_name_the_input(tiny, sd_and_base, tmp_path):
+    from asdm import derived_files, unet_files
+    unet = tiny.model.diffusion_model
+    paths = condconv.select_convs(unet, condconv.DEFAULT_UNITS)
+    for n in (0, -3, 17):
+        with pytest.raises(condconv.CondConvError) as e:
+            condconv.make_experts(unet, paths, n, "identity")
+        assert e.value.input == "experts" and str(e.value) == (
+            f"experts must be a whole number from 1 to 16 (got {n}): the number of experts per conv, 2 in the "
+            "paper (1 = the plain conv)")
+    sd = {k: v.detach().clone() for k, v in sd_and_base[1].model.diffusion_model.state_dict().items()}
+    with pytest.raises(ASDMError) as e:
+        unet_files.build_model(sd, "x")
+    assert e.value.input == "prediction" and str(e.value).startswith("prediction must be one of eps, v (got 'x'): eps for")
+    assembly.save_unet(sd_and_base[1], str(tmp_path / "base.safetensors"))
+    with pytest.raises(ASDMError) as e:
+        derived_files.load_unet(str(tmp_path / "base.safetensors"), "x0")
+    assert e.value.input == "prediction" and str(e.value).startswith("prediction must be one of auto, eps, v (got 'x0')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived and int8 UNet files, damaged
+# ---------------------------------------------------------------------------------------------
+
+def rewrite(path, sd_edit=None, meta_edit=None):
+    sd = safetensors.torch.load_file(str(path))
+    meta = safetensors.safe_open(str(path), "pt").metadata()
+    (sd_edit or (lambda s: None))(sd)
+    (meta_edit or (lambda m: None))(meta)
+    safetensors.torch.save_file(sd, str(path), metadata=meta)
+
+
+def first_scale(sd):
+    return sorted(k for k in sd if k.endswith(".int8_scale"))[0]
+
+
+DAMAGE = {
+    "parts-json": ("m2", dict(meta_edit=lambda m: m.update({"asdm.derived_parts": "[broken"})),
+                   "m2.safetensors (derived from sd.safetensors): its derived-file metadata is damaged (JSONDecodeError"),
+    "source-path": ("m2", dict(meta_edit=lambda m: m.update({"asdm.derived_from": "../sd.safetensors"})),
+                    "m2.safetensors derives from '../sd.safetensors', which is not a file name; it must name a UNet file "
+                    "in the same folder"),
+    "loop": ("m2", dict(meta_edit=lambda m: m.update({"asdm.derived_from": "m2.safetensors"})),
+             "m2.safetensors derives from itself (m2.safetensors -> m2.safetensors): re-save it whole"),
+    "source-not-unet": ("sd", dict(sd_edit=lambda s: [s.clear(), s.update({"encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)})]),
+                        "m2.safetensors (derived from sd.safetensors): this file holds no SD-style UNet"),
+    "int8-nan-scale": ("sd", dict(sd_edit=lambda s: s[first_scale(s)].fill_(float("nan"))),
+                       "sd.safetensors: tensor {first} holds "),
+    "int8-scale-missing": ("sd", dict(sd_edit=lambda s: s.pop(first_scale(s))),
+                           "sd.safetensors is stored in int8 but its tensor {first} has no matching per-channel scale; "
+                           "the file is damaged"),
+    "int8-source-damaged": ("sd", dict(sd_edit=lambda s: s.pop(first_scale(s))),
+                            "m2.safetensors (derived from sd.safetensors): sd.safetensors is stored in int8 but its "
+                            "tensor {first} has no matching"),
+    "prediction-meta": ("m2", dict(meta_edit=lambda m: m.update({"asdm.prediction": "sample"})),
+                        "m2.safetensors: its metadata records the prediction 'sample', which is none of eps, v; choose "
+                        "the prediction in the loader instead of auto, or re-save the file"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_derived_and_int8_files_are_named(N, sd_and_base, tmp_path, case):
+    sd, base = sd_and_base
+    m2 = assembly.assemble(sd, base, assembly.recipe_spec("M2"))
+    int8 = case.startswith("int8")
+    assembly.save_unet(sd, str(tmp_path / "sd.safetensors"), dtype=torch.float16, int8=int8)
+    assembly.save_unet(m2, str(tmp_path / "m2.safetensors"), dtype=torch.float16, int8=int8,
+                       derive_from=str(tmp_path / "sd.safetensors"))
+    with model_folder(compat.unet_folder(), tmp_path):
+        load(N, "m2.safetensors")   # whole, both load
+        which, edit, needle = DAMAGE[case]
+        if int8:
+            first = first_scale(safetensors.torch.load_file(str(tmp_path / f"{which}.safetensors")))
+            needle = needle.replace("{first}", first[:-len(".int8_scale")])
+        rewrite(tmp_path / f"{which}.safetensors", **edit)
+        loaded = "sd" if case in ("int8-nan-scale", "int8-scale-missing") else "m2"
+        with pytest.raises(ValueError) as e:
+            load(N, f"{loaded}.safetensors")
+    assert str(e.value).startswith("A-SDM Load Compressed UNet: " + needle), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer: assemble / condconv / [gri] / image-data options, NaN and inf, resuming
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trainer_units(trainer_files):
+    """A BK-SDM Base UNet file made from the trainer's teacher, for assemble students."""
+    from asdm import derived_files
+    teacher = derived_files.load_unet(str(trainer_files / "teacher.safetensors"))
+    assembly.save_unet(assembly.compress(teacher, "base"), str(trainer_files / "base.safetensors"))
+    return trainer_files
+
+
+TRAINER_CASES = [
+    # (student table, extra text, the error's text, where it is told: load = the config alone,
+    #  build = before the first step)
+    ('kind = "assemble"\nrecipe = "M2"', "", "student.kind = 'assemble' needs student.compressed (the step-1 UNet)", "load"),
+    ('kind = "assemble"\ncompressed = "{d}/base.safetensors"\nrecipe = "M9"', "",
+     "student: unknown recipe 'M9': one of M1, M2, M3, or a spec such as 'dn0=B, up3=B'", "build"),
+    ('kind = "assemble"\ncompressed = "{d}/base.safetensors"\nrecipe = "dn0=C"', "",
+     "student: malformed recipe entry 'dn0=C': write part=A or part=B", "build"),
+    ('kind = "assemble"\ncompressed = "{d}/nothing.safetensors"\nrecipe = "M2"', "",
+     "student: {d}/nothing.safetensors does not exist", "build"),
+    ('kind = "condconv"\nlayout = "small"\nexperts = 0', "", "'student.experts' must be a whole number from 2 to 16 (got 0)", "load"),
+    ('kind = "condconv"\nlayout = "small"\nexperts = nan', "", "'student.experts' must be a whole number from 2 to 16 (got nan)", "load"),
+    ('kind = "condconv"\nlayout = "small"\ninit = "zeros"', "", "'student.init' must be one of paper, identity, cross-layer (got 'zeros')", "load"),
+    ('kind = "condconv"\nlayout = "small"\nunits = "up3.*.A"', "", "student: the units 'up3.*.A' hold no ResNet unit", "build"),
+    ('kind = "condconv"\nunet = "{d}/nothing.safetensors"', "", "student: {d}/nothing.safetensors does not exist", "build"),
+    ('kind = "compress"\nlayout = "tiny"', '[gri]\nunits = "dn0, up3"',
+     "gri.units: unit token 'up3' names no unit of this UNet", "build"),
+    ('kind = "compress"\nlayout = "tiny"', '[gri]\nunits = "dn0, up3"',
+     "This UNet's highest-resolution attention units are in dn0 and up2: units = 'dn0, up2'.", "build"),
+    ('kind = "compress"\nlayout = "base"', "[gri]\nwindow = nan", "'gri.window' must be a whole number >= 1 (the largest "
+                                                              "region side, in latent tokens) (got nan)", "load"),
+    ('kind = "compress"\nlayout = "base"', "[gri]\npool = -inf", "'gri.pool' must be a whole number >= 1", "load"),
+    ('kind = "compress"\nlayout = "base"', "[loss]\ntask = inf", "'loss.task' must be a finite number >= 0 (got inf)", "load"),
+    ('kind = "compress"\nlayout = "base"', "[loss]\nout_kd = nan", "'loss.out_kd' must be a finite number >= 0 (got nan)", "load"),
+]
+
+
+@pytest.mark.parametrize("student,extra,needle,at", TRAINER_CASES)
+def test_trainer_options_with_bad_values_are_named_before_training(trainer_units, tmp_path, student, extra, needle, at):
+    d = trainer_units
+    out = tmp_path / "run"
+    path = trainer_config(d, out, student=student.format(d=d) + ("\n" + extra if extra else ""))
+    with pytest.raises(trainer.ConfigError) as e:
+        trainer.train(trainer.load_config(path))
+    assert needle.format(d=d) in str(e.value), str(e.value)
+    if at == "build":   # the config reads; the student is checked before any step
+        trainer.load_config(path)
+    assert not os.path.exists(out / "checkpoint.safetensors") and not os.path.exists(out / "unet.safetensors")
+
+
+@pytest.mark.parametrize("data,needle", [
+    ('images = "{d}/no-such-folder"\ncheckpoint = "{d}/teacher.safetensors"', "data.images: {d}/no-such-folder is not a folder"),
+    ('images = "{d}/empty"\ncheckpoint = "{d}/teacher.safetensors"', "data.images: no images (.png, .jpg, .jpeg, .webp, .bmp) in {d}/empty"),
+    ('images = "{d}/empty"', "data.images needs data.checkpoint (the SD checkpoint whose VAE and text encoder encode"),
+    ('images = "{d}/empty"\ncheckpoint = "{d}/teacher.safetensors"\nsize = 60',
+     "'data.size' must be a whole number >= 64, a multiple of 8 (got 60)"),
+    ('images = "{d}/empty"\ncheckpoint = "{d}/teacher.safetensors"\nsize = inf',
+     "'data.size' must be a whole number >= 64, a multiple of 8 (got inf)"),
+])
+def test_trainer_image_data_options_with_bad_values(trainer_files, tmp_path, data, needle):
+    d = trainer_files
+    (d / "empty").mkdir(exist_ok=True)
+    with pytest.raises(trainer.ConfigError) as e:
+        trainer.train(trainer.load_config(trainer_config(d, tmp_path / "run", data=data.format(d=d))))
+    assert needle.format(d=d) in str(e.value), str(e.value)
+
+
+def test_resuming_a_checkpoint_of_another_student_is_refused_naming_both(trainer_files, tmp_path, capsys):
+    """A BK-SDM Small run's checkpoint in the out folder of a Base run: told by the trainer
+    command (exit 2, one line naming both layouts), nothing loaded, the checkpoint kept."""
+    out = tmp_path / "run"
+    trainer.train(trainer.load_config(trainer_config(trainer_files, out, student='kind = "compress"\nlayout = "small"', steps=3)))
+    before = (out / "checkpoint.safetensors").read_bytes()
+    base = trainer_config(trainer_files, out, student='kind = "compress"\nlayout = "base"')
+    assert trainer.main([base]) == 2
+    told = [line for line in capsys.readouterr().err.splitlines() if line.startswith("asdm.training:")]
+    assert told == [f"asdm.training: {out}/checkpoint.safetensors holds a student of another layout: 4 levels with "
+                   "1/1/1/1 layers per down block, no middle block, 32 channels wide; this config (student.kind = "
+                   "'compress', layout = 'base') trains 4 levels with 1/1/1/1 layers per down block, a middle block, "
+                   "32 channels wide. Its weights do not continue this run: resume it with the config that made it, "
+                   "or give another 'out' folder to start a new run"]
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+    # a condconv student's checkpoint (experts) into a plain run of its layout
+    cc = tmp_path / "cc"
+    trainer.train(trainer.load_config(trainer_config(trainer_files, cc, steps=3,
+                                                     student='kind = "condconv"\nlayout = "small"\nexperts = 2')))
+    with pytest.raises(trainer.ConfigError, match=re.escape(
+            "holds a student with ME-CondConv experts on 24 convs, but this config (student.kind = 'compress', "
+            "layout = 'small') trains one with no ME-CondConv experts")):
+        trainer.train(trainer.load_config(trainer_config(trainer_files, cc, student='kind = "compress"\nlayout = "small"')))
+
+
+def test_a_damaged_checkpoint_with_no_earlier_one_restarts_at_step_0_and_says_so(trainer_files, tmp_path):
+    ref = tmp_path / "ref"
+    trainer.train(trainer.load_config(trainer_config(trainer_files, ref, steps=3)))
+    out = tmp_path / "run"
+    trainer.train(trainer.load_config(trainer_config(trainer_files, out, steps=3)))
+    assert not (out / "checkpoint-prev.safetensors").exists()   # one save: no earlier checkpoint
+    ck = out / "checkpoint.safetensors"
+    ck.write_bytes(ck.read_bytes()[:-1000])   # damaged: cut short
+    logs = []
+    trainer.train(trainer.load_config(trainer_config(trainer_files, out, steps=3)), log=logs.append)
+    i = next(i for i, line in enumerate(logs) if line.startswith("skipping"))
+    assert logs[i].startswith(f"skipping {ck}: could not read checkpoint.safetensors as safetensors")
+    assert logs[i + 1] == f"no usable checkpoint in {out} (checkpoint.safetensors skipped): starting from step 0"
+    a, b = (safetensors.torch.load_file(str(p / "unet.safetensors")) for p in (ref, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # a fresh run, bit for bit
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("lr", "nan", "'lr' must be a number > 0 (e.g. 5e-5) (got nan)"),
+    ("lr", "inf", "'lr' must be a number > 0 (e.g. 5e-5) (got inf)"),
+    ("steps", "inf", "'steps' must be a whole number >= 1 (got inf)"),
+    ("seed", "-1", "'seed' must be a whole number >= 0 (got -1)"),
+])
+def test_trainer_numbers_refuse_nan_and_inf(trainer_files, tmp_path, key, value, needle):
+    """TOML writes nan and inf; every number of the config refuses them, naming the key."""
+    with pytest.raises(trainer.ConfigError) as e:
+        trainer.load_config(trainer_config(trainer_files, tmp_path / "run", **{key: value}))
+    assert str(e.value).endswith(needle)
