@@ -585,7 +585,7 @@ def test_resuming_a_checkpoint_of_another_student_is_refused_naming_both(trainer
     """A BK-SDM Small run's checkpoint in the out folder of a Base run: told by the trainer
     command (exit 2, one line naming both layouts), nothing loaded, the checkpoint kept."""
     out = tmp_path / "run"
-    trainer.train(trainer.load_config(trainer_config(trainer_files, out, student='kind = "compress"\nlayout = "small"', steps=3)))
+    trainer.train(trainer.load_config(trainer_config(trainer_files, out, student='kind = "compress"\nlayout = "small"', steps=1)))
     before = (out / "checkpoint.safetensors").read_bytes()
     base = trainer_config(trainer_files, out, student='kind = "compress"\nlayout = "base"')
     assert trainer.main([base]) == 2
@@ -598,7 +598,7 @@ def test_resuming_a_checkpoint_of_another_student_is_refused_naming_both(trainer
     assert (out / "checkpoint.safetensors").read_bytes() == before
     # a condconv student's checkpoint (experts) into a plain run of its layout
     cc = tmp_path / "cc"
-    trainer.train(trainer.load_config(trainer_config(trainer_files, cc, steps=3,
+    trainer.train(trainer.load_config(trainer_config(trainer_files, cc, steps=1,
                                                      student='kind = "condconv"\nlayout = "small"\nexperts = 2')))
     with pytest.raises(trainer.ConfigError, match=re.escape(
             "holds a student with ME-CondConv experts on 24 convs, but this config (student.kind = 'compress', "
@@ -607,20 +607,20 @@ def test_resuming_a_checkpoint_of_another_student_is_refused_naming_both(trainer
 
 
 def test_a_damaged_checkpoint_with_no_earlier_one_restarts_at_step_0_and_says_so(trainer_files, tmp_path):
-    ref = tmp_path / "ref"
-    trainer.train(trainer.load_config(trainer_config(trainer_files, ref, steps=3)))
     out = tmp_path / "run"
-    trainer.train(trainer.load_config(trainer_config(trainer_files, out, steps=3)))
+    trainer.train(trainer.load_config(trainer_config(trainer_files, out, steps=2)))
     assert not (out / "checkpoint-prev.safetensors").exists()   # one save: no earlier checkpoint
+    first = safetensors.torch.load_file(str(out / "unet.safetensors"))
     ck = out / "checkpoint.safetensors"
     ck.write_bytes(ck.read_bytes()[:-1000])   # damaged: cut short
     logs = []
-    trainer.train(trainer.load_config(trainer_config(trainer_files, out, steps=3)), log=logs.append)
+    res = trainer.train(trainer.load_config(trainer_config(trainer_files, out, steps=2)), log=logs.append)
+    assert [done for done, _ in res["history"]] == [1, 2]   # both steps trained again
     i = next(i for i, line in enumerate(logs) if line.startswith("skipping"))
     assert logs[i].startswith(f"skipping {ck}: could not read checkpoint.safetensors as safetensors")
     assert logs[i + 1] == f"no usable checkpoint in {out} (checkpoint.safetensors skipped): starting from step 0"
-    a, b = (safetensors.torch.load_file(str(p / "unet.safetensors")) for p in (ref, out))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # a fresh run, bit for bit
+    again = safetensors.torch.load_file(str(out / "unet.safetensors"))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)   # from step 0, bit for bit
 
 
 @pytest.mark.parametrize("key,value,needle", [
