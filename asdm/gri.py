@@ -392,20 +392,28 @@ def auto_units(topo: Topology) -> str:
 
 def resolve_units(topo: Topology, spec: str) -> list[Unit]:
     """The A units a spec names (blocks and layers resolve to their A units; AUTO: those of the
-    highest-resolution level pair that has them)."""
+    highest-resolution level pair that has them). An error says where this UNet's
+    highest-resolution attention is."""
     if spec.strip().lower() == AUTO:
         spec = auto_units(topo)
     try:
         named = parse_unit_spec(spec, topo, strict=True)
     except TopologyError as e:
-        e.input = "units"
-        raise
+        raise TopologyError(f"{e} {_attention_hint(topo)}", input="units") from None
     chosen = [u for u in named if u.kind == "A"]
     if named and not chosen:
         raise GRIError(f"{spec!r} names no attention (A) unit, only ResNet units: GRI replaces "
-                       f"self-attention, so name blocks, layers or A units, e.g. {auto_units(topo)!r}, "
-                       f"or '{AUTO}'", input="units")
+                       f"self-attention, so name blocks, layers or A units, or '{AUTO}'. "
+                       f"{_attention_hint(topo)}", input="units")
     return chosen
+
+
+def _attention_hint(topo: Topology) -> str:
+    units = auto_units(topo)
+    if units:
+        return (f"This UNet's highest-resolution attention units are in {units.replace(', ', ' and ')}: "
+                f"units = '{units}' (or '{AUTO}').")
+    return "This UNet has no attention units in its down and up blocks."
 
 
 @dataclass(frozen=True)

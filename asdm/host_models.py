@@ -7,6 +7,10 @@ import copy
 import torch
 
 from . import compat
+from .errors import ASDMError
+
+# What a UNet can predict, in the words model_from_config takes ("v_prediction" is read as "v").
+PREDICTIONS = ("eps", "v")
 
 # ComfyUI's unet_config of SD1.5's UNet: 4 levels (320, 640, 1280, 1280 channels), 2 layers per
 # down block and 3 per up block, attention units in the first three levels and the middle.
@@ -24,6 +28,7 @@ def model_from_config(model_config, sd: dict, prediction: str = "eps", check=Non
     """ModelPatcher for ``model_config`` with the weights ``sd`` (ldm keys, no prefix).
     ``check(unet, sd)`` runs on the built UNet before the weights are loaded. ``zsnr``: it samples
     with the zero-terminal-SNR schedule (v-prediction fine-tunes trained with it)."""
+    check_prediction(prediction)
     import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -44,6 +49,16 @@ def model_from_config(model_config, sd: dict, prediction: str = "eps", check=Non
     model = model.to(offload_device)
     model.load_model_weights(dict(sd), "")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def check_prediction(prediction, auto: bool = False) -> None:
+    """Refuses a prediction type the host has no model type for (``auto``: "auto" is allowed too,
+    the loaders' choice of what the file records)."""
+    choices = (("auto",) if auto else ()) + PREDICTIONS
+    if prediction not in choices and prediction != "v_prediction":
+        raise ASDMError(f"prediction must be one of {', '.join(choices)} (got {str(prediction)[:40]!r}): eps "
+                        "for SD1.x, BK-SDM and SD2-base UNets, v for UNets of a 768-v SD2 model",
+                        input="prediction")
 
 
 def empty_unet(model_config):

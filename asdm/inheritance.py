@@ -29,7 +29,12 @@ overshoots early in the run. Until two full steps are stored it reuses F1. Memor
 stored tensor per stored feature.
 
 Stored features are keyed by unit and by conditioning chunk, and live in a per-run
-``RunState`` that is dropped when the run ends or fails, or a new run starts.
+``RunState`` that is dropped when the run ends or fails, or a new run starts. The run counts the
+bytes they hold (now and at its peak, said in its log line; docs/memory.md gives the figures per
+mode). ``features_on``: ``compute`` keeps them where the UNet computes (today's behaviour, no
+transfers); ``offload`` keeps them on the host's offload device (system memory) and moves each
+back to the UNet's device when an inheriting step reuses it, for users short of VRAM: the
+values are the same, the copies cost time.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from .topology import (PRESETS, Topology, Unit, atom_macs, atom_sides, describe,
 
 log = logging.getLogger("A-SDM")
 REUSE = ("residual", "output")
-FEATURES_ON = ("compute", "offload")   # where stored features are kept between steps
+FEATURES_ON = ("compute", "offload")   # where stored features live (see the module's docstring)
 # What a new node starts with: EX3 P3 with span-output reuse and forecast, DeepCache's work at
 # depth 2, interval 3 (the same FLOPs: the deep span's output reused whole on two of every three
 # steps), the closest to full compute of the settings compared at that work when it was chosen
@@ -97,6 +102,19 @@ class RunState(hooks.Run):
     calls: list = field(default_factory=list)      # (step, mode) per model call, for reports and tests
     fallbacks: int = 0                             # inheriting calls that had to compute fully
     shape: tuple | None = None                     # (shape, dtype, device) of the model input
+    path_bytes: dict = field(default_factory=dict)  # path -> bytes its stored features hold
+    stored_bytes: int = 0                          # bytes all stored features hold now
+    peak_bytes: int = 0                            # the most they held at once in this run
+    filler_bytes: int = 0                          # output mode: bytes the fillers hold now
+    peak_filler_bytes: int = 0
+
+    def forget(self) -> None:
+        """Drops every stored feature and filler (the counts follow; the peaks stay)."""
+        self.features.clear()
+        self.path_bytes.clear()
+        self.shapes.clear()
+        self.fillers.clear()
+        self.stored_bytes = self.filler_bytes = 0
 
 
 @dataclass
@@ -113,7 +131,8 @@ class InheritanceHolder(hooks.Holder):
     RUN = RunState
 
     def __init__(self, units: list[Unit], schedule: Schedule, label: str, reuse: str = "residual",
-                 forecast: bool = False, span: tuple[tuple, tuple] = ((), ()), unet=None):
+                 forecast: bool = False, span: tuple[tuple, tuple] = ((), ()), unet=None,
+                 store_device=None):
         super().__init__()
         self.units = units
         self.schedule = schedule
@@ -122,16 +141,19 @@ class InheritanceHolder(hooks.Holder):
         self.forecast = forecast
         self.skipped, self.boundary = span   # output mode: atoms not run / whose outputs are stored
         self.unet = unet                     # for the share an inheriting step computes (the log line)
+        self.store_device = store_device     # None: features stay where computed; else kept there
 
     def finish_run(self, run: RunState) -> None:
-        run.features.clear()
-        run.shapes.clear()
-        run.fillers.clear()
+        run.forget()
         n = len({s for s, m in run.calls})
         inh = len({s for s, m in run.calls if m == "inherit"})
         if n:
-            log.info("A-SDM feature inheritance (%s): %d of %d sampler steps inherited %d units%s%s",
-                     self.label, inh, n, len(self.units), self._work(run, n, inh),
+            where = "" if self.store_device is None else f" on the offload device ({self.store_device})"
+            fillers = (f" (and {_mib(run.peak_filler_bytes)} of zeros standing for skipped modules)"
+                       if run.peak_filler_bytes else "")
+            log.info("A-SDM feature inheritance (%s): %d of %d sampler steps inherited %d units%s; stored "
+                     "features peaked at %s%s%s%s", self.label, inh, n, len(self.units),
+                     self._work(run, n, inh), _mib(run.peak_bytes), where, fillers,
                      f"; {run.fallbacks} calls computed fully for lack of stored features" if run.fallbacks else "")
 
     def _work(self, run: RunState, steps: int, inherited: int) -> str:
@@ -148,9 +170,7 @@ class InheritanceHolder(hooks.Holder):
             return None
         sig = (tuple(x.shape[1:]), x.dtype, x.device)
         if run.shape != sig:  # new resolution/dtype/device: nothing stored can be reused
-            run.features.clear()
-            run.shapes.clear()
-            run.fillers.clear()
+            run.forget()
             run.shape = sig
         step, total = run.step, run.total
         if not self.schedule.is_full(step, total):
@@ -164,6 +184,8 @@ class InheritanceHolder(hooks.Holder):
         else:
             mode = "full"
             run.features.clear()  # no later step needs what is stored
+            run.path_bytes.clear()
+            run.stored_bytes = 0
         run.calls.append((step, mode))
         return CallContext(mode, keys, run, step)
 
@@ -233,11 +255,14 @@ class InheritanceHolder(hooks.Holder):
                 key = ((x.shape[0],) + shape, dtype, x.device)
                 filler = call.run.fillers.get(key)
                 if filler is None:
-                    filler = call.run.fillers[key] = x.new_zeros(key[0], dtype=dtype)
+                    run = call.run
+                    filler = run.fillers[key] = x.new_zeros(key[0], dtype=dtype)
+                    run.filler_bytes += filler.numel() * filler.element_size()
+                    run.peak_filler_bytes = max(run.peak_filler_bytes, run.filler_bytes)
                 return filler
             out = inner(x, *args, **kwargs)
             if boundary:
-                holder._save(call, path, out.clone())   # ComfyUI adds ControlNet in place to what we return
+                holder._save(call, path, out, copy=True)   # ComfyUI adds ControlNet in place to what we return
             else:
                 call.run.shapes[path] = (tuple(out.shape[1:]), out.dtype)
             return out
@@ -245,20 +270,34 @@ class InheritanceHolder(hooks.Holder):
         return forward
 
     # -- stored features ----------------------------------------------------------------------
-    def _save(self, call: CallContext, path: str, f: torch.Tensor) -> None:
+    def _save(self, call: CallContext, path: str, f: torch.Tensor, copy: bool = False) -> None:
         # Per chunk (so a step whose cond and uncond run in separate calls is fully stored), plus
         # the whole call's tensor for the common case where the next calls batch the same chunks.
         # Calls of one step (multi-call samplers, split chunks) update that step's entry; a new
         # full step pushes the previous one back (kept only for the forecast).
-        levels = call.run.features.setdefault(path, [])
+        if self.store_device is not None:
+            f = f.to(self.store_device, copy=True)
+        elif copy:
+            f = f.clone()
+        run = call.run
+        levels = run.features.setdefault(path, [])
         if not levels or levels[0]["step"] != call.step:
-            levels.insert(0, {"step": call.step, "whole": None, "chunks": {}})
+            levels.insert(0, {"step": call.step, "whole": None, "chunks": {}, "sources": {}})
             del levels[2 if self.forecast else 1:]
         level = levels[0]
         level["whole"] = (call.keys, f)
         n = f.shape[0] // len(call.keys)
         for i, k in enumerate(call.keys):
             level["chunks"][k] = f[i * n:(i + 1) * n]
+            level["sources"][k] = f   # the tensor a chunk is a view of: what holds its memory
+        # What the path holds now: each stored call's tensor once (a chunk is a view of its call's
+        # tensor; an earlier call of the step is held while one of its chunks is still kept).
+        held = {id(t): t.numel() * t.element_size()
+                for lv in levels for t in (lv["whole"][1], *lv["sources"].values())}
+        now = sum(held.values())
+        run.stored_bytes += now - run.path_bytes.get(path, 0)
+        run.path_bytes[path] = now
+        run.peak_bytes = max(run.peak_bytes, run.stored_bytes)
 
     def _reuse(self, call: CallContext, path: str, x: torch.Tensor, copy: bool = False) -> torch.Tensor | None:
         """What an inheriting call uses for ``path``: the stored feature, or its forecast."""
@@ -271,8 +310,13 @@ class InheritanceHolder(hooks.Holder):
             if f2 is not None and f2.shape == f1.shape:
                 s1, s2 = levels[0]["step"], levels[1]["step"]
                 # lerp(f2, f1, w) = f1 + (f1 - f2) * (w - 1): the line through both, one kernel
-                return torch.lerp(f2, f1, 1.0 + (call.step - s1) / (s1 - s2))
-        return f1.clone() if copy else f1
+                return torch.lerp(f2.to(x.device), f1.to(x.device), 1.0 + (call.step - s1) / (s1 - s2))
+        here = f1.to(x.device)   # offloaded features come back; else f1 itself
+        return here.clone() if copy and here is f1 else here
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _stored(call: CallContext, path: str, batch: int, level: int = 0) -> torch.Tensor | None:
@@ -425,13 +469,10 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: float, 
     """Returns a clone of ``model`` (a ComfyUI ModelPatcher) with feature inheritance."""
     schedule = Schedule(period, tail)
     if reuse not in REUSE:
-        raise InheritanceError(f"reuse must be one of {', '.join(REUSE)} (got {reuse!r})", input="reuse")
+        raise InheritanceError(f"reuse must be one of {', '.join(REUSE)} (got {str(reuse)[:40]!r})", input="reuse")
     if features_on not in FEATURES_ON:
-        raise InheritanceError(f"features_on must be one of {', '.join(FEATURES_ON)} (got {features_on!r})",
-                               input="features_on")
-    if features_on != "compute":
-        raise InheritanceError("features_on = offload is not available in this version; choose compute",
-                               input="features_on")
+        raise InheritanceError(f"features_on must be one of {', '.join(FEATURES_ON)} (got {str(features_on)[:40]!r}); "
+                               "offload keeps stored features in system memory", input="features_on")
     refuse_switch(model, "A-SDM Feature Inheritance")
     unet = getattr(model.model, "diffusion_model", None)
     if unet is None:
@@ -450,8 +491,13 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: float, 
     label = f"{preset} P{period}" + (
         "" if not tail else f"† last {tail:.0%}" if tail < 1 else f"† last {int(tail)}")
     label += (", output reuse" if reuse == "output" else "") + (", forecast" if forecast else "")
+    store_device = None
+    if features_on == "offload":
+        import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
+        store_device = mm.unet_offload_device()
+        label += ", features offloaded"
     span = span_plan(unet, chosen) if reuse == "output" else ((), ())
-    holder = InheritanceHolder(chosen, schedule, label, reuse, forecast, span, unet)
+    holder = InheritanceHolder(chosen, schedule, label, reuse, forecast, span, unet, store_device)
     if reuse == "output":
         patched = [(p, lambda inner, p=p: holder.span_forward(p, inner)) for p in span[0] + span[1]]
     else:

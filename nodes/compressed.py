@@ -127,6 +127,7 @@ class SaveUNet:
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "save"
+    PATH_INPUTS = ("filename_prefix",)   # becomes a file path: control characters refused (common.check_inputs)
     DESCRIPTION = (
         "Saves a MODEL's UNet to output/<prefix>_NNNNN_.safetensors in ComfyUI's UNet layout, with "
         "its layout and assembly recipe in the metadata. Move it to models/unet to load it with A-SDM "

@@ -57,8 +57,10 @@ def _forecast(default, **extra):
 
 def _features_on():
     return (list(FEATURES_ON), {"default": "compute", "advanced": True, "tooltip":
-        "Where stored features are kept between steps: compute = the sampling device (fastest); "
-        "offload = system memory (for users short of VRAM; slower)"})
+        "Where stored features are kept between steps. compute: on the device that runs the "
+        "UNet (fastest). offload: in system memory, moved back on each inheriting step: the same "
+        "result for less VRAM, at the cost of the copies. Each run's log line says how much they "
+        "held at most."})
 
 
 class FeatureInheritance:

@@ -74,7 +74,8 @@ DEFAULTS = {
 # Every key a config may hold: section -> key -> (what it must be, the check). A key not here is
 # refused (with the nearest valid key), so a typo never silently falls back to a default.
 _whole = ("a whole number >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
-_number = ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+_number = ("a finite number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+           and 0 <= v < math.inf)   # TOML writes nan and inf; neither weighs a loss
 _text = ("a text (a path or a name)", lambda v: isinstance(v, str) and v.strip() != "")
 _flag = ("true or false", lambda v: isinstance(v, bool))
 
@@ -608,7 +609,10 @@ def _log_gri(settings: dict, sites: list, latent: tuple[int, int], log) -> None:
 
 
 def resume(run: Training, log=print) -> None:
-    """Continues from the run's last whole checkpoint in ``out``, if any, and says which."""
+    """Continues from the run's last whole checkpoint in ``out``, if any, and says which; a
+    checkpoint of another student (layout, experts) or other GRI settings is refused before
+    anything is loaded from it."""
+    skipped = []
     for what in ("checkpoint", "checkpoint-prev"):
         path = run.path(what)
         if not os.path.exists(path):
@@ -616,15 +620,81 @@ def resume(run: Training, log=print) -> None:
         found, why = _read_checkpoint(path)
         if found is None:
             log(f"skipping {path}: {why}")
+            skipped.append(os.path.basename(path))
             continue
         sd, meta = found
+        _check_same_student(run, path, sd, meta)
         _check_same_gri(run, path, meta.get("asdm.gri"))
         _restore(run, sd, meta)
         run.start = step = int(meta["asdm.step"])
         log(f"resuming from step {step} ({path})")
         return
-    if os.path.exists(run.path("unet")) and not os.path.exists(run.path("checkpoint")):
+    if skipped:
+        log(f"no usable checkpoint in {run.cfg['out']} ({', '.join(skipped)} skipped): starting from step 0")
+    elif os.path.exists(run.path("unet")):
         log(f"{run.path('unet')} is an export without a checkpoint to resume from: starting at step 0")
+
+
+def _check_same_student(run: Training, path: str, sd: dict, meta: dict) -> None:
+    """A checkpoint resumes only into a run whose student has its tensors (the same layout and
+    width, the same ME-CondConv experts) and trains as many of them; told with both sides,
+    before any state is loaded."""
+    def shapes(prefix, state):
+        return {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    saved_unet, own_unet = shapes("unet.", sd), shapes("", run.unet.state_dict())
+    if saved_unet != own_unet:
+        raise ConfigError(f"{path} holds a student of another layout: {_layout_of(saved_unet)}; this config "
+                          f"({_student_setting(run.cfg)}) trains {_layout_of(own_unet)}. Its weights do not "
+                          "continue this run: resume it with the config that made it, or give another 'out' "
+                          "folder to start a new run")
+    own_experts = {f"{conv}.{k}": tuple(v.shape) for conv, me in (run.experts or {}).items()
+                   for k, v in me.state_dict().items()}
+    if shapes("experts.", sd) != own_experts:
+        def told(state):
+            convs = [k for k in state if k.endswith(".experts")]   # one expert tensor per conv
+            return f"ME-CondConv experts on {len(convs)} convs" if convs else "no ME-CondConv experts"
+        raise ConfigError(f"{path} holds a student with {told(shapes('experts.', sd))}, but this config "
+                          f"({_student_setting(run.cfg)}) trains one with {told(own_experts)}. Resume it with "
+                          "the config that made it (student.experts, units, kind), or give another 'out' "
+                          "folder to start a new run")
+    try:
+        groups = json.loads(meta.get("asdm.optimizer", "null"))["param_groups"]
+        trained = sum(len(g["params"]) for g in groups)
+    except (ValueError, KeyError, TypeError):
+        return   # no optimizer record: the tensors alone are restored
+    if trained != len(run.names):
+        raise ConfigError(f"{path} trained {trained} tensors of its student, but this config trains "
+                          f"{len(run.names)} ({_student_setting(run.cfg)}; student.train_original and "
+                          "train_unet choose them). Resume it with the config that made it, or give another "
+                          "'out' folder to start a new run")
+
+
+def _student_setting(cfg: dict) -> str:
+    """The config keys that choose the student, as written."""
+    st = cfg["student"]
+    if st["kind"] == "assemble":
+        return f"student.kind = 'assemble', recipe = {st['recipe']!r}"
+    source = f"unet = {os.path.basename(st['unet'])!r}" if st.get("unet") else f"layout = {st['layout']!r}"
+    return f"student.kind = {st['kind']!r}, {source}"
+
+
+def _layout_of(shapes: dict) -> str:
+    """A UNet's block layout in words, from its ldm keys (input_blocks.0 is conv_in; a down
+    level ends at its downsampler, input_blocks.N.0.op)."""
+    conv_in = shapes.get("input_blocks.0.0.weight")
+    blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.")})
+    per_level, layers = [], 0
+    for b in blocks[1:]:
+        if f"input_blocks.{b}.0.op.weight" in shapes:
+            per_level.append(layers)
+            layers = 0
+        else:
+            layers += 1
+    per_level.append(layers)
+    mid = any(k.startswith("middle_block.") for k in shapes)
+    width = f", {conv_in[0]} channels wide" if conv_in else ""
+    return (f"{len(per_level)} levels with {'/'.join(map(str, per_level))} layers per down block, "
+            f"{'a' if mid else 'no'} middle block{width}")
 
 
 def _check_same_gri(run: Training, path: str, saved: str | None) -> None:
@@ -749,8 +819,8 @@ def main(argv=None):
         cfg = load_config(a.config)   # a bad config is told before ComfyUI starts
         compat.start_host()
         train(cfg)
-    except ConfigError as e:
-        print(f"asdm.training: {e}", file=sys.stderr)
+    except ASDMError as e:   # ConfigError, or the engine's own about what the config gave it
+        print(f"asdm.training: {e.message()}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"asdm.training: {e}", file=sys.stderr)

@@ -14,10 +14,12 @@ from asdm import inheritance
 MODES = [("residual", False), ("output", False), ("output", True), ("residual", True)]
 MODE_IDS = ["residual", "output", "output-forecast", "residual-forecast"]
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+# where stored features live: the exactness requirements hold in system memory too
+devices = pytest.mark.parametrize("features_on", ["compute", "offload"])
 
 
-def patch(N, model, preset="LI1", units="", period=2, tail=0, mode=MODES[0]):
-    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode)[0]
+def patch(N, model, preset="LI1", units="", period=2, tail=0, mode=MODES[0], features_on="compute"):
+    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode, features_on)[0]
 
 
 def layers(mode) -> str:
@@ -43,17 +45,19 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@devices
 @modes
-def test_period_one_and_empty_set_are_bit_exact(N, tiny, conds, mode):
+def test_period_one_and_empty_set_are_bit_exact(N, tiny, conds, mode, features_on):
     base = ksample(tiny, conds)
-    assert torch.equal(ksample(patch(N, tiny, scattered(mode), period=1, mode=mode), conds), base)
-    assert torch.equal(ksample(patch(N, tiny, "custom", "", period=5, mode=mode), conds), base)
+    assert torch.equal(ksample(patch(N, tiny, scattered(mode), period=1, mode=mode, features_on=features_on), conds), base)
+    assert torch.equal(ksample(patch(N, tiny, "custom", "", period=5, mode=mode, features_on=features_on), conds), base)
 
 
+@devices
 @modes
-def test_patched_units_on_full_steps_are_bit_exact(N, tiny, conds, mode):
+def test_patched_units_on_full_steps_are_bit_exact(N, tiny, conds, mode, features_on):
     # every step full (tail covers the run): the patched forwards run, and must change nothing
-    p = patch(N, tiny, scattered(mode), period=5, tail=100, mode=mode)
+    p = patch(N, tiny, scattered(mode), period=5, tail=100, mode=mode, features_on=features_on)
     assert torch.equal(ksample(p, conds), ksample(tiny, conds))
     assert {m for _, m in holder_of(p).last_run.calls} == {"full"}
 
@@ -69,14 +73,15 @@ def _apply(model, x, t, ctx):
     return model.model.apply_model(x, t, c_crossattn=ctx)
 
 
+@devices
 @pytest.mark.parametrize("preset,reuse", [("CO3", "residual"), ("EX3", "output"), ("CO3", "output"),
                                           ("EN2", "output"), ("DE2", "output")])
-def test_reuse_at_an_unchanged_input_equals_full_compute(N, tiny, preset, reuse):
+def test_reuse_at_an_unchanged_input_equals_full_compute(N, tiny, preset, reuse, features_on):
     """What a full step stored, reused at the same input, gives the full model's output: residual
     reuse to float tolerance (x + (out - x) re-rounds an attention unit's output), span-output
     reuse bit for bit (the computed modules see the same tensors)."""
     import comfy.model_management as mm
-    p = patch(N, tiny, preset, period=2, mode=(reuse, False))
+    p = patch(N, tiny, preset, period=2, mode=(reuse, False), features_on=features_on)
     holder = holder_of(p)
     mm.load_models_gpu([p])
     g = torch.Generator().manual_seed(3)
@@ -106,11 +111,12 @@ def test_reuse_at_an_unchanged_input_equals_full_compute(N, tiny, preset, reuse)
     unload_all()
 
 
+@devices
 @modes
-def test_cond_uncond_split_matches_batched(N, tiny, conds, mode):
-    batched = patch(N, tiny, layers(mode), period=2, mode=mode)
+def test_cond_uncond_split_matches_batched(N, tiny, conds, mode, features_on):
+    batched = patch(N, tiny, layers(mode), period=2, mode=mode, features_on=features_on)
     out_b = ksample(batched, conds)
-    split = patch(N, tiny, layers(mode), period=2, mode=mode)
+    split = patch(N, tiny, layers(mode), period=2, mode=mode, features_on=features_on)
     split.add_object_patch("memory_required", lambda *a, **k: 1e30)  # forces one call per chunk
     out_s = ksample(split, conds)
     calls_b, calls_s = holder_of(batched).last_run.calls, holder_of(split).last_run.calls
@@ -215,11 +221,11 @@ def test_stacks_with_freeu_and_tome(N, tiny, conds, order, mode):
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(preset="LI9"), "unknown preset 'LI9'"),
+    (dict(preset="LI9"), "custom (got 'LI9')"),
     (dict(preset="custom", units="dn0, dn9.1"), "'dn9.1' names no unit"),
     (dict(preset="custom", units="dn0..A"), "malformed unit token 'dn0..A'"),
-    (dict(period=0), "period must be an integer >= 1"),
-    (dict(tail=-1), "final_full_steps must be a fraction of the schedule below 1"),
+    (dict(period=0), "period must be a whole number from 1 to 1000 (got 0)"),
+    (dict(tail=-1), "final_full_steps must be a number from 0 to 10000 (got -1)"),
     (dict(tail=2.5), "or a whole number of steps (got 2.5)"),
 ])
 def test_bad_input_is_a_clear_node_error(N, tiny, kwargs, needle):
