@@ -339,6 +339,26 @@ def ensure_loaded(patcher) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Zero terminal SNR: the schedule of v-prediction fine-tunes trained with it
+# ---------------------------------------------------------------------------------------------
+
+def zero_terminal_snr(model) -> None:
+    """``model`` (the host's BaseModel) samples with the zero-terminal-SNR schedule, as the host
+    itself would give it. Current ComfyUI builds that schedule in its model sampling from
+    ``sampling_settings["zsnr"]`` (what its loader does for a file with a 'ztsnr' key, and its
+    ModelSamplingDiscrete node with zsnr on); the early host's model sampling has no such setting,
+    and its ModelSamplingDiscrete node rescales the built sigmas instead, which is done here."""
+    import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
+    import comfy.model_sampling
+    model.model_config.sampling_settings["zsnr"] = True   # also how the MODEL is seen to use it
+    if "zsnr" in inspect.signature(comfy.model_sampling.ModelSamplingDiscrete.__init__).parameters:
+        model.model_sampling = comfy.model_base.model_sampling(model.model_config, model.model_type)
+    else:
+        from comfy_extras.nodes_model_advanced import rescale_zero_terminal_snr_sigmas
+        model.model_sampling.set_sigmas(rescale_zero_terminal_snr_sigmas(model.model_sampling.sigmas))
+
+
+# ---------------------------------------------------------------------------------------------
 # Host loading and headless execution
 # ---------------------------------------------------------------------------------------------
 

@@ -308,6 +308,9 @@ def _teacher_convs(teacher_unet, student_topo: Topology, path: str) -> list[torc
 
 def make_experts(unet, paths: list[str], n: int, init: str, seed: int = 0, teacher_unet=None) -> dict:
     """path -> MEExperts for each conv, initialised by ``init``."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_EXPERTS:
+        raise CondConvError(f"experts must be a whole number from 1 to {MAX_EXPERTS} (got {n!r}): the "
+                            "number of experts per conv, 2 in the paper (1 = the plain conv)", input="experts")
     if init not in INIT_MODES:
         raise CondConvError(f"unknown init mode {init!r}; one of {', '.join(INIT_MODES)}")
     if init == "cross-layer" and teacher_unet is None:

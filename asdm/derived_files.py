@@ -24,12 +24,13 @@ log = logging.getLogger("A-SDM")
 DERIVED_FROM = "asdm.derived_from"     # the source file's name, in the same folder
 DERIVED_PARTS = "asdm.derived_parts"   # JSON list of the parts (blocks, stem) taken from it
 DERIVED_DIGEST = "asdm.derived_digest"  # sha256 of what it takes, so a changed source is noticed
-MAX_CHAIN = 8                          # derived files deriving from derived files: a loop ends here
+MAX_CHAIN = 8                          # derived files deriving from derived files, at most
 
 
-def read_unet(path: str, _depth: int = 0) -> tuple[dict, dict]:
+def read_unet(path: str, _chain: tuple = ()) -> tuple[dict, dict]:
     """(state dict, metadata) of a UNet file; a derived file comes back whole, with the parts
-    it takes from its source file (beside it) filled in."""
+    it takes from its source file (beside it) filled in. ``_chain``: the files that derive from
+    this one, in reading order (a name met twice is a loop)."""
     sd, meta = unet_files.read_safetensors(path)
     source = meta.get(DERIVED_FROM)
     if source is None:
@@ -38,33 +39,55 @@ def read_unet(path: str, _depth: int = 0) -> tuple[dict, dict]:
     if os.path.basename(source) != source or source in ("", ".", ".."):
         raise UNetFileError(f"{name} derives from {source!r}, which is not a file name; it must name "
                             "a UNet file in the same folder")
+    chain = _chain + (name,)
+    if source in chain:
+        raise UNetFileError(f"{chain[0]} derives from itself ({' -> '.join(chain + (source,))}): re-save it whole")
     src_path = os.path.join(os.path.dirname(path), source)
     if not os.path.isfile(src_path):
         raise UNetFileError(f"{name} stores only what it adds to {source}, which is not beside it in "
                             f"{os.path.dirname(path)}; put both files in one folder")
-    if _depth > MAX_CHAIN:
-        raise UNetFileError(f"{name}: derived files chain more than {MAX_CHAIN} deep (a loop?)")
+    if len(chain) > MAX_CHAIN:
+        raise UNetFileError(f"{name}: derived files chain more than {MAX_CHAIN} deep; re-save it whole")
     try:
-        src_sd, _ = read_unet(src_path, _depth + 1)
+        src_sd, _ = read_unet(src_path, chain)
         return resolve_derived(sd, meta, unet_files.to_ldm(src_sd)), meta
     except UNetFileError as e:
         raise UNetFileError(f"{name} (derived from {source}): {e}") from None
 
 
-def load_unet(path: str, prediction: str = "eps", name: str | None = None):
+def load_unet(path: str, prediction: str = "eps", name: str | None = None, zsnr: bool = False):
     """A MODEL from a UNet safetensors file in either layout (a diffusers config.json beside it
     is read for its head layout only), or a derived file whole. ``name``: how the user knows the
-    file (a node's file list entry); errors are led by it."""
+    file (a node's file list entry); errors are led by it.
+
+    ``prediction``: "eps", "v", or "auto": what the file says (an A-SDM file's metadata, else the
+    host's marks 'v_pred' / 'ztsnr'), else eps. ``zsnr``: sample with the zero-terminal-SNR
+    schedule; with "auto" a file that says so turns it on too."""
+    host_models.check_prediction(prediction, auto=True)
     try:
-        return _load_unet(path, prediction)
+        return _load_unet(path, prediction, zsnr)
     except UNetFileError as e:
         if name is None:
             raise
-        raise UNetFileError(f"{name}: {e}", e.input) from None
+        text, base = str(e), os.path.basename(path)
+        # led by the file's name as the user knows it, once
+        text = name + text[len(base):] if text.startswith(base + " ") else f"{name}: {text}"
+        raise UNetFileError(text, e.input) from None
 
 
-def _load_unet(path: str, prediction: str):
+def file_prediction(meta: dict, marks: dict) -> tuple[str | None, bool]:
+    """(prediction, zero terminal SNR) a UNet file states: A-SDM's metadata, else the host's
+    marks; (None, False) when it states nothing."""
+    if meta.get("asdm.prediction"):
+        return meta["asdm.prediction"], meta.get("asdm.zsnr") == "true"
+    if "v_pred" in marks:
+        return "v", "ztsnr" in marks
+    return None, False
+
+
+def _load_unet(path: str, prediction: str, zsnr: bool):
     sd, meta = read_unet(path)
+    sd, marks = unet_files.split_marks(sd)
     config = None
     cfg_path = os.path.join(os.path.dirname(path), "config.json")
     unet_files.check_weights(sd)
@@ -77,14 +100,19 @@ def _load_unet(path: str, prediction: str):
         except (ValueError, OSError) as e:
             raise UNetFileError(f"{cfg_path} is not a readable JSON config ({type(e).__name__}: {e}); fix it "
                                 "or delete it (it is read for the attention head layout only)") from None
-    if meta.get("asdm.prediction") and prediction == "auto":
-        prediction = meta["asdm.prediction"]
+    if prediction == "auto":
+        said, said_zsnr = file_prediction(meta, marks)
+        if said is not None and said not in host_models.PREDICTIONS:
+            raise UNetFileError(f"its metadata records the prediction {said[:40]!r}, which is none of "
+                                f"{', '.join(host_models.PREDICTIONS)}; choose the prediction in the loader "
+                                "instead of auto, or re-save the file")
+        prediction, zsnr = said or "eps", zsnr or said_zsnr
     if meta.get("asdm.gri"):
         # the weights were tuned for GRI attention; the MODEL loads as a plain UNet, so say what
         # to add rather than silently sampling with the attention it was not tuned for
         log.info(f"A-SDM: {os.path.basename(path)} was distilled with GRI attention ({meta['asdm.gri']}); "
                  "add A-SDM GRI Attention with these settings after the loader")
-    return unet_files.build_model(unet_files.to_ldm(sd), "eps" if prediction == "auto" else prediction, config)
+    return unet_files.build_model(unet_files.to_ldm(sd), prediction, config, zsnr)
 
 
 def write_unet(sd: dict, meta: dict, path: str, derive_from: str | None = None, int8: bool = False) -> None:

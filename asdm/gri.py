@@ -90,7 +90,8 @@ from .switch import refuse_switch
 from .topology import Topology, TopologyError, Unit, describe, parse_unit_spec
 
 log = logging.getLogger("A-SDM")
-DEFAULT_UNITS = "dn0, up3"   # the A units of the highest-resolution level (dn0.*.A, up3.*.A)
+AUTO = "auto"   # units: the A units of the highest-resolution level pair that has them (auto_units)
+DEFAULT_UNITS = AUTO
 DEFAULT_WINDOW = 16   # regions of 16x16 tokens: a 64x64 latent (SD1.5 at 512 px) in 16 regions
 DEFAULT_POOL = 4      # global keys pooled 4x4: 256 of them on a 64x64 latent
 
@@ -376,19 +377,43 @@ def attention_key(unit: Unit) -> tuple[str, int]:
     return name, 0 if name == "middle" else int(index)
 
 
+def auto_units(topo: Topology) -> str:
+    """The blocks of the highest-resolution level pair that has attention units: where
+    self-attention costs the most (SD1.x/2.x: dn0, up3; the SDXL family, which has no attention
+    at level 0: dn1, up1). Empty where the UNet has none."""
+    levels = sum(b.startswith("dn") for b in topo.blocks)
+    with_a = {u.block for u in topo.units if u.kind == "A"}
+    for k in range(levels):
+        pair = [f"dn{k}", f"up{levels - 1 - k}"]
+        if with_a & set(pair):
+            return ", ".join(pair)
+    return ""
+
+
 def resolve_units(topo: Topology, spec: str) -> list[Unit]:
-    """The A units a spec names (blocks and layers resolve to their A units)."""
+    """The A units a spec names (blocks and layers resolve to their A units; AUTO: those of the
+    highest-resolution level pair that has them). An error says where this UNet's
+    highest-resolution attention is."""
+    if spec.strip().lower() == AUTO:
+        spec = auto_units(topo)
     try:
         named = parse_unit_spec(spec, topo, strict=True)
     except TopologyError as e:
-        e.input = "units"
-        raise
+        raise TopologyError(f"{e} {_attention_hint(topo)}", input="units") from None
     chosen = [u for u in named if u.kind == "A"]
     if named and not chosen:
         raise GRIError(f"{spec!r} names no attention (A) unit, only ResNet units: GRI replaces "
-                       "self-attention, so name blocks, layers or A units, e.g. 'dn0, up3' or "
-                       "'up3.*.A'", input="units")
+                       f"self-attention, so name blocks, layers or A units, or '{AUTO}'. "
+                       f"{_attention_hint(topo)}", input="units")
     return chosen
+
+
+def _attention_hint(topo: Topology) -> str:
+    units = auto_units(topo)
+    if units:
+        return (f"This UNet's highest-resolution attention units are in {units.replace(', ', ' and ')}: "
+                f"units = '{units}' (or '{AUTO}').")
+    return "This UNet has no attention units in its down and up blocks."
 
 
 @dataclass(frozen=True)

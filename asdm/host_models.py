@@ -6,6 +6,12 @@ import copy
 
 import torch
 
+from . import compat
+from .errors import ASDMError
+
+# What a UNet can predict, in the words model_from_config takes ("v_prediction" is read as "v").
+PREDICTIONS = ("eps", "v")
+
 # ComfyUI's unet_config of SD1.5's UNet: 4 levels (320, 640, 1280, 1280 channels), 2 layers per
 # down block and 3 per up block, attention units in the first three levels and the middle.
 SD15_UNET_CONFIG = {
@@ -18,9 +24,11 @@ SD15_UNET_CONFIG = {
 }
 
 
-def model_from_config(model_config, sd: dict, prediction: str = "eps", check=None):
+def model_from_config(model_config, sd: dict, prediction: str = "eps", check=None, zsnr: bool = False):
     """ModelPatcher for ``model_config`` with the weights ``sd`` (ldm keys, no prefix).
-    ``check(unet, sd)`` runs on the built UNet before the weights are loaded."""
+    ``check(unet, sd)`` runs on the built UNet before the weights are loaded. ``zsnr``: it samples
+    with the zero-terminal-SNR schedule (v-prediction fine-tunes trained with it)."""
+    check_prediction(prediction)
     import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -34,11 +42,23 @@ def model_from_config(model_config, sd: dict, prediction: str = "eps", check=Non
     kind = {"eps": mt.EPS, "v": mt.V_PREDICTION, "v_prediction": mt.V_PREDICTION}[prediction]
     model_config.model_type = lambda *a, **k: kind   # the weights cannot tell eps from v
     model = model_config.get_model(sd, "")
+    if zsnr:
+        compat.zero_terminal_snr(model)
     if check is not None:
         check(model.diffusion_model, sd)
     model = model.to(offload_device)
     model.load_model_weights(dict(sd), "")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def check_prediction(prediction, auto: bool = False) -> None:
+    """Refuses a prediction type the host has no model type for (``auto``: "auto" is allowed too,
+    the loaders' choice of what the file records)."""
+    choices = (("auto",) if auto else ()) + PREDICTIONS
+    if prediction not in choices and prediction != "v_prediction":
+        raise ASDMError(f"prediction must be one of {', '.join(choices)} (got {str(prediction)[:40]!r}): eps "
+                        "for SD1.x, BK-SDM and SD2-base UNets, v for UNets of a 768-v SD2 model",
+                        input="prediction")
 
 
 def empty_unet(model_config):
@@ -51,6 +71,27 @@ def empty_unet(model_config):
 def prediction(patcher) -> str:
     """What a MODEL's UNet predicts, in the words model_from_config takes: "eps" or "v"."""
     return "v" if "V_PREDICTION" in str(patcher.model.model_type) else "eps"
+
+
+def zero_snr(patcher) -> bool:
+    """Whether a MODEL samples with the zero-terminal-SNR schedule (model_from_config's ``zsnr``;
+    the host's own loader sets the same setting for a file marked 'ztsnr')."""
+    return bool(patcher.model.model_config.sampling_settings.get("zsnr", False))
+
+
+def conditioning_kind(patcher) -> dict:
+    """What sampling a MODEL needs from the graph: its latent format, the width of the text
+    context its cross-attention reads, and how its class embedding ``y`` is made from the
+    conditioning (the host's model class that encodes it, and its width; SDXL's: pooled text
+    and six size embeddings, 2816 wide). Models that agree on all three take the same LATENT
+    and CONDITIONING, whatever the host calls their classes (SDXL, SSD1B, KOALA_700M, ...)."""
+    m = patcher.model
+    cfg = m.model_config.unet_config
+    adm = cfg.get("adm_in_channels")
+    encoder = type(m).encode_adm.__qualname__.split(".")[0]   # the class whose encode_adm builds y
+    return {"latent format": type(m.latent_format).__name__,
+            "context width": cfg.get("context_dim"),
+            "y encoding": f"{encoder}, {adm} wide" if adm else "none"}
 
 
 def unet_state_dict(patcher) -> dict:

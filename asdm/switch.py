@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from . import compat, hooks
+from . import compat, hooks, host_models
 from .errors import SwitchError
 
 log = logging.getLogger("A-SDM")
@@ -66,16 +66,18 @@ def check_ranges(ranges: list[Range], unit: str) -> None:
 
 
 def check_models(models: list) -> None:
-    ref = models[0].model
+    """Every model must sample the same LATENT and CONDITIONING as the first: the same latent
+    format, text context width and y encoding (``host_models.conditioning_kind``). The host's
+    class names are not compared: SDXL with SSD-1B, Vega or KOALA (the paper's S1 for SDXL) is
+    one family, whatever class loaded each."""
+    ref = host_models.conditioning_kind(models[0])
     for i, m in enumerate(models[1:], start=2):
-        for what, a, b in (
-                ("latent format", type(ref.latent_format).__name__, type(m.model.latent_format).__name__),
-                ("context dim", ref.model_config.unet_config.get("context_dim"),
-                 m.model.model_config.unet_config.get("context_dim")),
-                ("model family", type(ref.model_config).__name__, type(m.model.model_config).__name__)):
-            if a != b:
-                raise SwitchError(f"model_{i} does not match model_1: {what} {b} vs {a}; every model "
-                                  "in a switch must be of one family (e.g. SD1.5 with BK-SDM v1)")
+        kind = host_models.conditioning_kind(m)
+        for what in ref:
+            if kind[what] != ref[what]:
+                raise SwitchError(f"model_{i} does not match model_1: {what} {kind[what]} vs {ref[what]}; every "
+                                  "model in a switch must be of one family (e.g. SD1.5 with BK-SDM v1, SDXL with "
+                                  "SSD-1B, Vega or KOALA)")
 
 
 @dataclass

@@ -213,43 +213,77 @@ def valid_names_hint(topo: Topology) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Structure presets (paper Fig. 10; the figure is not in the paper's text, so this table is the
-# project's reading of it): the units that inherit on
-# inheriting steps. Written for the SD layout; on other layouts tokens that name nothing are
-# skipped (and reported by the caller).
+# project's reading of it): the units that inherit on inheriting steps, defined by level role so
+# they mean the analogous parts on every layout. Level pair k is (dn k, up L-1-k), k = 0 the
+# shallowest (highest resolution); "deep" counts from the other end. On SD1.x/2.x (L = 4) the
+# sets are the paper's; on three levels (SDXL family, BK-SDM Tiny) some coincide (LI2 = LI3,
+# EX2 = EX3, DE1 = DE2, EN1 = EN2), which docs/presets.md lists.
 # ---------------------------------------------------------------------------------------------
 
-_LI1 = "dn0.1, dn1.1, dn2.1, dn3.1, up0.1, up1.1, up2.1, up3.1"
-_EX2 = "dn2, dn3, mid, up0, up1"
-_DE2 = "dn1, dn2, dn3"
-_DE3 = "dn0, dn1, dn2, dn3, mid"
-_EX1 = "dn3, mid, up0"
+def _dn(ks) -> list[str]:
+    return [f"dn{k}" for k in ks]
 
-PRESETS: dict[str, tuple[str, str]] = {
-    # name: (unit spec, description)
-    "LI1": (_LI1, "layer-level: 2nd layer of every down block, middle layer of every up block"),
-    "LI2": ("dn0.1, dn1.1, dn2.1, up1.1, up2.1, up3.1", "LI1 without the deepest block pair (dn3, up0)"),
-    "LI3": ("dn0.1, dn1.1, up2.1, up3.1", "LI1 in the shallow blocks only"),
-    "AI": ("dn*.*.A, up*.*.A", "every attention unit in down and up blocks"),
-    "RI": ("dn*.*.R, up*.*.R", "every ResNet unit in down and up blocks"),
-    "IN1": ("dn0, up3", "inner loop: shallowest pair inherited"),
-    "IN2": ("dn0, dn1, up2, up3", "inner loop: two shallow pairs inherited"),
-    "IN3": ("dn0, dn1, dn2, up1, up2, up3", "inner loop: three shallow pairs inherited"),
-    "EX1": (_EX1, "external loop: deepest pair and mid inherited"),
-    "EX2": (_EX2, "external loop: two deep pairs and mid inherited"),
-    "EX3": ("dn1, dn2, dn3, mid, up0, up1, up2", "external loop: all but the shallowest pair inherited"),
-    "DE1": ("dn2, dn3", "decoder loop: deep encoder inherited"),
-    "DE2": (_DE2, "decoder loop: encoder below dn0 inherited"),
-    "DE3": (_DE3, "decoder loop: whole encoder and mid inherited"),
-    "EN1": ("up0, up1", "encoder loop: deep decoder inherited"),
-    "EN2": ("up0, up1, up2", "encoder loop: decoder above up3 inherited"),
-    "EN3": ("mid, up0, up1, up2, up3", "encoder loop: mid and whole decoder inherited"),
-    "CO1": (f"{_DE3}, {_EX2}", "DE3 and EX2 together"),
-    "CO2": (f"{_DE2}, {_EX1}", "DE2 and EX1 together"),
-    "CO3": ("dn*, mid, up0, up1, up2", "everything except the units of up3"),
-    "CO4": (f"dn*.*.A, up*.*.A, {_EX2}", "external loop where only R units compute"),
-    "CO5": (f"dn*.*.R, up*.*.R, {_EX2}", "only shallow A units compute"),
-    "CO6": ("dn*, mid, up0, up1, up2, up3.*.R", "only the A units of up3 compute"),
+
+def _up(ks, L) -> list[str]:
+    return [f"up{L - 1 - k}" for k in ks]
+
+
+def _pairs(ks, L) -> list[str]:
+    return _dn(ks) + _up(ks, L)
+
+
+def _shallow(n: int, L: int) -> range:
+    return range(min(n, L))
+
+
+def _deep(n: int, L: int) -> range:
+    return range(max(L - n, 0), L)
+
+
+def _layer(blocks: list[str], index: int) -> list[str]:
+    return [f"{b}.{index}" for b in blocks]
+
+
+# name -> (unit spec for a UNet of L levels, description)
+PRESETS: dict[str, tuple] = {
+    "LI1": (lambda L: ["dn*.1", "up*.1"],
+            "layer-level: 2nd layer of every down block, middle layer of every up block"),
+    "LI2": (lambda L: _layer(_pairs(_shallow(L - 1, L), L), 1), "LI1 without the deepest level pair"),
+    "LI3": (lambda L: _layer(_pairs(_shallow(2, L), L), 1), "LI1 in the two shallowest level pairs only"),
+    "AI": (lambda L: ["dn*.*.A", "up*.*.A"], "every attention unit in down and up blocks"),
+    "RI": (lambda L: ["dn*.*.R", "up*.*.R"], "every ResNet unit in down and up blocks"),
+    "IN1": (lambda L: _pairs(_shallow(1, L), L), "inner loop: the shallowest level pair inherited"),
+    "IN2": (lambda L: _pairs(_shallow(2, L), L), "inner loop: the two shallowest level pairs inherited"),
+    "IN3": (lambda L: _pairs(_shallow(3, L), L), "inner loop: the three shallowest level pairs inherited"),
+    "EX1": (lambda L: _pairs(_deep(1, L), L) + ["mid"], "external loop: the deepest level pair and mid inherited"),
+    "EX2": (lambda L: _pairs(_deep(2, L), L) + ["mid"], "external loop: the two deepest level pairs and mid inherited"),
+    "EX3": (lambda L: _pairs(_deep(L - 1, L), L) + ["mid"],
+            "external loop: all but the shallowest level pair inherited"),
+    "DE1": (lambda L: _dn(_deep(2, L)), "decoder loop: the down blocks of the two deepest pairs inherited"),
+    "DE2": (lambda L: _dn(_deep(L - 1, L)), "decoder loop: the encoder below the shallowest down block inherited"),
+    "DE3": (lambda L: ["dn*", "mid"], "decoder loop: whole encoder and mid inherited"),
+    "EN1": (lambda L: _up(_deep(2, L), L), "encoder loop: the up blocks of the two deepest pairs inherited"),
+    "EN2": (lambda L: _up(_deep(L - 1, L), L), "encoder loop: the decoder above the shallowest up block inherited"),
+    "EN3": (lambda L: ["mid", "up*"], "encoder loop: mid and whole decoder inherited"),
+    "CO1": (lambda L: ["dn*", "mid"] + _pairs(_deep(2, L), L), "DE3 and EX2 together"),
+    "CO2": (lambda L: _dn(_deep(L - 1, L)) + _pairs(_deep(1, L), L) + ["mid"], "DE2 and EX1 together"),
+    "CO3": (lambda L: ["dn*", "mid"] + _up(_deep(L - 1, L), L), "everything except the shallowest up block"),
+    "CO4": (lambda L: ["dn*.*.A", "up*.*.A", "mid"] + _pairs(_deep(2, L), L),
+            "external loop where only R units compute"),
+    "CO5": (lambda L: ["dn*.*.R", "up*.*.R", "mid"] + _pairs(_deep(2, L), L),
+            "only the shallow A units compute"),
+    "CO6": (lambda L: ["dn*", "mid"] + _up(_deep(L - 1, L), L) + [f"up{L - 1}.*.R"],
+            "only the A units of the shallowest up block compute"),
 }
+
+
+def levels(topo: Topology) -> int:
+    return sum(b.startswith("dn") for b in topo.blocks)
+
+
+def preset_spec(name: str, topo: Topology) -> str:
+    """The unit spec a preset names on this UNet's number of levels."""
+    return ", ".join(PRESETS[name][0](levels(topo)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,3 +342,66 @@ def span_plan(unet: torch.nn.Module, units: list[Unit]) -> tuple[list[str], list
         if p not in chosen and all(r in chosen or r in skipped for r in flow[p]):
             skipped.add(p)
     return [p for p in order if p in skipped], [p for p in order if p in boundary]
+
+
+# ---------------------------------------------------------------------------------------------
+# What each atom costs: multiply-accumulates for one image, estimated from the weights' shapes
+# at a latent side (convolutions and linear layers at their resolution, attention's two matmuls
+# over its tokens). Enough to say what share of the UNet a step computes; FLOP counts of real
+# forwards (evaluation/flops.py) check it in the tests.
+# ---------------------------------------------------------------------------------------------
+
+def atom_sides(unet: torch.nn.Module, latent: int) -> dict[str, float]:
+    """Atom path -> the side of the grid it writes, for a latent of side ``latent``."""
+    side, out = float(latent), {}
+    for path in dataflow(unet):
+        kind = type(unet.get_submodule(path)).__name__
+        side = side / 2 if kind == "Downsample" else side * 2 if kind == "Upsample" else side
+        out[path] = side
+    return out
+
+
+def atom_macs(unet: torch.nn.Module, latent: int, context_tokens: int = 77) -> dict[str, float]:
+    """Atom path (``dataflow``'s keys) -> multiply-accumulates for one image at ``latent`` x
+    ``latent``; OUT is the final norm and conv (with conv_in, ``input_blocks.0.0``, the stem)."""
+    out = {p: module_macs(unet.get_submodule(p), side * side, context_tokens)
+           for p, side in atom_sides(unet, latent).items()}
+    out[OUT] = module_macs(unet.out, float(latent) ** 2, context_tokens)
+    return out
+
+
+def module_macs(module: torch.nn.Module, pixels: float, context_tokens: int = 77) -> float:
+    """Multiply-accumulates of one module writing a grid of ``pixels`` tokens."""
+    total = 0.0
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            total += pixels * m.weight.numel()
+        elif isinstance(m, torch.nn.Linear):
+            if name.endswith(("emb_layers.1", "time_emb_proj")):
+                tokens = 1.0   # the time embedding: once per image
+            elif ".attn2.to_k" in "." + name or ".attn2.to_v" in "." + name:
+                tokens = context_tokens
+            else:
+                tokens = pixels
+            total += tokens * m.weight.numel()
+        elif type(m).__name__ == "CrossAttention":
+            keys = context_tokens if name.endswith("attn2") else pixels
+            total += 2 * pixels * keys * m.to_q.out_features   # QK^T and the weights times V
+    return total
+
+
+def reaches_output(unet: torch.nn.Module, skipped: set) -> bool:
+    """Whether the UNet's input reaches its output through atoms not in ``skipped`` (atoms that
+    are not run, or return stored outputs): else a step's output ignores its input."""
+    flow = dataflow(unet)
+    first = next(iter(flow))
+    seen, todo = set(), [first]
+    while todo:
+        p = todo.pop()
+        if p == OUT:
+            return True
+        if p in seen or p in skipped:
+            continue
+        seen.add(p)
+        todo += list(flow[p])
+    return False

@@ -1,9 +1,9 @@
-"""Loading SD-family UNets of any block layout from safetensors (BK-SDM §3.1, A-SDM §IV).
+"""Loading SD- and SDXL-family UNets of any block layout from safetensors (BK-SDM §3.1, A-SDM §IV).
 
 Two layouts are read:
 
 * **diffusers** (``conv_in.weight``, ``down_blocks.0.resnets.0...``): BK-SDM Base / Small /
-  Tiny, v1 and v2, their ``-2m`` retrains, Segmind's small/tiny SD. The block layout is
+  Tiny, v1 and v2, their ``-2m`` retrains, Segmind's small/tiny SD, SDXL, SSD-1B, Vega, KOALA. The block layout is
   inferred from the keys (layers per block, attention per layer, middle block or none, number
   of levels), because the ``config.json`` of a block-removed UNet may still describe the
   teacher, and the host's own diffusers path only matches a fixed list of configs.
@@ -11,8 +11,10 @@ Two layouts are read:
   the host's ``detect_unet_config`` reads any layer-count mix already.
 
 Either way the result is ldm keys plus a ComfyUI ``unet_config``; the MODEL is built from the
-SD1.x (context 768) or SD2.x (context 1024, linear projections) model class, so it works with
-the CLIP and VAE of that family. Every key must be used and every parameter filled: a file
+SD1.x (context 768), SD2.x (context 1024, linear projections) or SDXL (its y: pooled text and
+size embeddings, 2816 wide) model class, so it works with the CLIP and VAE of that family.
+SDXL's family holds SDXL itself, its block-removed students (SSD-1B, Vega, KOALA-700M / 1B) and
+any layer and depth mix the host's UNet can hold, the class embedding (``label_emb``) included. Every key must be used and every parameter filled: a file
 that does not fit is an error, never a silently half-loaded model. Files that store only what
 they add to another UNet file are read whole by ``derived_files``.
 """
@@ -268,12 +270,16 @@ def diffusers_to_ldm(sd: dict) -> dict:
             put_sampler(parts[("down", b, "downsamplers", 0)], f"input_blocks.{n}.0", True)
             n += 1
     if mid:
+        # ComfyUI's middle block is ResNet, attention, ResNet, or one ResNet without attention
+        # (SSD-1B, Vega: diffusers' UNetMidBlock2D without attention)
+        has_attn, resnets = ("attentions", 0) in mid, len([k for k in mid if k[0] == "resnets"])
+        if resnets != (2 if has_attn else 1) or any(k not in (("attentions", 0), ("resnets", 0), ("resnets", 1)) for k in mid):
+            raise UNetFileError(f"the middle block holds {resnets} ResNets and {'an' if has_attn else 'no'} attention; "
+                                "ComfyUI's UNet holds ResNet, attention, ResNet or a single ResNet")
         put_resnet(mid[("resnets", 0)], "middle_block.0", "mid_block.resnets.0")
-        j = 1
-        if ("attentions", 0) in mid:
+        if has_attn:
             put_attn(mid[("attentions", 0)], "middle_block.1")
-            j = 2
-        put_resnet(mid[("resnets", 1)], f"middle_block.{j}", "mid_block.resnets.1")
+            put_resnet(mid[("resnets", 1)], "middle_block.2", "mid_block.resnets.1")
     n = 0
     for b in range(n_up):
         for i in range(up_layers[b]):
@@ -303,17 +309,35 @@ def unet_config(sd_ldm: dict) -> dict:
 
 
 EMBEDDED_CONTEXT = 64
+SDXL_Y = 2816      # SDXL's y: pooled CLIP-G text (SDXL_POOLED) and six size embeddings of 256
+SDXL_POOLED = 1280
+REFINER_Y = 2560   # the SDXL Refiner's y: pooled text and an aesthetic score instead of the target size
 
 
 def family_of(cfg: dict) -> str:
-    """'SD1' or 'SD2' from a unet_config; anything else is an error naming what it is."""
-    ctx, linear = cfg.get("context_dim"), cfg.get("use_linear_in_transformer")
-    if cfg.get("adm_in_channels") or ctx == 2048:
-        raise UNetFileError("this is an SDXL-style UNet (context 2048 / class embedding); A-SDM's "
-                            "UNet nodes handle SD1.x and SD2.x-family UNets")
+    """'SD1', 'SD2', 'SDXL' (SDXL and every block-removed or fine-tuned UNet with its y: SSD-1B,
+    Vega, KOALA, layouts of A-SDM's) or 'embedded' from a unet_config; anything else is an
+    error naming what it is."""
+    ctx, linear, adm = cfg.get("context_dim"), cfg.get("use_linear_in_transformer"), cfg.get("adm_in_channels")
+    if cfg.get("use_temporal_attention") or cfg.get("use_temporal_resblock"):
+        raise UNetFileError("this is a video UNet (temporal layers, e.g. Stable Video Diffusion); A-SDM's "
+                            "UNet nodes handle image UNets of the SD1.x, SD2.x and SDXL families")
     if cfg.get("in_channels", 4) != 4 or cfg.get("out_channels", 4) != 4:
-        raise UNetFileError(f"this UNet has {cfg.get('in_channels')} input channels; only plain "
-                            "text-to-image UNets (4 latent channels) are supported")
+        raise UNetFileError(f"this UNet has {cfg.get('in_channels')} input channels (an inpainting or "
+                            "instruct-pix2pix variant); only plain text-to-image UNets (4 latent channels) "
+                            "are supported")
+    if adm == REFINER_Y:
+        raise UNetFileError(f"this is the SDXL Refiner (y {REFINER_Y} wide: pooled text and an aesthetic "
+                            "score, context 1280); it takes other conditioning than SDXL and its students "
+                            "and refines only the last steps, so A-SDM's UNet nodes do not handle it — load "
+                            "it with ComfyUI's own loaders")
+    if adm == SDXL_Y and linear:
+        # Real files read context 2048 (CLIP-L + CLIP-G); any other width (the tests' narrow
+        # UNets) is the same family with another text encoder: the switch and assembly compare it.
+        return "SDXL"
+    if adm:
+        raise UNetFileError(f"this UNet takes a class embedding y {adm} wide (e.g. SD2.1 unCLIP: 1536 or "
+                            f"2048), which A-SDM's UNet nodes do not encode; SDXL-family UNets take {SDXL_Y}")
     if ctx == 768 and not linear:
         return "SD1"
     if ctx == 1024 and linear:
@@ -321,35 +345,83 @@ def family_of(cfg: dict) -> str:
     if ctx == EMBEDDED_CONTEXT and not linear:
         return "embedded"   # the pack's own small model (asdm.embedded): SD1.5 layout, 64-wide text
     raise UNetFileError(f"unknown UNet family: context dim {ctx}, linear projections {linear}; "
-                        "expected SD1.x (768, conv projections) or SD2.x (1024, linear)")
+                        "expected SD1.x (768, conv projections), SD2.x (1024, linear) or SDXL "
+                        f"(y {SDXL_Y} wide)")
+
+
+def _attention_levels(cfg: dict) -> list[bool]:
+    """Per level: whether any of its down or up layers holds attention."""
+    n = len(cfg["channel_mult"])
+    res = cfg["num_res_blocks"]
+    res = list(res) if isinstance(res, (list, tuple)) else [res] * n
+    down, up = list(cfg.get("transformer_depth") or []), list(cfg.get("transformer_depth_output") or [])
+    out, i, j = [], 0, 0
+    for level in range(n):   # transformer_depth_output lists the levels shallow first, like transformer_depth
+        out.append(any(down[i:i + res[level]]) or any(up[j:j + res[level] + 1]))
+        i, j = i + res[level], j + res[level] + 1
+    return out
 
 
 def _heads_check(cfg: dict, family: str, config: dict | None):
-    """Head counts are not in the weights; the family fixes them (SD1: 8 heads, SD2: 64-wide
-    heads). A diffusers config.json that says otherwise names a UNet this loader cannot
-    reproduce exactly, so it is refused rather than loaded wrong."""
+    """Head counts are not in the weights; the family fixes them (SD1: 8 heads, SD2 and SDXL:
+    64-wide heads). A diffusers config.json that says otherwise names a UNet this loader cannot
+    reproduce exactly, so it is refused rather than loaded wrong. Levels without attention
+    (SDXL's first) have no heads to compare."""
     if not config or "attention_head_dim" not in config:
         return
     mc, mult = cfg["model_channels"], cfg["channel_mult"]
     heads = config.get("num_attention_heads") or config["attention_head_dim"]
-    heads = heads if isinstance(heads, (list, tuple)) else [heads] * len(mult)
-    want = [8] * len(mult) if family == "SD1" else [mc * m // 64 for m in mult]
-    if list(heads)[:len(mult)] != want:
-        raise UNetFileError(f"config.json gives attention heads {list(heads)}, but an {family}-family "
+    heads = list(heads if isinstance(heads, (list, tuple)) else [heads] * len(mult))[:len(mult)]
+    want = [8] * len(mult) if family in ("SD1", "embedded") else [mc * m // 64 for m in mult]
+    attn = _attention_levels(cfg)
+    if [h for h, a in zip(heads, attn) if a] != [w for w, a in zip(want, attn) if a]:
+        raise UNetFileError(f"config.json gives attention heads {heads}, but an {family}-family "
                             f"UNet of this width has {want}; this head layout is not supported")
 
 
 def model_config(cfg: dict):
-    """The host's model config (its model class) for a UNet of this ``unet_config``."""
+    """The host's model config (its model class) for a UNet of this ``unet_config``. The SDXL
+    family is built with SDXL's class, as the host builds SSD-1B, Vega and KOALA (its classes
+    for them differ from SDXL's only in what they match), so a layout of any layer and depth
+    mix samples as SDXL does."""
     import comfy.supported_models as sm   # late: the host's modules exist once it runs (compat.start_host)
-    return (sm.SD20 if family_of(cfg) == "SD2" else sm.SD15)(cfg)
+    return {"SD2": sm.SD20, "SDXL": sm.SDXL}.get(family_of(cfg), sm.SD15)(cfg)
 
 
-def build_model(sd_ldm: dict, prediction: str = "eps", config: dict | None = None):
+# Keys a UNet file may hold beside its weights that say how it samples, as the host's SDXL class
+# reads them (its model_type): 'v_pred' (v-prediction), 'ztsnr' (with zero terminal SNR);
+# 'edm_*' mark EDM-schedule UNets (Playground v2.5, EDM v-prediction), which A-SDM does not take.
+SAMPLING_MARKS = ("v_pred", "ztsnr")
+EDM_MARKS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
+
+
+def split_marks(sd: dict) -> tuple[dict, dict]:
+    """(the weights, the sampling marks) of a state dict; an EDM-marked file is refused."""
+    edm = [k for k in EDM_MARKS if k in sd]
+    if edm:
+        raise UNetFileError(f"this UNet is marked '{edm[0]}': it samples on an EDM schedule (Playground "
+                            "v2.5, EDM v-prediction), which A-SDM's UNet nodes do not take; load it with "
+                            "ComfyUI's own UNet loader")
+    marks = {k: sd[k] for k in SAMPLING_MARKS if k in sd}
+    return {k: v for k, v in sd.items() if k not in marks}, marks
+
+
+def sampling_marks(prediction: str, zsnr: bool) -> dict:
+    """The marks a saved SDXL-family file carries so the host's own loader samples it as this
+    pack does (it reads them only for SDXL's class)."""
+    marks = {}
+    if prediction == "v":
+        marks["v_pred"] = torch.tensor([])
+        if zsnr:
+            marks["ztsnr"] = torch.tensor([])
+    return marks
+
+
+def build_model(sd_ldm: dict, prediction: str = "eps", config: dict | None = None, zsnr: bool = False):
     """A ComfyUI MODEL (ModelPatcher) holding exactly these weights."""
     cfg = unet_config(sd_ldm)
     _heads_check(cfg, family_of(cfg), config)
-    return host_models.model_from_config(model_config(cfg), sd_ldm, prediction, check_keys)
+    return host_models.model_from_config(model_config(cfg), sd_ldm, prediction, check_keys, zsnr)
 
 
 def check_keys(unet: torch.nn.Module, sd_ldm: dict):

@@ -13,6 +13,7 @@ queries in attn1, HyperTile's the range of the tilings it draws at random).
 
     python benchmarks/gri.py [--sizes 64,96] [--rounds 2] [--core-rounds 5] [--batch 2]
                              [--settings 16x4,32x4,16x2] [--host-attention]
+    python benchmarks/gri.py --core-only 64:640:10   # the attention core alone: SDXL's level 1 at 1024 px
 
 Plain attention is PyTorch's scaled_dot_product_attention (ComfyUI's
 --use-pytorch-cross-attention, its default on GPUs); --host-attention keeps what the host
@@ -20,7 +21,6 @@ picks by itself (on a CPU its sub-quadratic attention).
 """
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--settings", default="16x4,32x4,16x2", help="GRI window x pool settings")
     ap.add_argument("--host-attention", action="store_true",
                     help="plain attention as the host picks it (CPU: sub-quadratic) instead of PyTorch SDPA")
+    ap.add_argument("--core-only", default="", metavar="GRID:CHANNELS:HEADS",
+                    help="time only the attention core on a grid of that side and width (random q, k, v), "
+                         "e.g. 64:640:10 = SDXL's level 1 at 1024 px (where GRI's default units sit)")
     a = ap.parse_args()
     import comfy.ldm.modules.attention as attention   # late: the host's modules exist once it runs
     if not a.host_attention:
@@ -59,6 +62,8 @@ def main():
     settings = [tuple(int(v) for v in s.split("x")) for s in a.settings.split(",") if s.strip()]
 
     torch.set_grad_enabled(False)
+    if a.core_only:
+        return core_only(a, settings, dev)
     sd = tm.sd_model(tm.SD15_UNET, seed=0)
     unet = sd.model.diffusion_model
     topo = gri.describe(unet)
@@ -185,6 +190,28 @@ def main():
             print(f"| {name} | {tmed:.2f} s | {r_unet} | {_bound(b[0])} | {r_unit} | {_bound(b[1])} | "
                   f"{r_core if r_core is not None else '—'} | {_bound(b[2])} |")
         print()
+
+
+def core_only(a, settings, dev):
+    """The attention core alone at one grid: host attention against each GRI setting, interleaved."""
+    side, channels, heads = (int(v) for v in a.core_only.split(":"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(a.batch, side * side, channels, generator=g).to(dev) for _ in range(3))
+    extra = {"n_heads": heads, "dim_head": channels // heads, "attn_precision": None,
+             "original_shape": [a.batch, channels, side, side]}
+    calls = {"_base": lambda: gri.host_attention(q, k, v, extra), "plain": lambda: gri.host_attention(q, k, v, extra)}
+    for w, p in settings:
+        calls[f"GRI window {w}, pool {p}"] = (lambda w=w, p=p: gri.gri_attention(q, k, v, heads, (side, side), w, p))
+    times = interleaved(calls, a.core_rounds, device=dev)
+    print(f"\nattention core, grid {side}x{side}, {channels} channels in {heads} heads, batch {a.batch}, "
+          f"{device_name()}, {a.core_rounds} interleaved rounds; plain "
+          f"{sorted(times['_base'])[len(times['_base']) // 2] * 1e3:.0f} ms\n")
+    print("| variant | speed-up | FLOP bound |\n| --- | ---: | ---: |")
+    print(f"| plain | {Ratio.of(times['_base'], times['plain'])} | 1.00x |")
+    for w, p in settings:
+        full, fast = gri.attention_flops((side, side), w, p, channels, a.batch)
+        name = f"GRI window {w}, pool {p}"
+        print(f"| {name} | {Ratio.of(times['_base'], times[name])} | {full / fast:.2f}x |")
 
 
 def _call_node(compat, cls, **inputs) -> tuple:

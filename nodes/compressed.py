@@ -4,7 +4,7 @@ import os
 
 import folder_paths   # ComfyUI's: the host loads the node modules
 
-from ..asdm import compat
+from ..asdm import compat, embedded
 from ..asdm.assembly import RECIPES, assemble, recipe_spec, save_unet
 from ..asdm.derived_files import load_unet
 from ..asdm.errors import ASDMError, UNetFileError
@@ -13,49 +13,77 @@ from ..asdm.unet_files import PICKLE_EXTENSIONS
 from .common import mappings, node_errors
 
 
+def _family_files() -> list[str]:
+    """The embedded model's family (weights/embedded/unet): listed and read by this node only, so
+    the stock UNet loaders, which cannot read its derived files, never list them. Their names
+    (asdm-embedded-*) are the ones graphs saved while they were in the UNet folder use."""
+    if not os.path.isdir(embedded.FAMILY_UNETS):
+        return []
+    return sorted(n for n in os.listdir(embedded.FAMILY_UNETS) if n.endswith(".safetensors"))
+
+
 def _unet_files():
+    family = _family_files()
     names = folder_paths.get_filename_list(compat.unet_folder())
-    return [n for n in names if n.lower().endswith((".safetensors",) + PICKLE_EXTENSIONS)]
+    return [n for n in names if n.lower().endswith((".safetensors",) + PICKLE_EXTENSIONS)
+            and n not in family] + family
 
 
 class LoadCompressedUNet:
     NODE_ID = "ASDMLoadCompressedUNet"
     TITLE = "A-SDM Load Compressed UNet"
     CATEGORY = "A-SDM/models"
+    SEARCH_ALIASES = ["unet loader", "load unet", "load diffusion model", "bk-sdm", "bk sdm",
+                      "compressed unet", "small sd", "tiny sd", "segmind", "sdxl", "ssd-1b", "vega", "koala",
+                      "a-sdm"]
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The UNet as a MODEL; use it with the SD1.x or SD2.x CLIP and VAE of its family.",)
+    OUTPUT_TOOLTIPS = ("The UNet as a MODEL; use it with the SD1.x, SD2.x or SDXL CLIP and VAE of its family.",)
     FUNCTION = "load"
     DESCRIPTION = (
-        "Loads a block-removed or assembled SD UNet from the UNet models folder: BK-SDM Base / "
-        "Small / Tiny (v1 and v2, -2m retrains), Segmind small/tiny SD, A-SDM assembled UNets, or "
-        "any other layer-count mix. Reads diffusers files (unet/diffusion_pytorch_model."
-        "safetensors, with or without its config.json) and single-file ComfyUI/ldm UNets; the "
-        "layout is read from the weights themselves. safetensors only.")
+        "Loads a block-removed or assembled SD or SDXL UNet from the UNet models folder: BK-SDM Base / "
+        "Small / Tiny (v1 and v2, -2m retrains), Segmind small/tiny SD, SDXL, SSD-1B, Vega, KOALA-700M "
+        "/ 1B, A-SDM assembled UNets, or any other layer and depth mix. Reads diffusers files (unet/"
+        "diffusion_pytorch_model.safetensors, with or without its config.json) and single-file "
+        "ComfyUI/ldm UNets; the "
+        "layout is read from the weights themselves. safetensors only. The embedded model's "
+        "compressed family is listed too (asdm-embedded-*).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "unet_name": (_unet_files(), {"tooltip":
-                "A UNet file in ComfyUI's UNet folder (models/unet or models/diffusion_models). For a "
-                "diffusers download, pick unet/diffusion_pytorch_model.safetensors inside its folder."}),
-            "prediction": (["auto", "eps", "v"], {"default": "auto", "tooltip":
-                "What the UNet predicts. auto: what an A-SDM saved file records, else eps (BK-SDM v1 "
-                "and v2-base are eps). Choose v for UNets distilled from a 768-v SD2 model."}),
+                "A UNet file in ComfyUI's UNet folder (models/unet or models/diffusion_models), or a "
+                "member of the embedded model's family (asdm-embedded-*, shipped with the pack). For "
+                "a diffusers download, pick unet/diffusion_pytorch_model.safetensors inside its folder."}),
+            "prediction": (["auto", "eps", "v"], {"default": "auto", "advanced": True, "tooltip":
+                "What the UNet predicts. auto: what the file records (an A-SDM saved file, or the "
+                "'v_pred' / 'ztsnr' marks of SDXL v-prediction fine-tunes), else eps (BK-SDM v1 and "
+                "v2-base, SDXL, SSD-1B, Vega and KOALA are eps). Choose v for UNets distilled from a "
+                "768-v SD2 model or an SDXL v-prediction fine-tune."}),
+        }, "optional": {
+            "zsnr": ("BOOLEAN", {"default": False, "advanced": True, "tooltip":
+                "Sample with the zero-terminal-SNR schedule, as v-prediction fine-tunes trained with it "
+                "need (ComfyUI's ModelSamplingDiscrete zsnr). With prediction auto, a file that records "
+                "it turns it on too."}),
         }}
 
     @node_errors
-    def load(self, unet_name, prediction):
-        path = folder_paths.get_full_path(compat.unet_folder(), unet_name)
+    def load(self, unet_name, prediction, zsnr=False):
+        if unet_name in _family_files():
+            path = os.path.join(embedded.FAMILY_UNETS, unet_name)
+        else:
+            path = folder_paths.get_full_path(compat.unet_folder(), unet_name)
         if path is None:
             raise UNetFileError(f"{unet_name} is not in the UNet models folder")
-        return (load_unet(path, prediction, name=unet_name),)
+        return (load_unet(path, prediction, name=unet_name, zsnr=zsnr),)
 
 
 class AssembleUNet:
     NODE_ID = "ASDMAssembleUNet"
     TITLE = "A-SDM Assemble UNet"
     CATEGORY = "A-SDM/models"
+    SEARCH_ALIASES = ["assembly", "model assembly", "merge unet", "splice blocks", "bk-sdm", "a-sdm"]
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The assembled UNet as a MODEL: each block's weights from the source the recipe names.",)
@@ -75,8 +103,9 @@ class AssembleUNet:
                 "Source B: the compressed UNet of the same family and levels (e.g. BK-SDM Base or Small)."}),
             "recipe": (recipes, {"default": "M2", "tooltip": "Which blocks come from B. " + "; ".join(
                 f"{k}: {v[1]}" for k, v in RECIPES.items()) + "; custom: the custom_recipe field."}),
-            "custom_recipe": ("STRING", {"default": "dn0=B, up3=B", "tooltip":
+            "custom_recipe": ("STRING", {"default": "dn0=B, up3=B", "advanced": True, "tooltip":
                 "Used when recipe = custom. part=A|B pairs: part is a block (dn0..dn3, mid, up0..up3), "
+                "a level pair (pair0 = dn0 with the last up block, pair1, ...), "
                 "a stem part (in = conv_in, time = time embedding, out = final conv) or * (all parts "
                 "not named). Unnamed parts come from A; in follows dn0, out the last up block, time "
                 "follows mid. A level's up block must have one layer more than its down block."}),
@@ -94,9 +123,11 @@ class SaveUNet:
     NODE_ID = "ASDMSaveUNet"
     TITLE = "A-SDM Save UNet"
     CATEGORY = "A-SDM/models"
+    SEARCH_ALIASES = ["save unet", "save diffusion model", "export unet", "a-sdm"]
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "save"
+    PATH_INPUTS = ("filename_prefix",)   # becomes a file path: control characters refused (common.check_inputs)
     DESCRIPTION = (
         "Saves a MODEL's UNet to output/<prefix>_NNNNN_.safetensors in ComfyUI's UNet layout, with "
         "its layout and assembly recipe in the metadata. Move it to models/unet to load it with A-SDM "

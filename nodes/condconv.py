@@ -28,6 +28,8 @@ class MECondConv:
     NODE_ID = "ASDMMECondConv"
     TITLE = "A-SDM ME-CondConv"
     CATEGORY = "A-SDM/models"
+    SEARCH_ALIASES = ["condconv", "conditional convolution", "experts", "mixture of experts",
+                      "bk-sdm", "a-sdm"]
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The MODEL with ME-CondConv in the chosen ResNet units.",)
@@ -54,11 +56,14 @@ class MECondConv:
                 "blocks (paper Tab. II); 'dn0, up3' = the shallowest blocks."}),
             "experts": ("INT", {"default": DEFAULT_EXPERTS, "min": 1, "max": MAX_EXPERTS, "tooltip":
                 "Number of experts N per conv (the paper uses 2). 1 = the plain conv (MODEL unchanged)."}),
-            "init": (list(INIT_MODES), {"default": "identity", "tooltip":
+            "init": (list(INIT_MODES), {"default": "identity", "advanced": True, "tooltip":
                 "New experts: identity = other experts zero, output exactly unchanged (start for "
                 "distillation); paper = other experts random (changes the output until trained); "
                 "cross-layer = other experts from the teacher block's same-role convs (connect teacher)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+            # Not a sampling seed: no control_after_generate widget (the front end adds one to
+            # any INT named seed unless told not to), so it stays what the graph says.
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
+                             "advanced": True, "tooltip":
                 "Seed for random experts and router (paper, cross-layer)."}),
         }, "optional": {
             "teacher": ("MODEL", {"tooltip": "For init cross-layer: the UNet the student was compressed from (e.g. SD1.5)."}),

@@ -3,16 +3,16 @@ import os
 
 import folder_paths   # ComfyUI's: the host loads the node modules
 
-from ..asdm import compat, embedded
+from ..asdm import embedded
 from .common import mappings, node_errors
 from .condconv import FOLDER as CONDCONV_FOLDER, _register_folder
 
 
 def register_family() -> None:
-    """The embedded model's compressed / assembled UNets and ME-CondConv experts appear in
-    A-SDM Load Compressed UNet and A-SDM ME-CondConv like a user's own files."""
-    if os.path.isdir(embedded.FAMILY_UNETS):
-        folder_paths.add_model_folder_path(compat.unet_folder(), embedded.FAMILY_UNETS)
+    """The embedded model's ME-CondConv experts appear in A-SDM ME-CondConv like a user's own
+    files (models/asdm_condconv is the pack's own folder). Its UNets are listed by A-SDM Load
+    Compressed UNet itself, not added to ComfyUI's UNet folder: the stock loaders list that folder
+    and cannot read the family's derived files."""
     if os.path.isdir(embedded.FAMILY_EXPERTS):
         _register_folder()
         folder_paths.add_model_folder_path(CONDCONV_FOLDER, embedded.FAMILY_EXPERTS)
@@ -22,6 +22,7 @@ class LoadEmbeddedModel:
     NODE_ID = "ASDMLoadEmbeddedModel"
     TITLE = "A-SDM Load Embedded Model"
     CATEGORY = "A-SDM/models"
+    SEARCH_ALIASES = ["embedded model", "demo model", "tiny model", "load checkpoint", "a-sdm"]
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("model", "clip", "vae")
     OUTPUT_TOOLTIPS = (

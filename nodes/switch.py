@@ -9,6 +9,8 @@ class UNetSwitch:
     NODE_ID = "ASDMUNetSwitch"
     TITLE = "A-SDM UNet Switch"
     CATEGORY = "A-SDM/acceleration"
+    SEARCH_ALIASES = ["switch", "unet switch", "model switch", "multi-unet", "switch model by step",
+                      "bk-sdm", "speed up", "faster", "accelerate", "a-sdm"]
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("One MODEL for any sampler: each step is computed by the model whose range holds it.",)
@@ -26,10 +28,14 @@ class UNetSwitch:
     def INPUT_TYPES(cls):
         def rng(i, start, end, optional=False):
             note = f" Used only when model_{i} is connected." if optional else ""
+            # The front end shows as many decimals as the step has and rounds typed values to
+            # "round": fractions (0.4) must show and stay; whole steps are typed as 10.
             return {
-                f"start_{i}": ("FLOAT", {"default": start, "min": 0.0, "max": 10000.0, "step": 1.0, "tooltip":
+                f"start_{i}": ("FLOAT", {"default": start, "min": 0.0, "max": 10000.0, "step": 0.05,
+                                         "round": 0.01, "tooltip":
                     f"First step (or fraction) computed by model_{i}.{note}"}),
-                f"end_{i}": ("FLOAT", {"default": end, "min": -1.0, "max": 10000.0, "step": 1.0, "tooltip":
+                f"end_{i}": ("FLOAT", {"default": end, "min": -1.0, "max": 10000.0, "step": 0.05,
+                                       "round": 0.01, "tooltip":
                     f"Step (or fraction) where model_{i}'s range ends, exclusive; -1 = until the end.{note}"}),
             }
         req = {"unit": (["steps", "fraction"], {"default": "steps", "tooltip":

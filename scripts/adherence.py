@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from asdm import embedded  # noqa: E402
 from asdm.evaluation import binding, checker  # noqa: E402

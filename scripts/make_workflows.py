@@ -1,7 +1,11 @@
-"""Regenerates the UI-format example graphs in workflows/ from their API twins in
-workflows/api/ (the tests check that they agree):
+"""Regenerates the UI-format bundled graphs in example_workflows/ from their API twins in
+example_workflows/api/, each with the Note that says what it shows (asdm/harness/graphs.py's
+NOTES; the tests check that they agree):
 
     python scripts/make_workflows.py
+
+Their thumbnails (example_workflows/<name>.jpg) and the screenshots in docs/screenshots come from
+the browser test on current ComfyUI (docs/testing.md).
 """
 import json
 import os
@@ -13,14 +17,11 @@ from asdm.harness import graphs, host  # noqa: E402
 
 def main():
     host.boot()
-    api_dir = os.path.join(host.REPO_ROOT, "workflows", "api")
-    for name in sorted(os.listdir(api_dir)):
-        if name.endswith(".json"):
-            ui = graphs.api_to_ui(graphs.load_api_workflow(name))
-            with open(os.path.join(host.REPO_ROOT, "workflows", name), "w") as f:
-                json.dump(ui, f, indent=1)
-                f.write("\n")
-            print("wrote workflows/" + name)
+    for name in graphs.bundled():
+        with open(os.path.join(graphs.EXAMPLES, name), "w") as f:
+            json.dump(graphs.ui_workflow(name), f, indent=1)
+            f.write("\n")
+        print("wrote example_workflows/" + name)
 
 
 if __name__ == "__main__":

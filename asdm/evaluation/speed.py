@@ -1,16 +1,20 @@
-"""The speed an SD1.5 user gets from each strategy: UNet time on SD1.5-width UNets (the
-project-made random-weight SD1.5 and the BK-SDM layouts made from it), beside the FLOP bound.
+"""The speed a user gets from each strategy: UNet time on real-width UNets of a family (the
+project-made random-weight SD1.5 and the BK-SDM layouts made from it; SDXL and its block-removed
+students), beside the FLOP bound.
 
 Whole sampling runs of an SD-width UNet take minutes on a CPU, so each strategy's UNet time over
 its schedule is composed from single UNet calls, measured with the method of ``timing``: every
-round times one call of each kind (plain SD, SD again, each compressed / assembled / ME-CondConv
-UNet, and per inheritance preset a storing and an inheriting call), interleaved in one process.
-A round's composed time of a strategy is the sum over its schedule of the calls it makes; the
-ratio is plain SD's composed time over the strategy's, per round, and the result is the median
-ratio with its spread over the rounds. Plain SD against SD again is the check: 1.00x within its
-spread. The FLOP bound is the same composition with FLOPs counted on one real forward.
+round times one call of each kind (plain, plain again, each compressed / assembled / ME-CondConv
+/ student UNet, and per inheritance preset a storing and an inheriting call), interleaved in one
+process. A round's composed time of a strategy is the sum over its schedule of the calls it
+makes; the ratio is the plain model's composed time over the strategy's, per round, and the
+result is the median ratio with its spread over the rounds. Plain against plain again is the
+check: 1.00x within its spread. The FLOP bound is the same composition with FLOPs counted on one
+real forward.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -21,14 +25,18 @@ from .deepcache import DeepCache, apply_deepcache
 from .timing import Ratio, interleaved
 
 CFG_BATCH = 2   # a cond and an uncond image per UNet call, as CFG batches them
+FAMILIES = {"sd15": tm.SD15_UNET, "sdxl": tm.SDXL_UNETS["sdxl"]}
 
 
-class SD15Models:
-    """SD1.5 (random weights, the harness's seeds) and the UNets the strategies derive from it,
-    made when first asked for: "base", "small", "tiny", "m2", "small-condconv", "tiny-condconv"."""
+class Models:
+    """A family's plain UNet (random weights of the real widths, the harness's seeds) and the
+    UNets the strategies derive from it, made when first asked for: on SD1.5 "base", "small",
+    "tiny", "m2", "small-condconv", "tiny-condconv"; on SDXL its students by name ("ssd-1b",
+    "vega", "koala-700m", "koala-1b", each with "-condconv")."""
 
-    def __init__(self):
-        self.sd = tm.sd_model(tm.SD15_UNET, seed=0)
+    def __init__(self, family: str = "sd15", dtype: torch.dtype | None = None):
+        self.family, self.dtype = family, dtype
+        self.sd = tm.sd_model(FAMILIES[family], seed=0, dtype=dtype)
         self.unets = {}
 
     def unet(self, name: str):
@@ -37,6 +45,14 @@ class SD15Models:
         return self.unets[name]
 
     def _make(self, name: str):
+        if name.endswith("-condconv"):
+            plain = self.unet(name[:-len("-condconv")])
+            unet = plain.model.diffusion_model
+            experts = condconv.make_experts(unet, condconv.select_convs(unet, condconv.DEFAULT_UNITS), 2,
+                                            "paper", seed=0)   # cond and uncond route differently
+            return condconv.apply_condconv(plain, experts)
+        if name in tm.SDXL_UNETS:
+            return tm.sd_model(tm.SDXL_UNETS[name], seed=11, dtype=self.dtype)   # a "distilled" student
         if name == "base":
             base = assembly.compress(self.sd, "base")
             tm.fill_(base.model.diffusion_model, seed=11)   # a "distilled" Base: weights differ from SD's
@@ -45,22 +61,38 @@ class SD15Models:
             return assembly.compress(self.sd, name)
         if name == "m2":
             return assembly.assemble(self.sd, self.unet("base"), assembly.recipe_spec("M2"))
-        if name.endswith("-condconv"):
-            plain = self.unet(name[:-len("-condconv")])
-            unet = plain.model.diffusion_model
-            experts = condconv.make_experts(unet, condconv.select_convs(unet, condconv.DEFAULT_UNITS), 2,
-                                            "paper", seed=0)   # cond and uncond route differently
-            return condconv.apply_condconv(plain, experts)
         raise KeyError(name)
 
 
-def _input(size: int, device):
+@dataclass
+class Inputs:
+    """One UNet call's input: a latent batch (cond and uncond), its step, its conditioning as the
+    MODEL takes it (``kwargs`` of apply_model) and as the bare UNet does (``unet_kwargs``)."""
+    x: torch.Tensor
+    t: torch.Tensor
+    kwargs: dict
+    unet_kwargs: dict
+    keys: tuple
+
+    def call(self, model):
+        return model.model.apply_model(self.x, self.t, **self.kwargs)
+
+    def call_unet(self, unet):
+        return unet(self.x, timesteps=self.t, **self.unet_kwargs)
+
+
+def _inputs(model, size: int, device) -> Inputs:
     g = torch.Generator().manual_seed(0)
+    cfg = model.model.model_config.unet_config
     x = torch.randn(CFG_BATCH, 4, size, size, generator=g).to(device)
-    ctx = torch.randn(CFG_BATCH, 77, 768, generator=g).to(device)
+    ctx = torch.randn(CFG_BATCH, 77, cfg["context_dim"], generator=g).to(device)
     t = torch.full((CFG_BATCH,), 500.0, device=device)
+    kwargs, unet_kwargs = {"c_crossattn": ctx}, {"context": ctx}
+    if cfg.get("adm_in_channels"):   # SDXL's y: pooled text and size embeddings
+        y = torch.randn(CFG_BATCH, cfg["adm_in_channels"], generator=g).to(device)
+        kwargs["y"] = unet_kwargs["y"] = y
     keys = tuple((i % 2, i // 2) for i in range(CFG_BATCH))   # cond / uncond chunks
-    return x, t, ctx, keys
+    return Inputs(x, t, kwargs, unet_kwargs, keys)
 
 
 def fi_key(s) -> str:
@@ -73,8 +105,8 @@ class _Patched:
     baseline), driven without a sampler: the reusing call comes after the full steps it needs
     (two for a forecast). ``flops()`` counts the reusing call."""
 
-    def __init__(self, models, s, x, t, ctx, keys, steps):
-        self.x, self.t, self.ctx, self.keys, self.steps = x, t, ctx, keys, steps
+    def __init__(self, models, s, inputs: Inputs, steps):
+        self.inputs, self.steps = inputs, steps
         if s.kind == "deepcache":
             self.model = apply_deepcache(models.sd, s.depth, 5)
             self.holder = hooks.holder_of(self.model, DeepCache)
@@ -87,11 +119,11 @@ class _Patched:
         self.run = None
 
     def _call(self):
-        return self.model.model.apply_model(self.x, self.t, c_crossattn=self.ctx)
+        return self.inputs.call(self.model)
 
     def _mark(self, run, step):
         run.step = step
-        self.holder.call = self.holder.begin_call(run, self.x, self.keys)
+        self.holder.call = self.holder.begin_call(run, self.inputs.x, self.inputs.keys)
 
     def _clear(self):
         self.holder.call = None
@@ -127,15 +159,17 @@ class _Patched:
             self.holder.end_run(self.run)
 
 
-def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> dict[str, dict]:
+def measure(strategies, steps: int, size: int, rounds: int, progress=None, family: str = "sd15",
+            dtype: torch.dtype | None = None) -> dict[str, dict]:
     """name -> {"ratio": Ratio, "bound": float} for every strategy; ``progress(done, total)`` is
-    called after each timed call."""
+    called after each timed call. ``family``: "sd15" or "sdxl" (FAMILIES); ``dtype``: the
+    UNets' (default: the host's choice for the device)."""
     import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
-    models = SD15Models()
-    x, t, ctx, keys = _input(size, mm.get_torch_device())
+    models = Models(family, dtype)
+    inputs = _inputs(models.sd, size, mm.get_torch_device())
 
     def plain_caller(m):
-        fn = lambda: m.model.apply_model(x, t, c_crossattn=ctx)   # noqa: E731
+        fn = lambda: inputs.call(m)   # noqa: E731
         fn.prepare = lambda: mm.load_models_gpu([m])
         return fn
 
@@ -147,7 +181,7 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> di
     for s in strategies:
         key = _patched_key(s)
         if key and key not in patched:
-            patched[key] = _Patched(models, s, x, t, ctx, keys, steps)
+            patched[key] = _Patched(models, s, inputs, steps)
             calls[f"{key}:store"], calls[f"{key}:reuse"] = patched[key].callers()
 
     if progress is not None:   # count every timed call
@@ -161,8 +195,8 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None) -> di
             counted.prepare = getattr(fn, "prepare", None) or (lambda: None)
             calls[k] = counted
     with torch.no_grad():
-        times = interleaved(calls, rounds)
-        cost = _flops(models, x, t, ctx, patched)
+        times = interleaved(calls, rounds, device=inputs.x.device)
+        cost = _flops(models, inputs, patched)
     mm.unload_all_models()
 
     out = {}
@@ -209,20 +243,20 @@ def schedule(s, steps: int) -> dict[str, int]:
     return {"sd": pattern.count("F") - stores, f"{key}:store": stores, f"{key}:reuse": pattern.count("I")}
 
 
-def _flops(models, x, t, ctx, patched) -> dict[str, float]:
+def _flops(models, inputs: Inputs, patched) -> dict[str, float]:
     """FLOPs of each measured kind of call, counted on one forward (a storing call computes
     what a plain one does; a reusing one is counted as it runs)."""
     import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     mm.load_models_gpu([models.sd])   # unpatched
     unet = models.sd.model.diffusion_model
-    sd = sum(flops.count(unet, lambda: unet(x, t * 0 + 500, ctx)).values())
+    sd = sum(flops.count(unet, lambda: inputs.call_unet(unet)).values())
     cost = {"sd": sd, "sd again": sd}
     for key, p in patched.items():
         cost[f"{key}:store"] = sd
         cost[f"{key}:reuse"] = p.flops()
     for name, m in models.unets.items():
         u = m.model.diffusion_model
-        cost[name] = sum(flops.count(u, lambda: u(x, t * 0 + 500, ctx)).values())
+        cost[name] = sum(flops.count(u, lambda: inputs.call_unet(u)).values())
         if name.endswith("-condconv"):   # mixing 2 expert kernels per sample and conv
             cost[name] += _mixing_flops(m)
     return cost

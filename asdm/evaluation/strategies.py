@@ -1,6 +1,6 @@
 """The strategies the main job compares, and the graph each one runs on the embedded model.
 
-Every graph is the bundled ``workflows/api/embedded_s1_inheritance.json`` rewired (by node class,
+Every graph is the bundled ``example_workflows/api/embedded_s1_inheritance.json`` rewired (by node class,
 never by id): the stock CLIP Text Encode, KSampler, VAE Decode and Save Image nodes, A-SDM's
 loaders and patch nodes, and a timer (``asdm.evaluation.timing``) right before the sampler.
 """
@@ -13,7 +13,7 @@ from ..harness import graphs
 from . import deepcache, timing
 
 WORKFLOW = "embedded_s1_inheritance.json"
-MODES = (("P5", 5, 0.0), ("P5†", 5, 0.2), ("P2†", 2, 0.2))   # name, period, final_full_steps
+MODES = (("P5", 5, 0.0), ("P5†", 5, 0.2), ("P2†", 2, 0.2))   # name, period, final_full_fraction
 
 
 @dataclass
@@ -54,7 +54,7 @@ def strategies(steps: int, presets: list[str]) -> list[Strategy]:
 
 
 # Inheritance modes against the project's DeepCache baseline (asdm/evaluation/deepcache.py):
-# (name, period, final_full_steps), the reuse modes, and DeepCache's junction depths x intervals.
+# (name, period, final_full_fraction), the reuse modes, and DeepCache's junction depths x intervals.
 MODE_SCHEDULES = (("P3", 3, 0.0), ("P5", 5, 0.0), ("P5†", 5, 0.2), ("P8†", 8, 0.2))
 REUSE_MODES = (("residual", False), ("residual", True), ("output", False), ("output", True))
 DEEPCACHE = ((2, 3), (2, 5), (3, 3), (3, 5))
@@ -113,7 +113,7 @@ def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: flo
     api[graphs.find(api, "SaveImage")]["inputs"]["filename_prefix"] = prefix
     full = [graphs.find(api, "ASDMLoadEmbeddedModel"), 0]
     small = graphs.find(api, "ASDMLoadCompressedUNet")
-    fi = graphs.find(api, "ASDMFeatureInheritance")
+    fi = graphs.find(api, "ASDMFeatureInheritance2")
     switch = graphs.find(api, "ASDMUNetSwitch")
     if s.kind == "plain":
         model = full
@@ -127,7 +127,7 @@ def graph(s: Strategy, caption: str, seed: int, batch: int, steps: int, cfg: flo
             model = ["asdm_attention", 0]
     elif s.kind == "fi":
         api[fi]["inputs"].update(model=full, preset=s.preset, units=s.units, period=s.period,
-                                 final_full_steps=s.tail, reuse=s.reuse, forecast=s.forecast)
+                                 final_full_fraction=s.tail, reuse=s.reuse, forecast=s.forecast)
         model = [fi, 0]
     elif s.kind == "deepcache":
         api["asdm_deepcache"] = {"class_type": deepcache.NODE, "inputs": {"model": full, "depth": s.depth,

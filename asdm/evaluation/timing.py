@@ -28,7 +28,17 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
 
 
-def timed(fn) -> float:
+def timed(fn, device=None) -> float:
+    """Seconds ``fn()`` takes: on a CUDA device by CUDA events around it (the GPU's own clock,
+    after the work queued before it), else by the wall clock."""
+    if device is not None and torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
     sync()
     t0 = time.perf_counter()
     fn()
@@ -36,11 +46,12 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(variants: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(variants: dict, rounds: int, warmup: int = 1, device=None) -> dict[str, list[float]]:
     """Seconds of each callable per round; within a round they run in the given order, so a
     baseline listed first and its variants alternate (A B C A B C ...). A callable's optional
     ``prepare`` attribute runs untimed before it (e.g. making its model current). ``warmup``
-    rounds are run and discarded (first-call allocations, model loading)."""
+    rounds are run and discarded (first-call allocations, model loading). ``device``: where the
+    callables compute (CUDA: timed by CUDA events)."""
     for _ in range(warmup):
         for fn in variants.values():
             getattr(fn, "prepare", lambda: None)()
@@ -49,7 +60,7 @@ def interleaved(variants: dict, rounds: int, warmup: int = 1) -> dict[str, list[
     for _ in range(rounds):
         for k, fn in variants.items():
             getattr(fn, "prepare", lambda: None)()
-            times[k].append(timed(fn))
+            times[k].append(timed(fn, device))
     return times
 
 

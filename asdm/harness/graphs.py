@@ -1,17 +1,70 @@
-"""API- and UI-format graphs: the example graphs in workflows/ are UI format, generated from
-their API twins with the host's own node definitions (scripts/make_workflows.py), so the two
-cannot drift apart; tests and the main job edit the API twins by node title or class."""
+"""API- and UI-format graphs: the bundled graphs in example_workflows/ (the folder current
+ComfyUI's template browser reads) are UI format, generated from their API twins in
+example_workflows/api/ with the host's own node definitions and a note each
+(scripts/make_workflows.py), so the two cannot drift apart; tests and the main job edit the API
+twins by node title or class."""
 from __future__ import annotations
 
 import json
 import os
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = os.path.join(REPO_ROOT, "example_workflows")   # UI format, with a <name>.jpg thumbnail each
+API_DIR = os.path.join(EXAMPLES, "api")                    # their API-format twins
+NOTE = "Note"   # the front end's own note node: UI only, never in an API graph
+
+# What each bundled graph shows, in the Note node at its top (the API twins have no notes).
+NOTES = {
+    "assembly_m2_sd15.json":
+        "A-SDM Assemble UNet, the paper's M2 recipe: the shallow blocks (dn0, dn1, up2, up3) of "
+        "BK-SDM Base with the deep part of SD1.5, sampled, and saved with A-SDM Save UNet to "
+        "output/unet. Needs your SD1.5 checkpoint and a diffusers BK-SDM Base at "
+        "models/unet/bk-sdm-base/unet/diffusion_pytorch_model.safetensors (nothing is downloaded).",
+    "embedded_s1_inheritance.json":
+        "Runs out of the box on the embedded model (64x64 scenes of coloured shapes, on a CPU). "
+        "A-SDM UNet Switch samples steps 0-7 with the embedded BK-SDM Base and the rest with the "
+        "full model, which A-SDM Feature Inheritance speeds up further (EX3, period 5, residual "
+        "reuse with forecast, the last 20 % of the steps full).",
+    "feature_inheritance_sd15.json":
+        "A-SDM Feature Inheritance with its defaults (EX3, period 3, span-output reuse with "
+        "forecast) between Load Checkpoint and the KSampler: no training, any sampler. Needs your "
+        "SD1.5 checkpoint. Its other inputs (units, reuse, forecast, the full final steps, where "
+        "stored features are kept) are for fine-tuning the trade-off.",
+    "gri_sd15.json":
+        "A-SDM GRI Attention in the highest-resolution attention units (dn0, up3): each token "
+        "attends to its own 16x16 region and to keys pooled 4x4 over the whole latent. Without "
+        "training it approximates full attention; a UNet distilled with GRI matches it best. "
+        "Needs your SD1.5 checkpoint.",
+    "inheritance_compare_embedded.json":
+        "With and without A-SDM Feature Inheritance, side by side: the same prompt, seed and 20 "
+        "steps, the top row on the embedded model as it is, the bottom row through A-SDM Feature "
+        "Inheritance with its defaults. Runs out of the box on the embedded model (on a CPU); "
+        "compare the two Save Image outputs.",
+    "switch_s1_sd15.json":
+        "The paper's S1 switching: A-SDM UNet Switch runs BK-SDM Base for steps 0-9 of 25 and "
+        "SD1.5 for the rest. Needs your SD1.5 checkpoint and a diffusers BK-SDM Base at "
+        "models/unet/bk-sdm-base/unet/diffusion_pytorch_model.safetensors (nothing is downloaded).",
+}
+
+
+def bundled() -> list[str]:
+    """The bundled graphs' file names (each has its API twin, its UI graph and its thumbnail)."""
+    return sorted(f for f in os.listdir(API_DIR) if f.endswith(".json"))
 
 
 def load_api_workflow(name: str) -> dict:
-    with open(os.path.join(REPO_ROOT, "workflows", "api", name)) as f:
+    with open(os.path.join(API_DIR, name)) as f:
         return json.load(f)
+
+
+def load_ui_workflow(name: str) -> dict:
+    with open(os.path.join(EXAMPLES, name)) as f:
+        return json.load(f)
+
+
+def ui_workflow(name: str) -> dict:
+    """The UI graph of a bundled graph, as scripts/make_workflows.py writes it."""
+    return api_to_ui(load_api_workflow(name), note=NOTES[name])
 
 
 def find(api: dict, class_type: str, title: str | None = None) -> str:
@@ -47,12 +100,21 @@ def stock_node(class_type: str, **inputs) -> dict:
 
 
 _WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
-_SEED_INPUTS = ("seed", "noise_seed")   # the front end adds a "control after generate" value
+_SEED_INPUTS = ("seed", "noise_seed")
 
 
-def _input_specs(cls) -> list[tuple[str, object]]:
+def has_control_widget(name: str, opts: dict) -> bool:
+    """Whether the current front end adds a "control after generate" widget (a value saved after
+    the input's own) to an INT input: to the seed names unless the input says
+    control_after_generate: False, and to any input that asks for one. (The early front end adds
+    one to the seed names whatever the input says.)"""
+    return bool(opts.get("control_after_generate", name in _SEED_INPUTS))
+
+
+def _input_specs(cls) -> list[tuple[str, object, dict]]:
     spec = cls.INPUT_TYPES()
-    return [(k, v[0]) for sec in ("required", "optional") for k, v in spec.get(sec, {}).items()]
+    return [(k, v[0], v[1] if len(v) > 1 else {}) for sec in ("required", "optional")
+            for k, v in spec.get(sec, {}).items()]
 
 
 def is_widget(kind) -> bool:
@@ -61,17 +123,17 @@ def is_widget(kind) -> bool:
 
 def widget_values(cls, inputs: dict) -> list:
     out = []
-    for name, kind in _input_specs(cls):
+    for name, kind, opts in _input_specs(cls):
         if is_widget(kind) and name in inputs:
             out.append(inputs[name])
-            if name in _SEED_INPUTS:
+            if kind == "INT" and has_control_widget(name, opts):
                 out.append("fixed")
     return out
 
 
-def api_to_ui(api: dict) -> dict:
+def api_to_ui(api: dict, note: str | None = None) -> dict:
     """A graph ComfyUI's front end opens, laid out in columns by dependency depth; a node's
-    "_meta": {"title": ...} becomes its title."""
+    "_meta": {"title": ...} becomes its title. ``note``: the text of a Note node above the graph."""
     import nodes   # late: the host's modules exist once it runs (compat.start_host)
     titles = {k: v["_meta"]["title"] for k, v in api.items() if "title" in v.get("_meta", {})}
     depth: dict = {}
@@ -84,13 +146,14 @@ def api_to_ui(api: dict) -> dict:
 
     for nid in api:
         d(nid)
+    top = 40 + (NOTE_HEIGHT + 60 if note else 0)
     links, ui_nodes, column_y = [], {}, {}
     for nid in sorted(api, key=int):
         cls = nodes.NODE_CLASS_MAPPINGS[api[nid]["class_type"]]
         col = depth[nid]
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         height = _node_height(cls, len(names))
-        y = column_y.get(col, 40)
+        y = column_y.get(col, top)
         column_y[col] = y + height + 60
         n = {"id": int(nid), "type": api[nid]["class_type"], "pos": [40 + 400 * col, y],
              "size": [340, height], "flags": {}, "order": 0, "mode": 0, "inputs": [],
@@ -104,7 +167,7 @@ def api_to_ui(api: dict) -> dict:
     for nid in sorted(api, key=int):
         cls = nodes.NODE_CLASS_MAPPINGS[api[nid]["class_type"]]
         slot = 0
-        for name, kind in _input_specs(cls):
+        for name, kind, _ in _input_specs(cls):
             if is_widget(kind):
                 continue
             v = api[nid]["inputs"].get(name)
@@ -117,20 +180,29 @@ def api_to_ui(api: dict) -> dict:
             slot += 1
     for order, nid in enumerate(sorted(api, key=lambda k: (depth[k], int(k)))):
         ui_nodes[nid]["order"] = order
-    return {"last_node_id": max(int(k) for k in api), "last_link_id": len(links),
+    last = max(int(k) for k in api)
+    if note:
+        last += 1
+        width = 400 * (max(depth.values()) + 1) - 60
+        ui_nodes[str(last)] = {
+            "id": last, "type": NOTE, "pos": [40, 40], "size": [width, NOTE_HEIGHT], "flags": {},
+            "order": len(api), "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
+            "widgets_values": [note], "color": "#432", "bgcolor": "#653"}
+    return {"last_node_id": last, "last_link_id": len(links),
             "nodes": list(ui_nodes.values()), "links": links, "groups": [], "config": {},
             "extra": {"ds": {"scale": 0.6, "offset": [20, 20]}}, "version": 0.4}
 
 
+NOTE_HEIGHT = 110
+
+
 def _node_height(cls, n_outputs: int) -> int:
-    """Room for a node's slots and widgets, as the front end draws them."""
-    spec = cls.INPUT_TYPES()
+    """Room for a node's slots and widgets, as the front end draws them (advanced inputs too:
+    0.3.64's front end shows them; one that folds them leaves the room empty)."""
     slots = widgets = 0
-    for sec in ("required", "optional"):
-        for name, v in spec.get(sec, {}).items():
-            if not is_widget(v[0]):
-                slots += 1
-            else:
-                opts = v[1] if len(v) > 1 else {}
-                widgets += 4 if opts.get("multiline") else 1 + (name in _SEED_INPUTS)
+    for name, kind, opts in _input_specs(cls):
+        if not is_widget(kind):
+            slots += 1
+        else:
+            widgets += 4 if opts.get("multiline") else 1 + (kind == "INT" and has_control_widget(name, opts))
     return 30 + 20 * max(slots, n_outputs) + 24 * widgets + 10

@@ -71,14 +71,17 @@ def fill_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def sd_model(unet_config: dict | None = None, seed: int = 0):
+def sd_model(unet_config: dict | None = None, seed: int = 0, dtype: torch.dtype | None = None):
     """A ComfyUI MODEL (ModelPatcher) of an SD-style UNet with seeded random weights, built with
-    the host's model class for its family (SDXL's where the config has SDXL's y embedding)."""
+    the host's model class for its family (SDXL's where the config has SDXL's y embedding);
+    ``dtype``: its weights' and computation's dtype (default: the host's choice for the device)."""
     import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_patcher
     import comfy.supported_models as sm
     cfg = dict(unet_config or TINY_UNET)
     model_config = (sm.SDXL if cfg.get("adm_in_channels") == 2816 else sm.SD15)(cfg)
+    if dtype is not None:
+        model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     fill_(model.diffusion_model, seed)
     model.eval()

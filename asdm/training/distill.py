@@ -123,16 +123,19 @@ def noised(x0, sigmas, g=None):
 
 
 def distill_loss(teacher, student, x_t, t, context, noise, w: LossWeights, student_fn=None, perceptual=None,
-                 pairs=None):
+                 pairs=None, y=None):
     """(total loss, {term: value}) for one batch; the teacher runs without gradients.
     ``student_fn`` runs the student's forward when it is wrapped (e.g. by DDP); ``pairs`` is
-    ``shared_blocks(teacher, student)``, passed in by a training loop that computed it once."""
+    ``shared_blocks(teacher, student)``, passed in by a training loop that computed it once.
+    ``y``: the class embedding's input of UNets that take one (SDXL's pooled text and size
+    embeddings), given to both as the host gives it (``model(x, timesteps, context, y=y)``)."""
     pairs = pairs if pairs is not None else shared_blocks(teacher, student)
     ct, cs = _Capture(teacher, [p[3] for p in pairs]), _Capture(student, [p[1] for p in pairs])
+    extra = {} if y is None else {"y": y}
     try:
         with torch.no_grad():
-            out_t = teacher(x_t, timesteps=t, context=context)
-        out_s = (student_fn or student)(x_t, timesteps=t, context=context)
+            out_t = teacher(x_t, timesteps=t, context=context, **extra)
+        out_s = (student_fn or student)(x_t, timesteps=t, context=context, **extra)
         terms = {"task": F.mse_loss(out_s, noise), "out_kd": F.mse_loss(out_s, out_t)}
         feat = [F.mse_loss(cs.out[sp], ct.out[tp]) for sb, sp, tb, tp in pairs
                 if sb != "mid" and cs.out[sp].shape == ct.out[tp].shape]

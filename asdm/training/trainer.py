@@ -2,7 +2,8 @@
 
 Steps of A-SDM model assembly (§IV-A), as ``[student] kind``:
 
-* ``compress``: a BK-SDM layout (base / small / tiny) initialised from the teacher (BK-SDM §3.1);
+* ``compress``: a block-removed layout initialised from the teacher: BK-SDM's base / small / tiny
+  (BK-SDM §3.1) on any teacher, KOALA's koala-700m / koala-1b on an SDXL teacher;
 * ``assemble``: a recipe (M1/M2/M3/custom) of a step-1 result and the teacher, the teacher's
   blocks frozen unless ``train_original = true`` (the paper's M‡ rows);
 * ``condconv``: a compressed UNet (``layout`` from the teacher, or ``unet`` = a trained file)
@@ -19,9 +20,11 @@ repeats it. The settings go into the export's metadata (``asdm.gri``, JSON ``{"u
 GRI) is refused.
 
 Data: a safetensors file of pre-encoded ``latents`` [N, 4, h, w] (as the VAE encodes them,
-unscaled) and text ``context`` [N, 77, C] (``[data] latents``), or a folder of captioned images
-(``[data] images`` + ``checkpoint``). Losses: ``asdm.training.distill``. Every key of the config
-is checked (type, range; an unknown key is refused with the nearest valid one).
+unscaled) and text ``context`` [N, 77, C] (``[data] latents``), and for a teacher that takes a
+class embedding (the SDXL family) its input ``y`` [N, 2816] (pooled text and size embeddings, as
+the host encodes them), or a folder of captioned images (``[data] images`` + ``checkpoint``).
+Losses: ``asdm.training.distill``. Every key of the config is checked (type, range; an unknown
+key is refused with the nearest valid one).
 
 Checkpoints: ``<out>/checkpoint.safetensors`` holds the student, its experts, the optimizer state
 and the step with a digest, committed by renames so a crash at any instant leaves a whole
@@ -54,11 +57,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from .. import assembly, compat, condconv, derived_files, gri
+from .. import assembly, compat, condconv, derived_files, gri, host_models
 from ..condconv import MEForward
 from ..errors import ASDMError
 from ..topology import describe
-from ..unet_files import UNetFileError, read_safetensors, tensor_digest, write_safetensors
+from ..unet_files import SDXL_POOLED, UNetFileError, read_safetensors, tensor_digest, write_safetensors
 from . import distill
 from .steps import step_generator
 
@@ -71,7 +74,8 @@ DEFAULTS = {
 # Every key a config may hold: section -> key -> (what it must be, the check). A key not here is
 # refused (with the nearest valid key), so a typo never silently falls back to a default.
 _whole = ("a whole number >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
-_number = ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+_number = ("a finite number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+           and 0 <= v < math.inf)   # TOML writes nan and inf; neither weighs a loss
 _text = ("a text (a path or a name)", lambda v: isinstance(v, str) and v.strip() != "")
 _flag = ("true or false", lambda v: isinstance(v, bool))
 
@@ -89,7 +93,7 @@ SCHEMA = {
          "lr": ("a number > 0 (e.g. 5e-5)", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                 and 0 < v < 1e3)},
     "teacher": {"unet": _text},
-    "student": {"kind": _one_of(*KINDS), "layout": _one_of(*assembly.BKSDM_LAYOUTS),
+    "student": {"kind": _one_of(*KINDS), "layout": _one_of(*assembly.LAYOUTS),
                 "recipe": _text, "train_original": _flag, "compressed": _text, "unet": _text,
                 "experts": (f"a whole number from 2 to {condconv.MAX_EXPERTS}",
                             lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= condconv.MAX_EXPERTS),
@@ -197,14 +201,17 @@ def load_config(path: str) -> dict:
     return cfg
 
 
-def load_data(path: str, context_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_data(path: str, context_dim: int, y_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(latents, context, y) of a data file; ``y_dim``: the width of the teacher's y (None: it
+    takes none, and the file must hold none)."""
     try:
         sd, _ = read_safetensors(path)
     except UNetFileError as e:
         raise ConfigError(f"data.latents: {e}") from None
+    name = os.path.basename(path)
     for k in ("latents", "context"):
         if k not in sd:
-            raise ConfigError(f"data.latents: {os.path.basename(path)} has no '{k}' tensor "
+            raise ConfigError(f"data.latents: {name} has no '{k}' tensor "
                               "(expected 'latents' [N,4,h,w] and 'context' [N,77,C])")
     lat, ctx = sd["latents"].float(), sd["context"].float()
     if lat.dim() != 4 or lat.shape[1] != 4 or ctx.dim() != 3 or len(lat) != len(ctx):
@@ -213,20 +220,39 @@ def load_data(path: str, context_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     if ctx.shape[2] != context_dim:
         raise ConfigError(f"data.latents: context dim {ctx.shape[2]} but the teacher takes {context_dim}; "
                           "encode the captions with the text encoder of the teacher's family")
-    for name, t in (("latents", lat), ("context", ctx)):
+    y = None
+    if y_dim:
+        if "y" not in sd:
+            raise ConfigError(f"data.latents: {name} has no 'y' tensor, and the teacher (an SDXL-family UNet) "
+                              f"takes y [N,{y_dim}] beside the context: the pooled text output and the size "
+                              "embeddings, as the host encodes them (docs/training.md); re-encode the data "
+                              "(an encoded.safetensors made for another teacher: delete it)")
+        y = sd["y"].float()
+        if y.dim() != 2 or y.shape != (len(lat), y_dim):
+            raise ConfigError(f"data.latents: 'y' is {tuple(y.shape)}; the teacher takes [N,{y_dim}] with the "
+                              f"latents' N = {len(lat)}")
+    elif "y" in sd:
+        raise ConfigError(f"data.latents: {name} holds 'y' {tuple(sd['y'].shape)}, but the teacher takes no y "
+                          "(an SD1.x / SD2.x-family UNet): these data were encoded for an SDXL-family teacher; "
+                          "encode the data for this teacher's family")
+    for what, t in (("latents", lat), ("context", ctx), ("y", y)):
+        if t is None:
+            continue
         bad = (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten()
         if len(bad):
-            raise ConfigError(f"data.latents: {os.path.basename(path)}: '{name}' of {len(bad)} samples are not "
+            raise ConfigError(f"data.latents: {name}: '{what}' of {len(bad)} samples are not "
                               f"finite (NaN or Inf), e.g. sample {int(bad[0])}; re-encode the data")
-    return lat, ctx
+    return lat, ctx, y
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print) -> str:
+def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print, encode_y=None) -> str:
     """Encodes a folder of images with same-name .txt captions through the host's own loaders
-    (the checkpoint's VAE and text encoder) into a latents file; reused when present."""
+    (the checkpoint's VAE and text encoder) into a latents file; reused when present.
+    ``encode_y(pooled, size)``: for a teacher that takes y, its y from the caption's pooled text
+    output (the teacher's own encoder, ``teacher_y``)."""
     if os.path.exists(cache):
         return cache
     if not os.path.isdir(folder):
@@ -239,7 +265,7 @@ def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print
         raise ConfigError(f"data.images: {len(missing)} images have no caption file, e.g. {missing[0]} "
                           f"(expected {os.path.splitext(missing[0])[0]}.txt beside it)")
     import comfy.sd   # late: the host's modules exist once it runs (compat.start_host)
-    lats, ctxs, skipped = [], [], []
+    lats, ctxs, ys, skipped = [], [], [], []
     with torch.no_grad():   # the host's CLIP constructor writes into its own parameters
         _, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
         for f in images:
@@ -251,20 +277,51 @@ def encode_images(folder: str, checkpoint: str, size: int, cache: str, log=print
             pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
             lats.append(vae.encode(pixels).float())
             text = open(os.path.join(folder, os.path.splitext(f)[0] + ".txt"), encoding="utf-8").read().strip()
-            ctxs.append(clip.encode_from_tokens(clip.tokenize(text)).float())
+            if encode_y is None:
+                ctxs.append(clip.encode_from_tokens(clip.tokenize(text)).float())
+                continue
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+            width = None if pooled is None else pooled.shape[-1]
+            if width != SDXL_POOLED:
+                raise ConfigError(f"data.checkpoint: its text encoder gives a pooled output {width} wide, but the "
+                                  f"teacher's y takes SDXL's ({SDXL_POOLED}, CLIP-G's); encode with the "
+                                  "checkpoint of the teacher's family (an SDXL checkpoint)")
+            ctxs.append(cond.float())
+            ys.append(encode_y(pooled.float(), size).float())
     for what in skipped:
         log(f"data.images: skipped {what}: not a readable image")
     if not lats:
         raise ConfigError(f"data.images: none of the {len(images)} images could be read")
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    safetensors.torch.save_file({"latents": torch.cat(lats).contiguous(), "context": torch.cat(ctxs).contiguous()},
-                                cache, metadata={"asdm.skipped": json.dumps(skipped)})
+    tensors = {"latents": torch.cat(lats).contiguous(), "context": torch.cat(ctxs).contiguous()}
+    if ys:
+        tensors["y"] = torch.cat(ys).contiguous()
+    safetensors.torch.save_file(tensors, cache, metadata={"asdm.skipped": json.dumps(skipped)})
     log(f"data.images: encoded {len(lats)} images into {cache}")
     return cache
 
 
+def teacher_y(teacher):
+    """``encode_y(pooled, size)`` for image folders, for a teacher MODEL that takes y (None
+    otherwise): the host's own encoding of its model class (SDXL: the pooled text output and
+    the six size embeddings), for a ``size`` x ``size`` image seen whole at that target size, as
+    CLIPTextEncodeSDXL gives it with width = height = target = size and no crop."""
+    if not teacher.model.model_config.unet_config.get("adm_in_channels"):
+        return None
+
+    def encode(pooled, size):
+        return teacher.model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,
+                                        target_width=size, target_height=size)
+    return encode
+
+
 def build(cfg: dict):
     """(teacher unet, student patcher, trainable parameter names, ME-CondConv experts or None)."""
+    return _build(cfg)[1:]
+
+
+def _build(cfg: dict):
+    """The teacher MODEL, then what ``build`` gives."""
     try:
         teacher = derived_files.load_unet(cfg["teacher"]["unet"])
     except UNetFileError as e:
@@ -300,9 +357,16 @@ def build(cfg: dict):
         # train_unet = false: the experts alone learn, so the exported UNet is the one it came from
         # bit for bit and the embedded family stores it as a file derived from that one
         trainable = [n for n, _ in unet.named_parameters()] if student_cfg.get("train_unet", True) else []
+    kt, ks = host_models.conditioning_kind(teacher), host_models.conditioning_kind(student)
+    if kt != ks:   # a condconv student's own UNet file: of the teacher's family, or it cannot learn from it
+        what = next(k for k in kt if kt[k] != ks[k])
+        raise ConfigError(f"student: the student UNet and the teacher are of different families ({what}: "
+                          f"{ks[what]} vs the teacher's {kt[what]}); give a student of the teacher's family")
     if cfg.get("gri") is not None:
+        if cfg["gri"]["units"].strip().lower() == gri.AUTO:   # recorded as the units it means on this student
+            cfg["gri"]["units"] = gri.auto_units(describe(student.model.diffusion_model))
         gri_sites(student.model.diffusion_model, cfg["gri"])   # bad settings: told before training
-    return teacher.model.diffusion_model, student, trainable, experts
+    return teacher, teacher.model.diffusion_model, student, trainable, experts
 
 
 def gri_sites(unet, settings: dict) -> list:
@@ -316,8 +380,8 @@ def gri_sites(unet, settings: dict) -> list:
     topo = describe(unet)
     try:
         units = gri.resolve_units(topo, settings["units"])
-    except gri.GRIError as e:
-        raise ConfigError(f"gri.units: {e}") from None
+    except ASDMError as e:   # a unit name the grammar refuses, or units without attention
+        raise ConfigError(f"gri.units: {e}", input="gri.units") from None
     if not units:
         raise ConfigError(f"gri.units: {settings['units']!r} names no unit; name the A units (or their "
                           f"blocks or layers) to train with GRI attention, e.g. {gri.DEFAULT_UNITS!r}")
@@ -442,6 +506,7 @@ class Training:
     start: int = 0            # the first step this run computes (> 0 when resumed)
     gri: dict | None = None   # [gri] settings: the student trains with GRI attention
     gri_handle: object = None  # the open asdm.gri.UNetGRI while training (its step: the shift parity)
+    y: torch.Tensor | None = None   # the y of every sample, for a teacher that takes one (SDXL's)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -477,16 +542,17 @@ def setup(cfg: dict, log=print) -> Training:
     if world > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     data = cfg["data"]
+    teacher_model, teacher, student, trainable, experts = _build(cfg)
     if data.get("images"):
         if rank == 0:
             encode_images(data["images"], data["checkpoint"], int(data.get("size", 512)),
-                          os.path.join(cfg["out"], "encoded.safetensors"), log)
+                          os.path.join(cfg["out"], "encoded.safetensors"), log, teacher_y(teacher_model))
         if world > 1:
             dist.barrier()
         data["latents"] = os.path.join(cfg["out"], "encoded.safetensors")
-    teacher, student, trainable, experts = build(cfg)
     unet = student.model.diffusion_model
-    lat, ctx = load_data(data["latents"], student.model.model_config.unet_config["context_dim"])
+    unet_cfg = student.model.model_config.unet_config
+    lat, ctx, y = load_data(data["latents"], unet_cfg["context_dim"], unet_cfg.get("adm_in_channels"))
     lat = student.model.process_latent_in(lat)   # VAE latents -> the UNet's scale (x0.18215 for SD1.x)
     perceptual, loss_weights = _perceptual(cfg, log)
     import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
@@ -520,7 +586,7 @@ def setup(cfg: dict, log=print) -> Training:
                     experts=experts, model=model, latents=lat, context=ctx, params=params, names=names,
                     opt=opt, weights=distill.LossWeights(**loss_weights), perceptual=perceptual,
                     pairs=distill.shared_blocks(teacher, unet),
-                    sigmas=student.model.model_sampling.sigmas.float(), gri=cfg.get("gri"))
+                    sigmas=student.model.model_sampling.sigmas.float(), gri=cfg.get("gri"), y=y)
 
 
 def _log_gri(settings: dict, sites: list, latent: tuple[int, int], log) -> None:
@@ -543,7 +609,10 @@ def _log_gri(settings: dict, sites: list, latent: tuple[int, int], log) -> None:
 
 
 def resume(run: Training, log=print) -> None:
-    """Continues from the run's last whole checkpoint in ``out``, if any, and says which."""
+    """Continues from the run's last whole checkpoint in ``out``, if any, and says which; a
+    checkpoint of another student (layout, experts) or other GRI settings is refused before
+    anything is loaded from it."""
+    skipped = []
     for what in ("checkpoint", "checkpoint-prev"):
         path = run.path(what)
         if not os.path.exists(path):
@@ -551,15 +620,81 @@ def resume(run: Training, log=print) -> None:
         found, why = _read_checkpoint(path)
         if found is None:
             log(f"skipping {path}: {why}")
+            skipped.append(os.path.basename(path))
             continue
         sd, meta = found
+        _check_same_student(run, path, sd, meta)
         _check_same_gri(run, path, meta.get("asdm.gri"))
         _restore(run, sd, meta)
         run.start = step = int(meta["asdm.step"])
         log(f"resuming from step {step} ({path})")
         return
-    if os.path.exists(run.path("unet")) and not os.path.exists(run.path("checkpoint")):
+    if skipped:
+        log(f"no usable checkpoint in {run.cfg['out']} ({', '.join(skipped)} skipped): starting from step 0")
+    elif os.path.exists(run.path("unet")):
         log(f"{run.path('unet')} is an export without a checkpoint to resume from: starting at step 0")
+
+
+def _check_same_student(run: Training, path: str, sd: dict, meta: dict) -> None:
+    """A checkpoint resumes only into a run whose student has its tensors (the same layout and
+    width, the same ME-CondConv experts) and trains as many of them; told with both sides,
+    before any state is loaded."""
+    def shapes(prefix, state):
+        return {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    saved_unet, own_unet = shapes("unet.", sd), shapes("", run.unet.state_dict())
+    if saved_unet != own_unet:
+        raise ConfigError(f"{path} holds a student of another layout: {_layout_of(saved_unet)}; this config "
+                          f"({_student_setting(run.cfg)}) trains {_layout_of(own_unet)}. Its weights do not "
+                          "continue this run: resume it with the config that made it, or give another 'out' "
+                          "folder to start a new run")
+    own_experts = {f"{conv}.{k}": tuple(v.shape) for conv, me in (run.experts or {}).items()
+                   for k, v in me.state_dict().items()}
+    if shapes("experts.", sd) != own_experts:
+        def told(state):
+            convs = [k for k in state if k.endswith(".experts")]   # one expert tensor per conv
+            return f"ME-CondConv experts on {len(convs)} convs" if convs else "no ME-CondConv experts"
+        raise ConfigError(f"{path} holds a student with {told(shapes('experts.', sd))}, but this config "
+                          f"({_student_setting(run.cfg)}) trains one with {told(own_experts)}. Resume it with "
+                          "the config that made it (student.experts, units, kind), or give another 'out' "
+                          "folder to start a new run")
+    try:
+        groups = json.loads(meta.get("asdm.optimizer", "null"))["param_groups"]
+        trained = sum(len(g["params"]) for g in groups)
+    except (ValueError, KeyError, TypeError):
+        return   # no optimizer record: the tensors alone are restored
+    if trained != len(run.names):
+        raise ConfigError(f"{path} trained {trained} tensors of its student, but this config trains "
+                          f"{len(run.names)} ({_student_setting(run.cfg)}; student.train_original and "
+                          "train_unet choose them). Resume it with the config that made it, or give another "
+                          "'out' folder to start a new run")
+
+
+def _student_setting(cfg: dict) -> str:
+    """The config keys that choose the student, as written."""
+    st = cfg["student"]
+    if st["kind"] == "assemble":
+        return f"student.kind = 'assemble', recipe = {st['recipe']!r}"
+    source = f"unet = {os.path.basename(st['unet'])!r}" if st.get("unet") else f"layout = {st['layout']!r}"
+    return f"student.kind = {st['kind']!r}, {source}"
+
+
+def _layout_of(shapes: dict) -> str:
+    """A UNet's block layout in words, from its ldm keys (input_blocks.0 is conv_in; a down
+    level ends at its downsampler, input_blocks.N.0.op)."""
+    conv_in = shapes.get("input_blocks.0.0.weight")
+    blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.")})
+    per_level, layers = [], 0
+    for b in blocks[1:]:
+        if f"input_blocks.{b}.0.op.weight" in shapes:
+            per_level.append(layers)
+            layers = 0
+        else:
+            layers += 1
+    per_level.append(layers)
+    mid = any(k.startswith("middle_block.") for k in shapes)
+    width = f", {conv_in[0]} channels wide" if conv_in else ""
+    return (f"{len(per_level)} levels with {'/'.join(map(str, per_level))} layers per down block, "
+            f"{'a' if mid else 'no'} middle block{width}")
 
 
 def _check_same_gri(run: Training, path: str, saved: str | None) -> None:
@@ -611,10 +746,11 @@ def train_step(run: Training, step: int) -> list[dict]:
         sync = run.world == 1 or micro == micro_batches - 1
         with (contextlib.nullcontext() if sync else run.model.no_sync()):
             dev = run.device
+            y = None if run.y is None else run.y[idx][share].to(dev)
             loss, terms = distill.distill_loss(run.teacher, run.unet, x_t[share].to(dev), t[share].to(dev),
                                                run.context[idx][share].to(dev), noise[share].to(dev),
                                                run.weights, student_fn=run.model, perceptual=run.perceptual,
-                                               pairs=run.pairs)
+                                               pairs=run.pairs, y=y)
             (loss / micro_batches).backward()
         terms_per_micro.append(terms)
     run.opt.step()
@@ -683,8 +819,8 @@ def main(argv=None):
         cfg = load_config(a.config)   # a bad config is told before ComfyUI starts
         compat.start_host()
         train(cfg)
-    except ConfigError as e:
-        print(f"asdm.training: {e}", file=sys.stderr)
+    except ASDMError as e:   # ConfigError, or the engine's own about what the config gave it
+        print(f"asdm.training: {e.message()}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"asdm.training: {e}", file=sys.stderr)

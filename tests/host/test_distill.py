@@ -92,3 +92,27 @@ def test_step2_assembly_trains_only_the_compressed_part(tiny):
             assert torch.equal(v, before[k]), k
         else:
             assert not torch.equal(v, before[k]), k
+
+
+def test_sdxl_teacher_and_student_both_get_y():
+    """SDXL's class embedding input reaches the teacher's and the student's label_emb as given
+    (the host passes it as model(x, timesteps, context, y=y)); the loss depends on it."""
+    from sdxl_family import family_model
+    teacher = family_model("sdxl", 0)
+    student = assembly.compress(teacher, "koala-700m").model.diffusion_model
+    teacher = teacher.model.diffusion_model
+    seen = {}
+    hooks = [u.label_emb.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].clone()))
+             for name, u in (("teacher", teacher), ("student", student))]
+    g = torch.Generator().manual_seed(0)
+    x, ctx, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g), torch.randn(2, 2816, generator=g)
+    t, noise = torch.tensor([100.0, 800.0]), torch.randn(2, 4, 8, 8, generator=g)
+    try:
+        with torch.no_grad(), distill.trainable(teacher, student):
+            _, terms = distill.distill_loss(teacher, student, x, t, ctx, noise, distill.LossWeights(), y=y)
+            _, other = distill.distill_loss(teacher, student, x, t, ctx, noise, distill.LossWeights(), y=y.flip(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(seen["teacher"], y.flip(0)) and torch.equal(seen["student"], y.flip(0))
+    assert terms["out_kd"] != other["out_kd"]

@@ -1,4 +1,6 @@
 """The embedded model (weights/embedded) through the node and the stock nodes."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -80,13 +82,24 @@ def test_missing_weights_error(N, monkeypatch, tmp_path):
         N["ASDMLoadEmbeddedModel"]().load()
 
 
+FAMILY = ["asdm-embedded-base.safetensors", "asdm-embedded-full-gri.safetensors",
+          "asdm-embedded-full.safetensors", "asdm-embedded-m2.safetensors",
+          "asdm-embedded-small-condconv.safetensors", "asdm-embedded-small.safetensors",
+          "asdm-embedded-tiny-condconv.safetensors", "asdm-embedded-tiny.safetensors"]
+
+
 def test_family_in_the_loaders(N, loaded):
-    """The compressed family is listed by A-SDM Load Compressed UNet and samples with the
-    embedded CLIP and VAE; the experts are listed by A-SDM ME-CondConv."""
+    """The compressed family is listed by A-SDM Load Compressed UNet (under the names graphs saved
+    while it sat in the UNet folder use) and samples with the embedded CLIP and VAE; the experts
+    are listed by A-SDM ME-CondConv. ComfyUI's UNet folder, and so the stock Load Diffusion Model,
+    does not list them: it cannot read the derived ones."""
     import folder_paths
-    names = folder_paths.get_filename_list(compat.unet_folder())
-    for n in ("base", "small", "tiny", "m2", "small-condconv", "tiny-condconv"):
-        assert f"asdm-embedded-{n}.safetensors" in names
+    stock = N["UNETLoader"].INPUT_TYPES()["required"]["unet_name"][0]
+    for names in (stock, folder_paths.get_filename_list(compat.unet_folder())):
+        assert not [n for n in names if "asdm-embedded" in n]
+    ours = N["ASDMLoadCompressedUNet"].INPUT_TYPES()["required"]["unet_name"][0]
+    assert [n for n in ours if "asdm-embedded" in n] == FAMILY
+    assert sorted(os.listdir(embedded.FAMILY_UNETS)) == FAMILY
     assert "asdm-embedded-tiny-condconv.safetensors" in folder_paths.get_filename_list("asdm_condconv")
     tiny = N["ASDMLoadCompressedUNet"]().load("asdm-embedded-tiny.safetensors", "auto")[0]
     assert sum(p.numel() for p in tiny.model.diffusion_model.parameters()) < \

@@ -325,11 +325,11 @@ def test_bare_unet_context_matches_the_model_patch_and_trains(N, tiny):
     (dict(units="dn0, dn9"), "units: unit token 'dn9' names no unit"),
     (dict(units="dn0..A"), "units: malformed unit token 'dn0..A'"),
     (dict(units="dn0.0.R, up3.*.R"), "names no attention (A) unit"),
-    (dict(window=0), "window must be a whole number of latent tokens >= 1 (got 0)"),
-    (dict(pool=0), "pool must be a whole number >= 1 (got 0)"),
+    (dict(window=0), "window must be a whole number from 1 to 512 (got 0)"),
+    (dict(pool=0), "pool must be a whole number from 1 to 64 (got 0)"),
     (dict(start=0.6, end=0.4), "start (0.6) is after end (0.4)"),
-    (dict(start=-0.1), "start must be a fraction of the schedule from 0 to 1"),
-    (dict(end=1.5), "end must be a fraction of the schedule from 0 to 1"),
+    (dict(start=-0.1), "start must be a number from 0 to 1 (got -0.1)"),
+    (dict(end=1.5), "end must be a number from 0 to 1 (got 1.5)"),
 ])
 def test_bad_input_is_a_clear_node_error(N, tiny, kwargs, needle):
     with pytest.raises(ValueError) as e:

@@ -14,10 +14,25 @@ from asdm import inheritance
 MODES = [("residual", False), ("output", False), ("output", True), ("residual", True)]
 MODE_IDS = ["residual", "output", "output-forecast", "residual-forecast"]
 modes = pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+# where stored features live: the exactness requirements hold in system memory too
+devices = pytest.mark.parametrize("features_on", ["compute", "offload"])
 
 
-def patch(N, model, preset="LI1", units="", period=2, tail=0, mode=MODES[0]):
-    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode)[0]
+def patch(N, model, preset="LI1", units="", period=2, tail=0, mode=MODES[0], features_on="compute"):
+    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode, features_on)[0]
+
+
+def layers(mode) -> str:
+    """A layer-level preset for each reuse mode: LI1 in residual reuse; with span-output reuse its
+    inheriting step would compute only conv_in and up3's last layer, a replay of stored outputs
+    (refused), so DE2 (the encoder below dn0 inherited)."""
+    return "LI1" if mode[0] == "residual" else "DE2"
+
+
+def scattered(mode) -> str:
+    """A preset of many scattered units for each reuse mode: CO6 (only up3's A units compute) in
+    residual reuse; with span-output reuse it would replay the stored output (refused), so CO3."""
+    return "CO6" if mode[0] == "residual" else "CO3"
 
 
 # Relative tolerance for comparisons that differ only by float summation order (batched vs
@@ -30,17 +45,19 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@devices
 @modes
-def test_period_one_and_empty_set_are_bit_exact(N, tiny, conds, mode):
+def test_period_one_and_empty_set_are_bit_exact(N, tiny, conds, mode, features_on):
     base = ksample(tiny, conds)
-    assert torch.equal(ksample(patch(N, tiny, "CO6", period=1, mode=mode), conds), base)
-    assert torch.equal(ksample(patch(N, tiny, "custom", "", period=5, mode=mode), conds), base)
+    assert torch.equal(ksample(patch(N, tiny, scattered(mode), period=1, mode=mode, features_on=features_on), conds), base)
+    assert torch.equal(ksample(patch(N, tiny, "custom", "", period=5, mode=mode, features_on=features_on), conds), base)
 
 
+@devices
 @modes
-def test_patched_units_on_full_steps_are_bit_exact(N, tiny, conds, mode):
+def test_patched_units_on_full_steps_are_bit_exact(N, tiny, conds, mode, features_on):
     # every step full (tail covers the run): the patched forwards run, and must change nothing
-    p = patch(N, tiny, "CO6", period=5, tail=100, mode=mode)
+    p = patch(N, tiny, scattered(mode), period=5, tail=100, mode=mode, features_on=features_on)
     assert torch.equal(ksample(p, conds), ksample(tiny, conds))
     assert {m for _, m in holder_of(p).last_run.calls} == {"full"}
 
@@ -48,7 +65,7 @@ def test_patched_units_on_full_steps_are_bit_exact(N, tiny, conds, mode):
 @modes
 def test_inheritance_changes_output(N, tiny, conds, mode):
     base = ksample(tiny, conds)
-    out = ksample(patch(N, tiny, "LI1", period=2, mode=mode), conds)
+    out = ksample(patch(N, tiny, layers(mode), period=2, mode=mode), conds)
     assert rel_err(out, base) > 1e-3
 
 
@@ -56,14 +73,15 @@ def _apply(model, x, t, ctx):
     return model.model.apply_model(x, t, c_crossattn=ctx)
 
 
-@pytest.mark.parametrize("preset,reuse", [("CO3", "residual"), ("EX3", "output"), ("CO6", "output"),
-                                          ("LI1", "output"), ("DE2", "output")])
-def test_reuse_at_an_unchanged_input_equals_full_compute(N, tiny, preset, reuse):
+@devices
+@pytest.mark.parametrize("preset,reuse", [("CO3", "residual"), ("EX3", "output"), ("CO3", "output"),
+                                          ("EN2", "output"), ("DE2", "output")])
+def test_reuse_at_an_unchanged_input_equals_full_compute(N, tiny, preset, reuse, features_on):
     """What a full step stored, reused at the same input, gives the full model's output: residual
     reuse to float tolerance (x + (out - x) re-rounds an attention unit's output), span-output
     reuse bit for bit (the computed modules see the same tensors)."""
     import comfy.model_management as mm
-    p = patch(N, tiny, preset, period=2, mode=(reuse, False))
+    p = patch(N, tiny, preset, period=2, mode=(reuse, False), features_on=features_on)
     holder = holder_of(p)
     mm.load_models_gpu([p])
     g = torch.Generator().manual_seed(3)
@@ -93,11 +111,12 @@ def test_reuse_at_an_unchanged_input_equals_full_compute(N, tiny, preset, reuse)
     unload_all()
 
 
+@devices
 @modes
-def test_cond_uncond_split_matches_batched(N, tiny, conds, mode):
-    batched = patch(N, tiny, "LI1", period=2, mode=mode)
+def test_cond_uncond_split_matches_batched(N, tiny, conds, mode, features_on):
+    batched = patch(N, tiny, layers(mode), period=2, mode=mode, features_on=features_on)
     out_b = ksample(batched, conds)
-    split = patch(N, tiny, "LI1", period=2, mode=mode)
+    split = patch(N, tiny, layers(mode), period=2, mode=mode, features_on=features_on)
     split.add_object_patch("memory_required", lambda *a, **k: 1e30)  # forces one call per chunk
     out_s = ksample(split, conds)
     calls_b, calls_s = holder_of(batched).last_run.calls, holder_of(split).last_run.calls
@@ -118,7 +137,7 @@ def _expected_calls(sampler, steps):
 @modes
 def test_refresh_pattern_counts_sampler_steps(N, tiny, conds, sampler, period, tail, mode):
     steps = 12
-    p = patch(N, tiny, "LI1", period=period, tail=tail, mode=mode)
+    p = patch(N, tiny, layers(mode), period=period, tail=tail, mode=mode)
     ksample(p, conds, sampler=sampler, steps=steps, size=8)
     calls = holder_of(p).last_run.calls
     expected = inheritance.Schedule(period, tail).pattern(steps)
@@ -132,12 +151,12 @@ def test_refresh_pattern_counts_sampler_steps(N, tiny, conds, sampler, period, t
 
 @modes
 def test_runs_with_other_sizes_use_no_stale_features(N, tiny, conds, mode):
-    p = patch(N, tiny, "CO6", period=3, mode=mode)
+    p = patch(N, tiny, scattered(mode), period=3, mode=mode)
     ksample(p, conds, size=16)
     out_small = ksample(p, conds, size=8)
     out_batch = ksample(p, conds, size=16, batch=2)
-    assert torch.equal(out_small, ksample(patch(N, tiny, "CO6", period=3, mode=mode), conds, size=8))
-    assert torch.equal(out_batch, ksample(patch(N, tiny, "CO6", period=3, mode=mode), conds, size=16, batch=2))
+    assert torch.equal(out_small, ksample(patch(N, tiny, scattered(mode), period=3, mode=mode), conds, size=8))
+    assert torch.equal(out_batch, ksample(patch(N, tiny, scattered(mode), period=3, mode=mode), conds, size=16, batch=2))
     gc.collect()
     h = holder_of(p)
     assert h.run is None and h.last_run.features == {}
@@ -146,7 +165,7 @@ def test_runs_with_other_sizes_use_no_stale_features(N, tiny, conds, mode):
 @modes
 def test_run_that_raises_leaves_no_state(N, tiny, conds, mode):
     import comfy.sample
-    p = patch(N, tiny, "CO6", period=3, mode=mode)
+    p = patch(N, tiny, scattered(mode), period=3, mode=mode)
     pos, neg = conds
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -161,14 +180,14 @@ def test_run_that_raises_leaves_no_state(N, tiny, conds, mode):
     h = holder_of(p)
     assert h.run is None and h.last_run is not None and h.last_run.features == {}
     assert not any(id(h) in v for v in compat._legacy_runs.values())
-    assert torch.equal(ksample(p, conds), ksample(patch(N, tiny, "CO6", period=3, mode=mode), conds))
+    assert torch.equal(ksample(p, conds), ksample(patch(N, tiny, scattered(mode), period=3, mode=mode), conds))
 
 
 @modes
 def test_lora_patch_still_applies_and_unpatch_restores_weights(N, tiny, conds, mode):
     unet = tiny.model.diffusion_model
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    p = patch(N, tiny, "LI1", period=2, mode=mode)
+    p = patch(N, tiny, layers(mode), period=2, mode=mode)
     key = "diffusion_model.input_blocks.4.0.in_layers.2.weight"   # dn1.0.R: computed every step
     key2 = "diffusion_model.input_blocks.5.0.in_layers.2.weight"  # dn1.1.R: inherited under LI1
     lora = p.clone()
@@ -192,9 +211,9 @@ def test_stacks_with_freeu_and_tome(N, tiny, conds, order, mode):
         m = compat.call_node(N["FreeU"], model=m, b1=1.1, b2=1.2, s1=0.9, s2=0.2)[0]
         return compat.call_node(N["TomePatchModel"], model=m, ratio=0.3)[0]
     if order == "asdm_first":
-        stacked = others(patch(N, tiny, "LI1", period=2, mode=mode))
+        stacked = others(patch(N, tiny, layers(mode), period=2, mode=mode))
     else:
-        stacked = patch(N, others(tiny), "LI1", period=2, mode=mode)
+        stacked = patch(N, others(tiny), layers(mode), period=2, mode=mode)
     out = ksample(stacked, conds)
     assert torch.isfinite(out).all()
     assert rel_err(out, ksample(others(tiny), conds)) > 1e-3   # inheritance active in the stack
@@ -202,18 +221,18 @@ def test_stacks_with_freeu_and_tome(N, tiny, conds, order, mode):
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(preset="LI9"), "unknown preset 'LI9'"),
+    (dict(preset="LI9"), "custom (got 'LI9')"),
     (dict(preset="custom", units="dn0, dn9.1"), "'dn9.1' names no unit"),
     (dict(preset="custom", units="dn0..A"), "malformed unit token 'dn0..A'"),
-    (dict(period=0), "period must be an integer >= 1"),
-    (dict(tail=-1), "final_full_steps must be a fraction of the schedule below 1"),
+    (dict(period=0), "period must be a whole number from 1 to 1000 (got 0)"),
+    (dict(tail=-1), "final_full_steps must be a number from 0 to 10000 (got -1)"),
     (dict(tail=2.5), "or a whole number of steps (got 2.5)"),
 ])
 def test_bad_input_is_a_clear_node_error(N, tiny, kwargs, needle):
     with pytest.raises(ValueError) as e:
         patch(N, tiny, **kwargs)
     msg = str(e.value)
-    assert msg.startswith("A-SDM Feature Inheritance:") and needle in msg
+    assert msg.startswith("A-SDM Feature Inheritance (deprecated):") and needle in msg
     if "unit" in needle:
         assert "Valid names here:" in msg and "dn0.0-1 (A/R)" in msg
 

@@ -26,10 +26,14 @@ def plan(tiny, spec):
     return topology.span_plan(unet, topology.parse_unit_spec(spec, topology.describe(unet)))
 
 
+def preset(tiny, name):
+    return topology.preset_spec(name, topology.describe(tiny.model.diffusion_model))
+
+
 def test_span_plan_of_the_presets(tiny):
     # EX3: one span; its output is up2's upsampled features (what DeepCache caches), and dn0's
     # downsampler, read only inside the span, goes with it
-    skipped, boundary = plan(tiny, topology.PRESETS["EX3"][0])
+    skipped, boundary = plan(tiny, preset(tiny, "EX3"))
     assert boundary == ["output_blocks.8.2"]
     assert "input_blocks.3.0" in skipped and "middle_block.1" in skipped
     assert not any(p.startswith(("input_blocks.1.", "input_blocks.2.", "output_blocks.9.")) for p in skipped)
@@ -38,14 +42,14 @@ def test_span_plan_of_the_presets(tiny):
     assert boundary == ["output_blocks.7.1"] and "input_blocks.3.0" not in skipped
     # scattered layers: each one's output is reused, and the downsampler after each down layer
     # (what only they read is not run: dn0.0 feeds dn0.1 and, across the skip, up3.1, both reused)
-    skipped, boundary = plan(tiny, topology.PRESETS["LI1"][0])
+    skipped, boundary = plan(tiny, preset(tiny, "LI1"))
     assert len(boundary) == 8 + 3 and "input_blocks.2.1" in boundary and "input_blocks.3.0" in boundary
     assert "input_blocks.1.1" in skipped
     # the decoder loop: the encoder's outputs at every skip junction
-    skipped, boundary = plan(tiny, topology.PRESETS["DE2"][0])
+    skipped, boundary = plan(tiny, preset(tiny, "DE2"))
     assert "input_blocks.4.1" in boundary and "input_blocks.11.0" in boundary
     # CO6: only up3's A units compute, fed by up3's stored R outputs; the rest is dead
-    skipped, boundary = plan(tiny, topology.PRESETS["CO6"][0])
+    skipped, boundary = plan(tiny, preset(tiny, "CO6"))
     assert boundary == ["output_blocks.9.0", "output_blocks.10.0", "output_blocks.11.0"]
     assert "input_blocks.0.0" in skipped   # conv_in: read only by skipped modules
 
@@ -101,5 +105,5 @@ def test_forecast_acts_once_two_full_steps_are_stored(N, tiny, conds, reuse):
 
 
 def test_unknown_reuse_is_a_clear_node_error(N, tiny):
-    with pytest.raises(ValueError, match="A-SDM Feature Inheritance: reuse must be one of residual, output"):
+    with pytest.raises(ValueError, match=r"A-SDM Feature Inheritance \(deprecated\): reuse must be one of residual, output"):
         N["ASDMFeatureInheritance"]().patch(tiny, "EX3", "", 5, 0, "span", False)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import holder_of, unload_all
+from sdxl_family import family_model, sdxl_conds
 from asdm import hooks
 from asdm.switch import UNetSwitch
 
@@ -14,22 +15,22 @@ def models(sd_and_base):
     return sd_and_base
 
 
-def adv(model, conds, start, end, add_noise=True, leftover=False, latent=None, sampler="euler"):
+def adv(model, conds, start, end, add_noise=True, leftover=False, latent=None, sampler="euler", steps=STEPS):
     import nodes
     pos, neg = conds
     lat = latent or {"samples": torch.zeros(1, 4, 16, 16)}
     return nodes.KSamplerAdvanced().sample(
-        model, "enable" if add_noise else "disable", 7, STEPS, 5.0, sampler, "normal", pos, neg, lat,
+        model, "enable" if add_noise else "disable", 7, steps, 5.0, sampler, "normal", pos, neg, lat,
         start, end, "enable" if leftover else "disable")[0]
 
 
-def single(model, conds, sampler="euler"):
-    return adv(model, conds, 0, 10000, sampler=sampler)["samples"]
+def single(model, conds, sampler="euler", steps=STEPS):
+    return adv(model, conds, 0, 10000, sampler=sampler, steps=steps)["samples"]
 
 
-def chain(m1, m2, conds, sampler="euler"):
-    first = adv(m1, conds, 0, BOUNDARY, leftover=True, sampler=sampler)
-    return adv(m2, conds, BOUNDARY, 10000, add_noise=False, latent=first, sampler=sampler)["samples"]
+def chain(m1, m2, conds, sampler="euler", steps=STEPS, boundary=BOUNDARY):
+    first = adv(m1, conds, 0, boundary, leftover=True, sampler=sampler, steps=steps)
+    return adv(m2, conds, boundary, 10000, add_noise=False, latent=first, sampler=sampler, steps=steps)["samples"]
 
 
 def switch(N, models, ends, unit="steps"):
@@ -67,6 +68,30 @@ def test_switch_equals_two_sampler_chain(N, models, conds768, sampler):
     for step, i in h.last_run.calls:
         per_step.setdefault(step, set()).add(i)
     assert per_step == {s: {0 if s < BOUNDARY else 1} for s in range(STEPS)}
+
+
+@pytest.mark.parametrize("student", ["ssd-1b", "koala-700m"])
+def test_sdxl_with_its_student_equals_two_sampler_chain(N, student):
+    """The paper's S1 for SDXL: its student early, SDXL late. The host names their classes
+    differently (SSD1B or KOALA_700M, SDXL); they share the latent format, text context and y
+    encoding, so they switch. Fewer steps than above: SDXL's UNet is the slow one here."""
+    steps, boundary = 4, 2
+    sdxl, small = family_model("sdxl", 0), family_model(student, 4)
+    assert type(sdxl.model.model_config).__name__ != type(small.model.model_config).__name__
+    conds = sdxl_conds()
+    alone = single(small, conds, steps=steps)
+    roundtrip = (chain(small, small, conds, steps=steps, boundary=boundary) - alone).abs().max().item()
+    sw = switch(N, [small, sdxl], [boundary, -1])
+    got = single(sw, conds, steps=steps)
+    want = chain(small, sdxl, conds, steps=steps, boundary=boundary)
+    diff = (got - want).abs().max().item()
+    assert diff <= max(4 * roundtrip, 1e-5 * want.abs().max().item()), (diff, roundtrip)
+    assert (got - alone).abs().max() > 100 * max(diff, 1e-6)   # SDXL computed the late steps
+    per_step = {}
+    for step, i in hooks.holder_of(sw, UNetSwitch).last_run.calls:
+        per_step.setdefault(step, set()).add(i)
+    assert per_step == {s: {0 if s < boundary else 1} for s in range(steps)}
+    unload_all()
 
 
 def test_fraction_ranges_and_model_management(N, models, conds768):
@@ -110,7 +135,8 @@ def test_lora_on_one_model_acts_only_in_its_range(N, models, conds768):
 @pytest.mark.parametrize("reuse,forecast", [("residual", False), ("output", True)])
 def test_switch_stacks_with_feature_inheritance(N, models, conds768, reuse, forecast):
     sd, base = models
-    fi = N["ASDMFeatureInheritance"]().patch(sd, "CO6", "", 2, 0, reuse, forecast)[0]
+    preset = "CO6" if reuse == "residual" else "CO3"   # CO6 would replay the stored output in span-output reuse
+    fi = N["ASDMFeatureInheritance"]().patch(sd, preset, "", 2, 0, reuse, forecast)[0]
     out = single(switch(N, [base, fi], [BOUNDARY, -1]), conds768)
     plain = single(switch(N, [base, sd], [BOUNDARY, -1]), conds768)
     assert not torch.equal(out, plain)
@@ -143,8 +169,11 @@ def test_switch_errors(N, models, conds768, sd2_tiny):
     with pytest.raises(ValueError, match="within 0-1"):
         node.switch("fraction", **common, start_1=0.0, end_1=10.0, start_2=10.0, end_2=-1.0)
     v2 = sd2_tiny
-    with pytest.raises(ValueError, match="model_2 does not match model_1"):
+    with pytest.raises(ValueError, match="model_2 does not match model_1: context width 1024 vs 768"):
         node.switch("steps", model_1=base, model_2=v2, start_1=0.0, end_1=3.0, start_2=3.0, end_2=-1.0)
+    with pytest.raises(ValueError, match="model_2 does not match model_1: latent format SDXL vs SD15"):
+        node.switch("steps", model_1=base, model_2=family_model("vega", 1), start_1=0.0, end_1=3.0, start_2=3.0,
+                    end_2=-1.0)
     short = node.switch("steps", **common, start_1=0.0, end_1=3.0, start_2=3.0, end_2=5.0)[0]
     with pytest.raises(ValueError, match="step 5 of a 8-step schedule is in no range"):
         single(short, conds768)

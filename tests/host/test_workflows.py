@@ -1,6 +1,6 @@
-"""The bundled workflows, run through ComfyUI's own executor on a project-made SD1.5 model."""
+"""The bundled graphs (example_workflows/), run through ComfyUI's own executor on a project-made
+SD1.5 model or the embedded model."""
 import copy
-import json
 import os
 import re
 
@@ -47,17 +47,22 @@ def read_latent(prefix):
     return safetensors.torch.load_file(os.path.join(d, files[-1]))["latent_tensor"]
 
 
-WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows", "api")) if f.endswith(".json"))
+WORKFLOWS = graphs.bundled()
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_graph_is_generated_from_its_api_twin(name):
-    """Every example graph is UI format, made from its API twin with the host's own node
-    definitions (scripts/make_workflows.py): same nodes, widget values and links."""
-    ui = json.load(open(os.path.join(ROOT, "workflows", name)))
-    assert ui == graphs.api_to_ui(graphs.load_api_workflow(name))
+    """Every bundled graph is UI format, made from its API twin with the host's own node
+    definitions and its note (scripts/make_workflows.py): same nodes, widget values and links,
+    plus one Note node saying what it shows, which the API twin (what is queued) does not have."""
+    ui = graphs.load_ui_workflow(name)
+    assert ui == graphs.ui_workflow(name)
     for link_id, src, _, dst, _, _ in ui["links"]:   # every link has both ends
         assert any(n["id"] == src for n in ui["nodes"]) and any(n["id"] == dst for n in ui["nodes"])
+    notes = [n for n in ui["nodes"] if n["type"] == graphs.NOTE]
+    assert [n["widgets_values"] for n in notes] == [[graphs.NOTES[name]]]
+    assert sorted(n["id"] for n in ui["nodes"] if n["type"] != graphs.NOTE) == \
+        sorted(int(k) for k in graphs.load_api_workflow(name))
 
 
 def test_example_workflow_runs_and_inherits(runner, ckpt):
@@ -67,7 +72,7 @@ def test_example_workflow_runs_and_inherits(runner, ckpt):
     runner.run(plain)
     p1 = small(api, ckpt); p1["5"]["inputs"].update(period=1); save_latent(p1, "6", "wf_p1")
     runner.run(p1)
-    p2 = small(api, ckpt); p2["5"]["inputs"].update(period=2, final_full_steps=0); save_latent(p2, "6", "wf_p2")
+    p2 = small(api, ckpt); p2["5"]["inputs"].update(period=2, final_full_fraction=0); save_latent(p2, "6", "wf_p2")
     runner.run(p2)
     base = read_latent("wf_plain")
     assert torch.equal(read_latent("wf_p1"), base)
@@ -78,7 +83,7 @@ def test_example_workflow_runs_and_inherits(runner, ckpt):
 
 def test_two_runs_in_one_prompt_with_other_sizes(runner, ckpt):
     api = graphs.load_api_workflow("feature_inheritance_sd15.json")
-    p = small(api, ckpt); p["5"]["inputs"].update(period=2, final_full_steps=0)
+    p = small(api, ckpt); p["5"]["inputs"].update(period=2, final_full_fraction=0)
     del p["7"], p["8"]
     p["4b"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 96, "batch_size": 2}}
     p["6b"] = copy.deepcopy(p["6"]); p["6b"]["inputs"]["latent_image"] = ["4b", 0]
@@ -150,3 +155,31 @@ def test_assembly_m2_workflow_and_stock_loader(runner, ckpt, base_unet):
     assert torch.equal(read_latent("asmB"), read_latent("asmA"))
     os.remove(os.path.join(out, saved))
 
+
+
+def test_comparison_graph_differs_only_in_the_model(runner):
+    """The with / without graph: two samplers alike in everything but their model (the embedded
+    model, and the same through A-SDM Feature Inheritance with its node defaults), each decoded
+    and saved; queued, the two images differ."""
+    import nodes
+    api = graphs.load_api_workflow("inheritance_compare_embedded.json")
+    samplers = sorted(k for k, v in api.items() if v["class_type"] == "KSampler")
+    a, b = (dict(api[k]["inputs"]) for k in samplers)
+    loader = graphs.find(api, "ASDMLoadEmbeddedModel")
+    fi = graphs.find(api, "ASDMFeatureInheritance2")
+    assert (a.pop("model"), b.pop("model")) == ([loader, 0], [fi, 0]) and a == b and a["steps"] == 20
+    spec = nodes.NODE_CLASS_MAPPINGS["ASDMFeatureInheritance2"].INPUT_TYPES()
+    defaults = {k: v[1]["default"] for sec in spec.values() for k, v in sec.items() if "default" in v[1]}
+    assert {k: v for k, v in api[fi]["inputs"].items() if k != "model"} == defaults
+    saves = [k for k, v in api.items() if v["class_type"] == "SaveImage"]
+    assert sorted(api[api[k]["inputs"]["images"][0]]["inputs"]["samples"][0] for k in saves) == samplers
+
+    p = copy.deepcopy(api)
+    for k in samplers:
+        p[k]["inputs"]["steps"] = 6
+    p["4"]["inputs"]["batch_size"] = 1
+    for k in samplers:
+        save_latent(p, k, f"cmp_{k}")
+    runner.run(p)
+    full, fi_out = (read_latent(f"cmp_{k}") for k in samplers)
+    assert not torch.equal(full, fi_out) and torch.isfinite(fi_out).all()

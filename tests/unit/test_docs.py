@@ -15,10 +15,12 @@ import struct
 
 import pytest
 
+from asdm.harness import graphs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(ROOT, "README.md")
 README_MAX_BYTES = 12 * 1024
-TOP_DIRS = ("asdm/", "nodes/", "scripts/", "benchmarks/", "tests/", "workflows/", "docs/", "weights/")
+TOP_DIRS = ("asdm/", "nodes/", "scripts/", "benchmarks/", "tests/", "example_workflows/", "docs/", "weights/")
 TOP_FILES = ("README.md", "LICENSE", "pyproject.toml", "requirements.txt", "requirements-dev.txt")
 
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -184,3 +186,21 @@ def test_one_name_and_registry_metadata():
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", head[16:24])
     assert width <= 800 and height <= 400   # the registry's icon limit
+
+
+@pytest.mark.parametrize("name", graphs.bundled())
+def test_bundled_graph_has_a_thumbnail_and_a_screenshot(name):
+    """The template browser shows <name>.jpg beside the graph; docs/screenshots holds the browser
+    test's screenshot of it (both made by tests/e2e/test_browser.py, docs/testing.md)."""
+    stem = name[:-len(".json")]
+    with open(os.path.join(graphs.EXAMPLES, stem + ".jpg"), "rb") as f:
+        assert f.read(3) == b"\xff\xd8\xff", "not a JPEG"
+    with open(os.path.join(ROOT, "docs", "screenshots", stem + ".png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_stale_thumbnails_or_screenshots():
+    stems = {n[:-len(".json")] for n in graphs.bundled()}
+    thumbs = {f.rsplit(".", 1)[0] for f in os.listdir(graphs.EXAMPLES) if not f.endswith(".json")} - {"api"}
+    shots = {f.rsplit(".", 1)[0] for f in os.listdir(os.path.join(ROOT, "docs", "screenshots"))}
+    assert thumbs == stems and shots == stems, (thumbs ^ stems, shots ^ stems)

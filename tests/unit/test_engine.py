@@ -130,10 +130,10 @@ def test_unit_grammar():
 
 def test_every_preset_resolves_to_a_unit_set_on_sd15():
     t = sd15_topology()
-    for name, (spec, _) in topology.PRESETS.items():
-        got = topology.parse_unit_spec(spec, t, strict=False)
+    for name in topology.PRESETS:
+        got = topology.parse_unit_spec(topology.preset_spec(name, t), t, strict=False)
         assert 0 < len(got) < len(t.units), name
-    co6 = {u.name for u in topology.parse_unit_spec(topology.PRESETS["CO6"][0], t)}
+    co6 = {u.name for u in topology.parse_unit_spec(topology.preset_spec("CO6", t), t)}
     assert {u.name for u in t.units} - co6 == {"up3.0.A", "up3.1.A", "up3.2.A"}
 
 
