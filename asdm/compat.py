@@ -156,6 +156,21 @@ def _sampler_position():
     return run_obj, run_obj.sigmas, step, (own_total if step_index is None else None)
 
 
+def sampling_schedule():
+    """(the sampler function's name, the sigmas of its schedule) of the sampler whose UNet call
+    is running, read from the sampler's frame as ``_sampler_position`` reads the step; None
+    outside a sampler. Both hosts run every sampler through ``KSAMPLER.sample``."""
+    import comfy.samplers as cs   # late: the host's modules exist once it runs (compat.start_host)
+    outer_code = cs.KSAMPLER.sample.__code__
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is outer_code:
+            fn = f.f_locals["self"].sampler_function
+            return getattr(fn, "__name__", type(fn).__name__), f.f_locals["sigmas"]
+        f = f.f_back
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # UNet call wrappers.
 #
@@ -206,6 +221,24 @@ class _SlotCall:    # hooks.UNetCall on the early host
 
     def next_on(self, patcher, x, t, c):
         return _with_function_wrapper(patcher, patcher.model.apply_model, x, t, c)
+
+
+def bare_unet_call(base_model, x, t, c: dict):
+    """``base_model``'s UNet call (input scaling, the UNet, the denoised output) with none of the
+    wrappers around it (the MODEL's UNet call wrappers, the diffusion model's), as a measurement
+    beside a real call: what it computes and what it leaves behind are its own. Current ComfyUI:
+    ``_apply_model`` with the wrappers taken out of a copy of transformer_options; the early
+    host's ``apply_model`` is already bare (its one wrapper slot is called around it). ControlNet
+    pops its residuals from the lists it is given as the UNet uses them, so it gets copies."""
+    c = dict(c)
+    to = dict(c.get("transformer_options") or {})
+    to.pop("wrappers", None)
+    c["transformer_options"] = to
+    control = c.get("control")
+    if isinstance(control, dict):
+        c["control"] = {k: list(v) if isinstance(v, list) else v for k, v in control.items()}
+    run = getattr(base_model, "_apply_model", None) or base_model.apply_model
+    return run(x, t, **c)
 
 
 def add_unet_wrapper(model, key: str, fn) -> None:
@@ -434,6 +467,16 @@ def execute(executor, prompt: dict, prompt_id: str, outputs: list) -> None:
 # ---------------------------------------------------------------------------------------------
 # Model folders
 # ---------------------------------------------------------------------------------------------
+
+def user_directory() -> str:
+    """ComfyUI's user directory (settings, per-user data): current ComfyUI's getter, the early
+    host's module attribute of the same folder (``<ComfyUI>/user``)."""
+    import folder_paths   # late: the host's modules exist once it runs (compat.start_host)
+    get = getattr(folder_paths, "get_user_directory", None)
+    if get is not None:
+        return get()
+    return getattr(folder_paths, "user_directory", None) or os.path.join(folder_paths.base_path, "user")
+
 
 def unet_folder() -> str:
     """The models folder key for UNets: 'diffusion_models' on current ComfyUI, 'unet' before."""

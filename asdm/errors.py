@@ -58,3 +58,7 @@ class UNetFileError(ASDMError):
 
 class EmbeddedModelError(ASDMError):
     """The embedded model's files (``embedded``)."""
+
+
+class AutoCacheError(ASDMError):
+    """Auto Cache settings (``autocache``)."""

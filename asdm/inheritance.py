@@ -271,29 +271,16 @@ class InheritanceHolder(hooks.Holder):
 
     # -- stored features ----------------------------------------------------------------------
     def _save(self, call: CallContext, path: str, f: torch.Tensor, copy: bool = False) -> None:
-        # Per chunk (so a step whose cond and uncond run in separate calls is fully stored), plus
-        # the whole call's tensor for the common case where the next calls batch the same chunks.
-        # Calls of one step (multi-call samplers, split chunks) update that step's entry; a new
-        # full step pushes the previous one back (kept only for the forecast).
         if self.store_device is not None:
             f = f.to(self.store_device, copy=True)
         elif copy:
             f = f.clone()
+        save_feature(call, path, f, keep=2 if self.forecast else 1)
         run = call.run
-        levels = run.features.setdefault(path, [])
-        if not levels or levels[0]["step"] != call.step:
-            levels.insert(0, {"step": call.step, "whole": None, "chunks": {}, "sources": {}})
-            del levels[2 if self.forecast else 1:]
-        level = levels[0]
-        level["whole"] = (call.keys, f)
-        n = f.shape[0] // len(call.keys)
-        for i, k in enumerate(call.keys):
-            level["chunks"][k] = f[i * n:(i + 1) * n]
-            level["sources"][k] = f   # the tensor a chunk is a view of: what holds its memory
         # What the path holds now: each stored call's tensor once (a chunk is a view of its call's
         # tensor; an earlier call of the step is held while one of its chunks is still kept).
         held = {id(t): t.numel() * t.element_size()
-                for lv in levels for t in (lv["whole"][1], *lv["sources"].values())}
+                for lv in run.features[path] for t in (lv["whole"][1], *lv["sources"].values())}
         now = sum(held.values())
         run.stored_bytes += now - run.path_bytes.get(path, 0)
         run.path_bytes[path] = now
@@ -301,22 +288,56 @@ class InheritanceHolder(hooks.Holder):
 
     def _reuse(self, call: CallContext, path: str, x: torch.Tensor, copy: bool = False) -> torch.Tensor | None:
         """What an inheriting call uses for ``path``: the stored feature, or its forecast."""
-        f1 = _stored(call, path, x.shape[0])
-        if f1 is None or (self.reuse == "residual" and (f1.shape[2:] != x.shape[2:] or f1.dtype != x.dtype)):
+        f = reuse_feature(call, path, x.shape[0], self.forecast, copy, device=x.device)
+        if f is None or (self.reuse == "residual" and (f.shape[2:] != x.shape[2:] or f.dtype != x.dtype)):
             return None
-        levels = call.run.features[path]
-        if self.forecast and len(levels) > 1:
-            f2 = _stored(call, path, x.shape[0], level=1)
-            if f2 is not None and f2.shape == f1.shape:
-                s1, s2 = levels[0]["step"], levels[1]["step"]
-                # lerp(f2, f1, w) = f1 + (f1 - f2) * (w - 1): the line through both, one kernel
-                return torch.lerp(f2.to(x.device), f1.to(x.device), 1.0 + (call.step - s1) / (s1 - s2))
-        here = f1.to(x.device)   # offloaded features come back; else f1 itself
-        return here.clone() if copy and here is f1 else here
+        return f
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+# Stored features, shared with Auto Cache (``autocache``): ``call`` is any object with ``run``
+# (holding ``features``: path -> stored levels, newest full step first), ``keys`` (one per
+# conditioning chunk of the call) and ``step``.
+
+def save_feature(call, path: str, f: torch.Tensor, keep: int) -> None:
+    """Stores ``f`` as ``path``'s feature of ``call``'s step, keeping the ``keep`` newest steps."""
+    # Per chunk (so a step whose cond and uncond run in separate calls is fully stored), plus
+    # the whole call's tensor for the common case where the next calls batch the same chunks.
+    # Calls of one step (multi-call samplers, split chunks) update that step's entry; a new
+    # full step pushes the previous one back (kept only for the forecast).
+    levels = call.run.features.setdefault(path, [])
+    if not levels or levels[0]["step"] != call.step:
+        levels.insert(0, {"step": call.step, "whole": None, "chunks": {}, "sources": {}})
+        del levels[keep:]
+    level = levels[0]
+    level["whole"] = (call.keys, f)
+    n = f.shape[0] // len(call.keys)
+    for i, k in enumerate(call.keys):
+        level["chunks"][k] = f[i * n:(i + 1) * n]
+        level["sources"][k] = f   # the tensor a chunk is a view of: what holds its memory
+
+
+def reuse_feature(call, path: str, batch: int, forecast: bool, copy: bool = False,
+                  level: int = 0, device=None) -> torch.Tensor | None:
+    """``path``'s stored feature for ``call`` (None when a chunk of it is missing), or with
+    ``forecast`` the line through the two newest stored steps, evaluated at ``call.step``;
+    ``level`` 1: the stored step before the newest, as it was stored. ``device``: where the
+    caller computes (offloaded features come back there)."""
+    f1 = _stored(call, path, batch, level)
+    if f1 is None:
+        return None
+    levels = call.run.features[path]
+    if forecast and not level and len(levels) > 1:
+        f2 = _stored(call, path, batch, level=1)
+        if f2 is not None and f2.shape == f1.shape:
+            s1, s2 = levels[0]["step"], levels[1]["step"]
+            # lerp(f2, f1, w) = f1 + (f1 - f2) * (w - 1): the line through both, one kernel
+            return torch.lerp(f2.to(device or f2.device), f1.to(device or f1.device), 1.0 + (call.step - s1) / (s1 - s2))
+    here = f1 if device is None else f1.to(device)
+    return here.clone() if copy and here is f1 else here
 
 
 def _stored(call: CallContext, path: str, batch: int, level: int = 0) -> torch.Tensor | None:

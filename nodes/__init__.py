@@ -1,7 +1,7 @@
 """Thin ComfyUI node classes, one module per capability; the work is done in ../asdm."""
-from . import compressed, condconv, embedded, gri, inheritance, switch
+from . import autocache, compressed, condconv, embedded, gri, inheritance, switch
 
-_MODULES = (inheritance, compressed, switch, condconv, embedded, gri)
+_MODULES = (autocache, inheritance, compressed, switch, condconv, embedded, gri)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

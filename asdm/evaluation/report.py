@@ -109,3 +109,42 @@ def jsonable(row: dict) -> dict:
             return [conv(x) for x in v]
         return v
     return {k: conv(v) for k, v in row.items()}
+
+
+_LINE_COLORS = [(200, 40, 40), (40, 110, 220), (230, 120, 30), (30, 160, 70), (140, 60, 180), (0, 0, 0),
+                (120, 120, 120)]
+
+
+def line_plot(series: dict, x_label: str, y_label: str, title: str, size=(900, 600)) -> "Image.Image":
+    """One line per series: {name: [(x, y), ...]}, points sorted by x, each marked."""
+    pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(x) and math.isfinite(y)]
+    W, H = size
+    left, right, top, bottom = 70, 200, 40, 50
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    pad_x, pad_y = (x1 - x0) * 0.05 or 0.1, (y1 - y0) * 0.05 or 0.5
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    X = lambda v: left + (v - x0) / (x1 - x0) * (W - left - right)   # noqa: E731
+    Y = lambda v: H - bottom - (v - y0) / (y1 - y0) * (H - top - bottom)   # noqa: E731
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(6):
+        xv, yv = x0 + (x1 - x0) * k / 5, y0 + (y1 - y0) * k / 5
+        d.line([X(xv), H - bottom, X(xv), H - bottom + 4], fill="black")
+        d.text((X(xv) - 12, H - bottom + 6), f"{xv:.2f}x", fill="black")
+        d.line([left - 4, Y(yv), left, Y(yv)], fill="black")
+        d.text((8, Y(yv) - 6), f"{yv:.1f}", fill="black")
+    d.text((W // 2 - 200, H - 18), _ascii(x_label), fill="black")
+    d.text((left, 8), _ascii(title), fill="black")
+    d.text((8, top - 14), _ascii(y_label), fill="black")
+    for i, (name, s) in enumerate(series.items()):
+        col = _LINE_COLORS[i % len(_LINE_COLORS)]
+        s = sorted((x, y) for x, y in s if math.isfinite(x) and math.isfinite(y))
+        if len(s) > 1:
+            d.line([(X(x), Y(y)) for x, y in s], fill=col, width=2)
+        for x, y in s:
+            d.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], fill=col)
+        d.rectangle([W - right + 10, top + 8 + 16 * i, W - right + 18, top + 16 + 16 * i], fill=col)
+        d.text((W - right + 22, top + 6 + 16 * i), _ascii(name), fill="black")
+    return im
