@@ -343,10 +343,10 @@ def test_stacks_with_easycache(N, tiny, conds, user_dir):
 
 
 @pytest.mark.parametrize("inputs,needle", [
-    (dict(speed=0.5), "speed: must be 1.0 or more"),
-    (dict(calibration="always"), "calibration: must be one of auto, off"),
+    (dict(speed=0.5), "speed must be a number from 1 to 10 (got 0.5)"),
+    (dict(calibration="always"), "calibration must be one of auto, off (got 'always')"),
     (dict(start_percent=0.6, end_percent=0.4), "Auto Cache: end_percent (0.4) must be above start_percent (0.6)"),
-    (dict(end_percent=1.5), "end_percent: must lie within 0-1"),
+    (dict(end_percent=1.5), "end_percent must be a number from 0 to 1 (got 1.5)"),
 ])
 def test_bad_input_is_a_clear_node_error(N, tiny, inputs, needle):
     args = dict(model=tiny, speed=2.0, start_percent=0.0, end_percent=1.0, calibration="auto")
