@@ -291,13 +291,9 @@ class _Next:
 def sd15_speed(methods: list[Method], steps: int, size: int, rounds: int, progress) -> dict:
     """name -> {"ratio": timing.Ratio, "bound": float} for every method, and the plain check."""
     import comfy.model_management as mm   # late: the host's modules exist once it runs (host.boot)
-    models = speed.SD15Models()
-    device = mm.get_torch_device()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(speed.CFG_BATCH, 4, size, size, generator=g).to(device)
-    ctx = torch.randn(speed.CFG_BATCH, 77, 768, generator=g).to(device)
-    t = torch.full((speed.CFG_BATCH,), 5.0, device=device)       # a sigma (apply_model takes sigmas)
-    keys = tuple((i % 2, i // 2) for i in range(speed.CFG_BATCH))
+    models = speed.Models("sd15")
+    inputs = speed._inputs(models.sd, size, mm.get_torch_device())
+    x, t, ctx, keys = inputs.x, inputs.t, inputs.kwargs["c_crossattn"], inputs.keys
 
     def plain():
         fn = lambda: models.sd.model.apply_model(x, t, c_crossattn=ctx)   # noqa: E731
@@ -314,7 +310,7 @@ def sd15_speed(methods: list[Method], steps: int, size: int, rounds: int, progre
         if m.strategy is not None:
             key = speed._patched_key(m.strategy)
             if key not in patched:
-                patched[key] = speed._Patched(models, m.strategy, x, t, ctx, keys, steps)
+                patched[key] = speed._Patched(models, m.strategy, inputs, steps)
                 calls[f"{key}:store"], calls[f"{key}:reuse"] = patched[key].callers()
     done, total = [0], len(calls) * (rounds + 1)
     for k, fn in list(calls.items()):
