@@ -235,6 +235,11 @@ def test_example_graph_loads_renders_and_runs(page, server, object_info, name):
     save_thumbnail(page, loaded["clip"], os.path.join(THUMBS, name.replace(".json", ".jpg")))
 
     # Queue it from the page, shrunk to what this CPU runs quickly, on the project-made models.
+    # The SDXL graphs queue on the SD1.5 ones (SDXL through the checkpoint, BK-SDM Base in SSD-1B's
+    # place): a project-made SDXL checkpoint would need SDXL's two text encoders, 0.8 B parameters,
+    # and a UNet of SDXL's full width. What this checks of them is the page's part: the prompt it
+    # builds from the saved widgets, the server's validation and a run of their A-SDM nodes;
+    # tests/host/test_workflows.py samples them on SDXL-topology UNets.
     small = {"ckpt_name": server["ckpt"], "unet_name": server["unet"], "width": 64, "height": 64,
              "steps": 2, "end_1": 1, "start_2": 1}
     if any(n["class_type"] == "ASDMLoadEmbeddedModel" for n in api.values()):
