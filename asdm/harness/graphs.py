@@ -20,6 +20,18 @@ NOTES = {
         "BK-SDM Base with the deep part of SD1.5, sampled, and saved with A-SDM Save UNet to "
         "output/unet. Needs your SD1.5 checkpoint and a diffusers BK-SDM Base at "
         "models/unet/bk-sdm-base/unet/diffusion_pytorch_model.safetensors (nothing is downloaded).",
+    "auto_cache_compare_embedded.json":
+        "With and without A-SDM Auto Cache, side by side on the embedded model (runs out of the box, "
+        "on a CPU): the same prompt, seed and 20 steps, the top row as it is, the bottom row through "
+        "Auto Cache with its defaults (speed 2.0, calibration auto). The first queue calibrates: Auto "
+        "Cache computes every step fully and profiles the model, so both rows match. Edit the prompt "
+        "and queue again to compare.",
+    "auto_cache_sd15.json":
+        "A-SDM Auto Cache between Load Checkpoint and the KSampler: one knob, speed (2.0: the target "
+        "UNet FLOP ratio); what reuses an earlier step's output, and on which steps, is calibrated on "
+        "your model. The first run with a new model, sampler, schedule or size computes fully (its "
+        "image is full compute's) and writes a profile; later runs (a new seed or prompt) reach the "
+        "target. Needs your SD1.5 checkpoint (nothing is downloaded).",
     "embedded_s1_inheritance.json":
         "Runs out of the box on the embedded model (64x64 scenes of coloured shapes, on a CPU). "
         "A-SDM UNet Switch samples steps 0-7 with the embedded BK-SDM Base and the rest with the "
@@ -30,6 +42,13 @@ NOTES = {
         "forecast) between Load Checkpoint and the KSampler: no training, any sampler. Needs your "
         "SD1.5 checkpoint. Its other inputs (units, reuse, forecast, the full final steps, where "
         "stored features are kept) are for fine-tuning the trade-off.",
+    "feature_inheritance_sdxl.json":
+        "A-SDM Feature Inheritance with its defaults (EX3, period 3, span-output reuse with "
+        "forecast) on SDXL at 1024x1024: no training, any sampler. Needs your own SDXL checkpoint "
+        "(sd_xl_base_1.0.safetensors or a fine-tune) in models/checkpoints; nothing is downloaded. "
+        "SDXL's UNet has three levels, where EX3 names what EX2 does: everything but the shallowest "
+        "level pair (dn0, up2) reuses its stored output, so an inheriting step computes about 7 % "
+        "of a full one.",
     "gri_sd15.json":
         "A-SDM GRI Attention in the highest-resolution attention units (dn0, up3): each token "
         "attends to its own 16x16 region and to keys pooled 4x4 over the whole latent. Without "
@@ -44,6 +63,12 @@ NOTES = {
         "The paper's S1 switching: A-SDM UNet Switch runs BK-SDM Base for steps 0-9 of 25 and "
         "SD1.5 for the rest. Needs your SD1.5 checkpoint and a diffusers BK-SDM Base at "
         "models/unet/bk-sdm-base/unet/diffusion_pytorch_model.safetensors (nothing is downloaded).",
+    "switch_s1_sdxl.json":
+        "The paper's S1 switching on SDXL: A-SDM UNet Switch runs SSD-1B (SDXL's block-removed "
+        "student, same text encoders and VAE) for steps 0-9 of 25 and SDXL for the rest. Needs your "
+        "SDXL checkpoint in models/checkpoints and SSD-1B's UNet in models/unet: its diffusers folder "
+        "at models/unet/ssd-1b/unet/diffusion_pytorch_model.safetensors, or a single-file UNet picked "
+        "in the loader (nothing is downloaded).",
 }
 
 

@@ -1,15 +1,19 @@
 """The bundled graphs (example_workflows/), run through ComfyUI's own executor on a project-made
-SD1.5 model or the embedded model."""
+SD1.5 model, narrow SDXL-family UNets or the embedded model."""
 import copy
+import hashlib
 import os
 import re
 
 import pytest
+import safetensors.torch
 import torch
 
-from conftest import unload_all
+from conftest import holder_of, model_folder, unload_all
+from sdxl_family import CONTEXT, family_model
 from asdm.harness import graphs, host
-from asdm import compat
+from asdm import autocache as ac
+from asdm import compat, hooks
 from asdm.harness import models as tm
 
 ROOT = host.REPO_ROOT
@@ -48,6 +52,53 @@ def read_latent(prefix):
 
 
 WORKFLOWS = graphs.bundled()
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def node_defaults(class_type):
+    import nodes
+    spec = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    return {k: v[1]["default"] for sec in spec.values() for k, v in sec.items()
+            if len(v) > 1 and "default" in v[1]}
+
+
+def saved_widgets(api, nid):
+    return {k: v for k, v in api[nid]["inputs"].items() if not isinstance(v, list)}
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """ComfyUI's user directory (where Auto Cache keeps its profiles), for this test only (both
+    hosts read the module attribute)."""
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path))
+    return tmp_path
+
+
+def profiles(user_dir):
+    folder = os.path.join(str(user_dir), *ac.PROFILE_FOLDER)
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """The MODELs the graphs' A-SDM patch nodes return while the executor runs them, per node id
+    (their holders say what each sampling run did)."""
+    import nodes
+    out: dict = {}
+    for node_id in ("ASDMFeatureInheritance2", "ASDMAutoCache"):
+        cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+        func = getattr(cls, cls.FUNCTION)
+
+        def recording(self, *a, _func=func, _id=node_id, **k):
+            res = _func(self, *a, **k)
+            out.setdefault(_id, []).append(res[0])
+            return res
+        monkeypatch.setattr(cls, cls.FUNCTION, recording)
+    return out
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -156,21 +207,165 @@ def test_assembly_m2_workflow_and_stock_loader(runner, ckpt, base_unet):
     os.remove(os.path.join(out, saved))
 
 
+def test_auto_cache_workflow_calibrates_then_reuses(runner, ckpt, user_dir, made):
+    """The Auto Cache graph (the README's quick start) with the node's defaults: its first run
+    computes fully (full compute's latent, bit for bit) and writes one profile; the next run, a new
+    seed, follows the profile's plan and differs from full compute with that seed."""
+    api = graphs.load_api_workflow("auto_cache_sd15.json")
+    cache = graphs.find(api, "ASDMAutoCache")
+    assert saved_widgets(api, cache) == node_defaults("ASDMAutoCache")
+    assert api["6"]["inputs"]["model"] == [cache, 0] and api["6"]["inputs"]["steps"] == 20
+    p = small(api, ckpt); save_latent(p, "6", "ac_first")
+    runner.run(p)
+    plain = variant(p); plain["6"]["inputs"]["model"] = ["1", 0]; save_latent(plain, "6", "ac_plain")
+    runner.run(plain)
+    assert torch.equal(read_latent("ac_first"), read_latent("ac_plain"))
+    assert len(profiles(user_dir)) == 1
+    again = variant(p); again["6"]["inputs"]["seed"] = 1; save_latent(again, "6", "ac_again")
+    runner.run(again)
+    assert hooks.holder_of(made["ASDMAutoCache"][-1], ac.AutoCacheHolder).last_run.plan is not None
+    plain = variant(again); plain["6"]["inputs"]["model"] = ["1", 0]; save_latent(plain, "6", "ac_plain1")
+    runner.run(plain)
+    cached = read_latent("ac_again")
+    assert torch.isfinite(cached).all() and rel_err(cached, read_latent("ac_plain1")) > 1e-4
+    assert len(profiles(user_dir)) == 1   # used, not rewritten
 
-def test_comparison_graph_differs_only_in_the_model(runner):
-    """The with / without graph: two samplers alike in everything but their model (the embedded
-    model, and the same through A-SDM Feature Inheritance with its node defaults), each decoded
-    and saved; queued, the two images differ."""
+
+# The SDXL graphs: run on stand-ins for their checkpoint (why: on_test_sdxl).
+TEXT_STAND_IN = "TestSDXLTextStandIn"
+
+
+class TextStandIn:
+    """What CLIPTextEncode asks of a CLIP on either host (tokenize, then encode with the pooled
+    output): a context of the narrow UNets' width and SDXL's pooled width, seeded by the text."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False, **_):
+        [[cond, extra]] = tm.conditioning(CONTEXT, int(hashlib.sha256(tokens.encode()).hexdigest()[:8], 16),
+                                          pooled=tm.SDXL_POOLED)
+        if return_dict:
+            return {"cond": cond, **extra}
+        return (cond, extra["pooled_output"]) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens, **_):
+        d = self.encode_from_tokens(tokens, return_dict=True)
+        return [[d.pop("cond"), d]]
+
+
+class TextStandInNode:
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return (TextStandIn(),)
+
+
+@pytest.fixture(scope="module")
+def sdxl_files(tmp_path_factory):
+    """Narrow SDXL and SSD-1B UNets (the host's topologies at 32 channels) as single-file UNets
+    in a UNet folder of their own, and the text stand-in registered as a node, for this module."""
     import nodes
-    api = graphs.load_api_workflow("inheritance_compare_embedded.json")
+    d = tmp_path_factory.mktemp("sdxl-graphs")
+    names = {}
+    for name, seed in (("sdxl", 0), ("ssd-1b", 3)):
+        names[name] = f"tiny-{name}.safetensors"
+        sd = family_model(name, seed).model.diffusion_model.state_dict()
+        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(d / names[name]))
+    with model_folder(compat.unet_folder(), d):
+        nodes.NODE_CLASS_MAPPINGS[TEXT_STAND_IN] = TextStandInNode
+        try:
+            yield names
+        finally:
+            del nodes.NODE_CLASS_MAPPINGS[TEXT_STAND_IN]
+
+
+def on_test_sdxl(api, ckpt, files, steps=6):
+    """An SDXL graph on test weights, at 64x64 px. Its Load Checkpoint expects the user's SDXL
+    checkpoint; a project-made one would need SDXL's two text encoders (CLIP-L and the 1280-wide
+    CLIP-G, 0.8 B parameters) and could then only feed a UNet of SDXL's full width. So the
+    loader's three outputs come from stand-ins, and every other node runs as saved:
+    MODEL: a narrow SDXL UNet file (tm.TINY_SDXL) read by A-SDM Load Compressed UNet, which builds
+    the host's SDXL model class, as a checkpoint gives it; CLIP: the text stand-in above (a seeded
+    context of the narrow UNet's width with SDXL's pooled output); VAE: the Load Checkpoint node
+    itself, on the project-made SD1.5 checkpoint (SDXL's VAE has SD's architecture)."""
+    p = copy.deepcopy(api)
+    p["1"]["inputs"]["ckpt_name"] = ckpt   # now used for its VAE only
+    p["sdxl"] = {"class_type": "ASDMLoadCompressedUNet", "inputs": {"unet_name": files["sdxl"], "prediction": "auto"}}
+    p["text"] = {"class_type": TEXT_STAND_IN, "inputs": {}}
+    for node in p.values():
+        for k, v in node["inputs"].items():
+            if v in (["1", 0], ["1", 1]):
+                node["inputs"][k] = ["sdxl", 0] if v[1] == 0 else ["text", 0]
+    p["4"]["inputs"].update(width=64, height=64)
+    p[graphs.find(p, "KSampler")]["inputs"]["steps"] = steps
+    return p
+
+
+def test_feature_inheritance_sdxl_workflow(runner, ckpt, sdxl_files, made):
+    """The SDXL inheritance graph (node defaults, 1024 px) on a narrow SDXL UNet through the
+    executor (on_test_sdxl says on what): its saved period 3 gives one full step, then two
+    inheriting ones, and inheriting changes the result; period 1 is the plain model bit for bit."""
+    api = graphs.load_api_workflow("feature_inheritance_sdxl.json")
+    fi = graphs.find(api, "ASDMFeatureInheritance2")
+    assert saved_widgets(api, fi) == node_defaults("ASDMFeatureInheritance2")
+    assert api["4"]["inputs"] == {"width": 1024, "height": 1024, "batch_size": 1}
+    g = on_test_sdxl(api, ckpt, sdxl_files); save_latent(g, "6", "xfi")
+    runner.run(g)
+    steps: dict = {}
+    for step, mode in holder_of(made["ASDMFeatureInheritance2"][-1]).last_run.calls:
+        steps.setdefault(step, set()).add(mode)
+    assert steps == {0: {"store"}, 1: {"inherit"}, 2: {"inherit"}, 3: {"store"}, 4: {"inherit"}, 5: {"inherit"}}
+    plain = variant(g); plain["6"]["inputs"]["model"] = ["sdxl", 0]; save_latent(plain, "6", "xplain")
+    runner.run(plain)
+    p1 = variant(g); p1[fi]["inputs"]["period"] = 1; save_latent(p1, "6", "xp1")
+    runner.run(p1)
+    assert torch.equal(read_latent("xp1"), read_latent("xplain"))
+    assert rel_err(read_latent("xfi"), read_latent("xplain")) > 1e-3
+
+
+def test_switch_s1_sdxl_workflow(runner, ckpt, sdxl_files):
+    """The SDXL S1 graph: an SSD-1B-topology UNet from the graph's own A-SDM Load Compressed UNet
+    for the first steps, SDXL for the rest (on_test_sdxl says on what). SDXL in both ranges is SDXL
+    alone, bit for bit; S1 differs from SDXL alone (the student ran the first steps) and from the
+    student alone (SDXL ran the rest)."""
+    api = graphs.load_api_workflow("switch_s1_sdxl.json")
+    assert api["6"]["inputs"]["model_1"] == ["5", 0] and api["6"]["inputs"]["model_2"] == ["1", 0]
+    assert (api["6"]["inputs"]["end_1"], api["6"]["inputs"]["start_2"], api["7"]["inputs"]["steps"]) == (10.0, 10.0, 25)
+    api["5"]["inputs"]["unet_name"] = sdxl_files["ssd-1b"]
+    s1 = on_test_sdxl(api, ckpt, sdxl_files); s1["6"]["inputs"].update(end_1=2.0, start_2=2.0)
+    save_latent(s1, "7", "xswA")
+    runner.run(s1)
+    runs = {"xswB": ("6", "model_1", "sdxl"), "xswS": ("7", "model", "sdxl"), "xswD": ("7", "model", "5")}
+    for prefix, (nid, inp, src) in runs.items():
+        v = variant(s1); v[nid]["inputs"][inp] = [src, 0]; save_latent(v, "7", prefix)
+        runner.run(v)
+    s1_out, sdxl_out = read_latent("xswA"), read_latent("xswS")
+    assert torch.equal(read_latent("xswB"), sdxl_out)
+    assert rel_err(s1_out, sdxl_out) > 1e-3 and rel_err(s1_out, read_latent("xswD")) > 1e-3
+
+
+
+@pytest.mark.parametrize("name,patch", [("inheritance_compare_embedded.json", "ASDMFeatureInheritance2"),
+                                        ("auto_cache_compare_embedded.json", "ASDMAutoCache")])
+def test_comparison_graph_differs_only_in_the_model(runner, user_dir, name, patch):
+    """The with / without graphs: two samplers alike in everything but their model (the embedded
+    model, and the same through the A-SDM node with its defaults), each decoded and saved; queued,
+    the two images differ. Auto Cache's first queue calibrates, so there both match bit for bit
+    until the prompt is edited (as the graph's note says)."""
+    api = graphs.load_api_workflow(name)
     samplers = sorted(k for k, v in api.items() if v["class_type"] == "KSampler")
     a, b = (dict(api[k]["inputs"]) for k in samplers)
     loader = graphs.find(api, "ASDMLoadEmbeddedModel")
-    fi = graphs.find(api, "ASDMFeatureInheritance2")
-    assert (a.pop("model"), b.pop("model")) == ([loader, 0], [fi, 0]) and a == b and a["steps"] == 20
-    spec = nodes.NODE_CLASS_MAPPINGS["ASDMFeatureInheritance2"].INPUT_TYPES()
-    defaults = {k: v[1]["default"] for sec in spec.values() for k, v in sec.items() if "default" in v[1]}
-    assert {k: v for k, v in api[fi]["inputs"].items() if k != "model"} == defaults
+    node = graphs.find(api, patch)
+    assert (a.pop("model"), b.pop("model")) == ([loader, 0], [node, 0]) and a == b and a["steps"] == 20
+    assert saved_widgets(api, node) == node_defaults(patch)
     saves = [k for k, v in api.items() if v["class_type"] == "SaveImage"]
     assert sorted(api[api[k]["inputs"]["images"][0]]["inputs"]["samples"][0] for k in saves) == samplers
 
@@ -178,8 +373,17 @@ def test_comparison_graph_differs_only_in_the_model(runner):
     for k in samplers:
         p[k]["inputs"]["steps"] = 6
     p["4"]["inputs"]["batch_size"] = 1
+    tag = patch[4:8]
     for k in samplers:
-        save_latent(p, k, f"cmp_{k}")
+        save_latent(p, k, f"cmp_{tag}_{k}")
     runner.run(p)
-    full, fi_out = (read_latent(f"cmp_{k}") for k in samplers)
-    assert not torch.equal(full, fi_out) and torch.isfinite(fi_out).all()
+    full, out = (read_latent(f"cmp_{tag}_{k}") for k in samplers)
+    if patch == "ASDMAutoCache":
+        assert torch.equal(full, out) and len(profiles(user_dir)) == 1
+        p = variant(p)
+        p["2"]["inputs"]["text"] += ", on a white background"
+        for k in samplers:
+            save_latent(p, k, f"cmp_{tag}_edited_{k}")
+        runner.run(p)
+        full, out = (read_latent(f"cmp_{tag}_edited_{k}") for k in samplers)
+    assert torch.isfinite(out).all() and rel_err(out, full) > 1e-4
