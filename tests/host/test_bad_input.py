@@ -227,7 +227,7 @@ def number_text(x):
 
 
 def test_the_pack_loads_the_nodes_this_catalogue_covers():
-    assert set(PACK_NODES) == {"ASDMAssembleUNet", "ASDMFeatureInheritance", "ASDMFeatureInheritance2", "ASDMGRIAttention", "ASDMLoadCompressedUNet",
+    assert set(PACK_NODES) == {"ASDMAssembleUNet", "ASDMAutoCache", "ASDMFeatureInheritance", "ASDMFeatureInheritance2", "ASDMGRIAttention", "ASDMLoadCompressedUNet",
                                "ASDMLoadEmbeddedModel", "ASDMMECondConv", "ASDMSaveUNet", "ASDMUNetSwitch"}
 
 
@@ -258,7 +258,7 @@ def test_every_numeric_input_refuses_non_finite_and_out_of_range_values(sd_and_b
                 if str(e) != want:
                     failures.append((name, value, str(e), want))
     assert not failures, failures
-    if node_id in ("ASDMFeatureInheritance", "ASDMFeatureInheritance2", "ASDMGRIAttention", "ASDMMECondConv", "ASDMUNetSwitch"):
+    if node_id in ("ASDMAutoCache", "ASDMFeatureInheritance", "ASDMFeatureInheritance2", "ASDMGRIAttention", "ASDMMECondConv", "ASDMUNetSwitch"):
         assert numeric   # the nodes with numbers are covered, not skipped
 
 
