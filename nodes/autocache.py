@@ -8,6 +8,9 @@ class AutoCache:
     NODE_ID = "ASDMAutoCache"
     TITLE = "A-SDM Auto Cache"
     CATEGORY = "A-SDM/acceleration"
+    # words users search for (newer front ends search SEARCH_ALIASES)
+    SEARCH_ALIASES = ["cache", "auto cache", "deepcache", "easycache", "teacache", "block cache",
+                      "speed up", "faster", "accelerate"]
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The MODEL with Auto Cache; connect it to any sampler.",)

@@ -43,6 +43,7 @@ def test_node_definition_is_complete(name):
 # what saved graphs depend on: a node whose inputs must move gets a new id, the old one staying
 # (DEPRECATED = True); new inputs go last with a default that keeps saved graphs' meaning.
 SURFACE = {
+    "ASDMAutoCache": ["speed", "start_percent", "end_percent", "calibration"],
     "ASDMFeatureInheritance2": ["preset", "period", "+units", "+reuse", "+forecast", "+final_full_fraction",
                                 "+features_on"],
     "ASDMFeatureInheritance": ["preset", "units", "period", "final_full_steps", "reuse", "forecast",
@@ -77,6 +78,7 @@ def test_search_aliases():
         aliases = cls.SEARCH_ALIASES
         assert isinstance(aliases, list) and aliases and all(a == a.strip().lower() for a in aliases), name
     assert {"cache", "deepcache", "speed up", "faster", "accelerate"} <= set(classes["ASDMFeatureInheritance2"].SEARCH_ALIASES)
+    assert {"cache", "deepcache", "easycache", "speed up"} <= set(classes["ASDMAutoCache"].SEARCH_ALIASES)
     assert {"switch", "bk-sdm"} <= set(classes["ASDMUNetSwitch"].SEARCH_ALIASES)
     assert {"unet loader", "bk-sdm"} <= set(classes["ASDMLoadCompressedUNet"].SEARCH_ALIASES)
     assert "assembly" in classes["ASDMAssembleUNet"].SEARCH_ALIASES
