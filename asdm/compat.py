@@ -350,7 +350,9 @@ def zero_terminal_snr(model) -> None:
     and its ModelSamplingDiscrete node rescales the built sigmas instead, which is done here."""
     import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_sampling
-    model.model_config.sampling_settings["zsnr"] = True   # also how the MODEL is seen to use it
+    # also how the MODEL is seen to use it; a copy, since hosts declare sampling_settings on the
+    # model config's class, where setting a key would give every later model of that class zsnr
+    model.model_config.sampling_settings = dict(model.model_config.sampling_settings, zsnr=True)
     if "zsnr" in inspect.signature(comfy.model_sampling.ModelSamplingDiscrete.__init__).parameters:
         model.model_sampling = comfy.model_base.model_sampling(model.model_config, model.model_type)
     else:
