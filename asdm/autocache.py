@@ -297,7 +297,6 @@ class Predictor:
         self.n_steps = len(sig) - 1
         self.n_groups = len(profile.groups)
         self.recorded = set(profile.steps)
-        row = {s: i for i, s in enumerate(profile.steps)}
         w = propagation(sig)
         # term[k][s]: predicted final error per unit of group k's output deviation at step s
         self.term = [[math.inf] * self.n_steps for _ in range(self.n_groups)]
