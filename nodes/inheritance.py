@@ -55,6 +55,11 @@ def _forecast(default, **extra):
         "stored tensor per stored feature."})
 
 
+def _model():
+    return ("MODEL", {"tooltip": "An SD-style UNet MODEL: SD1.x/2.x, BK-SDM, assembled UNets, SDXL "
+                                 "and its students (SSD-1B, Vega, KOALA)."})
+
+
 def _features_on():
     return (list(FEATURES_ON), {"default": "compute", "advanced": True, "tooltip":
         "Where stored features are kept between steps. compute: on the device that runs the "
@@ -86,7 +91,7 @@ class FeatureInheritance:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD-style UNet MODEL: SD1.x/2.x, BK-SDM, assembled UNets, SDXL and its students (SSD-1B, Vega, KOALA)."}),
+            "model": _model(),
             "preset": _preset(DEFAULTS["preset"]),
             "period": _period(),
             "units": _units(advanced=True),
@@ -139,7 +144,7 @@ class FeatureInheritanceV1:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD-style UNet MODEL: SD1.x/2.x, BK-SDM, assembled UNets, SDXL and its students (SSD-1B, Vega, KOALA)."}),
+            "model": _model(),
             "preset": _preset(DEFAULTS["preset"]),
             "units": _units(),
             "period": _period(),

@@ -5,20 +5,12 @@ import pytest
 import torch
 
 from conftest import ksample, unload_all
+from test_sdxl_inheritance import sdxl, xconds  # noqa: F401 (the same narrow SDXL UNet and conditioning)
 from asdm import condconv, gri, hooks, topology
-from asdm.harness import models as tm
 
 REL_TOL = 1e-5   # batched against split UNet calls: float summation order only (test_gri.py)
 
 
-@pytest.fixture(scope="module")
-def sdxl():
-    return tm.sd_model(tm.TINY_SDXL["sdxl"], seed=0)
-
-
-@pytest.fixture(scope="module")
-def xconds():
-    return (tm.conditioning(64, 1, pooled=tm.SDXL_POOLED), tm.conditioning(64, 2, pooled=tm.SDXL_POOLED))
 
 
 def rel_err(a, b):
