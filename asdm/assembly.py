@@ -220,7 +220,7 @@ def assemble(original, compressed, recipe: str):
     for part, s in choice.items():
         copy_entries(clean[s], src[s].topo.entries[part], target.entries[part], sd)
     patcher = host_models.model_from_config(model_config, sd, host_models.prediction(original), _check_complete,
-                                            host_models.zero_snr(original))
+                                            host_models.zero_snr(original), like=original)
     patcher.model.model_config.asdm_recipe = recipe_string(choice)
     return patcher
 
@@ -366,7 +366,7 @@ def compress(teacher, layout: str = "base"):
         copy_entries(clean, tt.entries["mid"], student.entries["mid"], sd)
     sd = _without_cut_blocks(sd, empty.state_dict())
     return host_models.model_from_config(model_config, sd, host_models.prediction(teacher), _check_complete,
-                                         host_models.zero_snr(teacher))
+                                         host_models.zero_snr(teacher), like=teacher)
 
 
 _BLOCK_RE = re.compile(r"\.transformer_blocks\.\d+\.")

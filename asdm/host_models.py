@@ -24,10 +24,13 @@ SD15_UNET_CONFIG = {
 }
 
 
-def model_from_config(model_config, sd: dict, prediction: str = "eps", check=None, zsnr: bool = False):
+def model_from_config(model_config, sd: dict, prediction: str = "eps", check=None, zsnr: bool = False,
+                      like=None):
     """ModelPatcher for ``model_config`` with the weights ``sd`` (ldm keys, no prefix).
     ``check(unet, sd)`` runs on the built UNet before the weights are loaded. ``zsnr``: it samples
-    with the zero-terminal-SNR schedule (v-prediction fine-tunes trained with it)."""
+    with the zero-terminal-SNR schedule (v-prediction fine-tunes trained with it). ``like``: a
+    MODEL it is made from (compressed, assembled), whose weight and compute dtypes it keeps, as
+    the host's model merging keeps the first model's; else the host's choice for the device."""
     check_prediction(prediction)
     import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_management as mm
@@ -36,8 +39,11 @@ def model_from_config(model_config, sd: dict, prediction: str = "eps", check=Non
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     dtypes = model_config.supported_inference_dtypes
-    unet_dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=dtypes)
-    model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, load_device, dtypes))
+    if like is not None:
+        model_config.set_inference_dtype(like.model.get_dtype(), getattr(like.model, "manual_cast_dtype", None))
+    else:
+        unet_dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=dtypes)
+        model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, load_device, dtypes))
     mt = comfy.model_base.ModelType
     kind = {"eps": mt.EPS, "v": mt.V_PREDICTION, "v_prediction": mt.V_PREDICTION}[prediction]
     model_config.model_type = lambda *a, **k: kind   # the weights cannot tell eps from v

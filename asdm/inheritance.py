@@ -142,6 +142,7 @@ class InheritanceHolder(hooks.Holder):
         self.skipped, self.boundary = span   # output mode: atoms not run / whose outputs are stored
         self.unet = unet                     # for the share an inheriting step computes (the log line)
         self.store_device = store_device     # None: features stay where computed; else kept there
+        self._shares: dict = {}              # latent side -> the share an inheriting step computes
 
     def finish_run(self, run: RunState) -> None:
         run.forget()
@@ -161,7 +162,10 @@ class InheritanceHolder(hooks.Holder):
         if self.unet is None or run.shape is None or not inherited:
             return ""
         h, w = run.shape[0][-2:]
-        share, _ = inheriting_share(self.unet, self.units, self.reuse, (h * w) ** 0.5)
+        side = (h * w) ** 0.5
+        if side not in self._shares:   # counting walks every module: once per size, not every run
+            self._shares[side] = inheriting_share(self.unet, self.units, self.reuse, side)[0]
+        share = self._shares[side]
         return f"; UNet FLOPs {steps / (steps - inherited + inherited * share):.2f}x fewer"
 
     def begin_call(self, run: RunState | None, x: torch.Tensor, keys: tuple) -> CallContext | None:

@@ -5,6 +5,7 @@ sacrificing speed"): at most ~10 % slower than plain at N = 2.
     python benchmarks/condconv.py --latents 16,32 --rounds 5
     python benchmarks/condconv.py --latents 64 --rounds 3        # slow on a CPU: seconds per UNet call
     python benchmarks/condconv.py --calibrate --rounds 7         # single convs: the cost model's data
+    python benchmarks/condconv.py --calibrate --sdxl --rounds 3 --experts 2   # at SDXL's widths and maps
 
 Every 3x3 conv of the down/up R units is ME-CondConv with 'paper' init (random experts and
 router), so cond and uncond route differently and the per-sample paths run, as in a trained
@@ -94,7 +95,14 @@ CALIBRATION_SHAPES = [(1280, 1280, 2), (2560, 1280, 2), (1280, 1280, 4), (2560, 
                       (320, 320, 16), (640, 640, 32), (320, 320, 32), (320, 320, 64)]
 
 
-def calibrate(batch, rounds, ns):
+# The same at SDXL's widths: its R units' 3x3 convs (up blocks: the concatenated skip inputs) on
+# the maps of latent 32 (what a CPU runs here) and of latent 128 (1024 px, SDXL's own size)
+SDXL_CALIBRATION_SHAPES = [(1280, 1280, 4), (2560, 1280, 4), (640, 640, 8), (1920, 640, 8), (320, 320, 16),
+                           (960, 320, 16), (1280, 1280, 32), (2560, 1280, 32), (640, 640, 64), (1920, 640, 64),
+                           (320, 320, 128), (960, 320, 128)]
+
+
+def calibrate(batch, rounds, ns, shapes=CALIBRATION_SHAPES):
     """Single convs: each path's extra time over the plain conv, per weight of the kernel."""
     print(f"\nSingle 3x3 convs, batch {batch}, {device_name()}, torch {torch.__version__}. Cells: time / plain "
           f"conv time, median over {rounds} interleaved rounds (lowest-highest); extra ns per kernel weight.\n")
@@ -102,7 +110,7 @@ def calibrate(batch, rounds, ns):
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    for i, o, hw in CALIBRATION_SHAPES:
+    for i, o, hw in shapes:
         conv = torch.nn.Conv2d(i, o, 3, padding=1).to(dev)
         x = torch.randn(batch, i, hw, hw, generator=g).to(dev)
         for n in ns:
@@ -137,12 +145,13 @@ def main():
     ap.add_argument("--experts", default="2,4", help="numbers of experts N, comma-separated")
     ap.add_argument("--layouts", default="small,tiny", help="BK-SDM layouts, comma-separated")
     ap.add_argument("--calibrate", action="store_true", help="time single convs of the SD1.5 shapes instead")
+    ap.add_argument("--sdxl", action="store_true", help="with --calibrate: SDXL's conv shapes (latent 32 and 128)")
     a = ap.parse_args()
     latents = [int(s) for s in a.latents.split(",")]
     ns = [int(s) for s in a.experts.split(",")]
     if a.calibrate:
         with torch.no_grad():
-            calibrate(a.batch, a.rounds, ns)
+            calibrate(a.batch, a.rounds, ns, SDXL_CALIBRATION_SHAPES if a.sdxl else CALIBRATION_SHAPES)
         return
 
     benches = {s: Bench(a.batch, s, a.rounds) for s in latents}

@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Ratio, device_name, interleaved, sync  # noqa: E402
+from common import Ratio, device_name, host, interleaved, sync  # noqa: E402
 from asdm import compat, gri  # noqa: E402
 from asdm.evaluation import flops  # noqa: E402
 from asdm.harness import models as tm  # noqa: E402
@@ -49,9 +49,10 @@ def main():
                     help="time only the attention core on a grid of that side and width (random q, k, v), "
                          "e.g. 64:640:10 = SDXL's level 1 at 1024 px (where GRI's default units sit)")
     a = ap.parse_args()
+    host.boot()
     import comfy.ldm.modules.attention as attention   # late: the host's modules exist once it runs
     if not a.host_attention:
-        # what --use-pytorch-cross-attention selects (the host is already booted by common.py);
+        # what --use-pytorch-cross-attention selects (the host booted with its own choice);
         # CrossAttention and GRI's outside-the-range path read this global at call time
         attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
     import comfy.model_management as mm

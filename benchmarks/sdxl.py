@@ -7,13 +7,18 @@ tests check against counted FLOPs). Plain SDXL against itself is the first row: 
 spread.
 
 Strategies: feature inheritance (presets in each reuse mode, Pn), the project's DeepCache
-baseline (depth:interval), each student alone, and the paper's S1 switching for SDXL (the
-student for the first 40 % of the steps, SDXL for the rest).
+baseline (depth:interval), each student alone, the paper's S1 switching for SDXL (the student
+for the first 40 % of the steps, SDXL for the rest), students with ME-CondConv (N = 2, random
+experts and router: cond and uncond route differently, as when trained) and SDXL assembled
+with a student by a recipe (M2: the student's two shallowest level pairs).
 
     python benchmarks/sdxl.py [--size 32] [--steps 20] [--rounds 2] [--dtype bf16]
         [--presets EX3,EX2,DE2] [--modes residual,output,output+forecast] [--period 3]
-        [--deepcache 2:3] [--students ssd-1b,vega,koala-700m,koala-1b] [--device cpu]
+        [--deepcache 2:3] [--students ssd-1b] [--condconv ssd-1b] [--assemble M2:ssd-1b]
+        [--device cpu]
 
+Every UNet named stays in memory while the calls interleave (bf16: SDXL ~5 GB, SSD-1B ~2.6 GB,
+an assembled UNet about SDXL's): on a 24 GB machine time the students a few at a time.
 On a GPU: ``--dtype fp16`` (the calls are timed by CUDA events there).
 """
 import argparse
@@ -24,31 +29,28 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name  # noqa: E402
-from asdm import inheritance, topology  # noqa: E402
+from asdm import assembly, inheritance, topology  # noqa: E402
 from asdm.evaluation import speed, strategies  # noqa: E402
 from asdm.harness import host  # noqa: E402
-from asdm.harness import models as tm  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LATENT_1024 = 128
 
 
-def macs_1024(cfg) -> float:
-    """Multiply-accumulates of one image at 1024 px, from the config alone (meta device)."""
-    import comfy.model_base   # late: the host's modules exist once it runs (host.boot)
-    import comfy.supported_models as sm
-    unet = comfy.model_base.SDXL(sm.SDXL(dict(cfg)), device="meta").diffusion_model
-    return sum(topology.atom_macs(unet, LATENT_1024).values()), unet
+def macs_1024(model) -> float:
+    """Multiply-accumulates of one image at 1024 px (latent 128), with ME-CondConv's kernel mixing."""
+    return sum(topology.atom_macs(model.model.diffusion_model, LATENT_1024).values()) + speed.mixing_macs(model)
 
 
-def bound_1024(s, steps: int, plain_unet, plain_macs: float, student_macs: dict) -> float:
+def bound_1024(s, steps: int, models) -> float:
     """The FLOP bound of a strategy's schedule at 1024 px."""
+    plain_unet, plain_macs = models.sd.model.diffusion_model, macs_1024(models.sd)
     if s.kind == "plain":
         return 1.0
     if s.kind == "unet":
-        return plain_macs / student_macs[s.unet]
+        return plain_macs / macs_1024(models.unet(s.unet))
     if s.kind == "switch":
-        work = sum(n * (plain_macs if m == "full" else student_macs[m]) for m, n in s.ranges)
+        work = sum(n * (plain_macs if m == "full" else macs_1024(models.unet(m))) for m, n in s.ranges)
         return steps * plain_macs / work
     topo = topology.describe(plain_unet)
     if s.kind == "deepcache":   # its shallow branch: input blocks 0..depth, the mirrored output blocks, out
@@ -77,7 +79,9 @@ def main():
     ap.add_argument("--modes", default="residual,output,output+forecast")
     ap.add_argument("--period", type=int, default=3)
     ap.add_argument("--deepcache", default="2:3", help="DeepCache depth:interval pairs")
-    ap.add_argument("--students", default="ssd-1b,vega,koala-700m,koala-1b")
+    ap.add_argument("--students", default="ssd-1b", help="of ssd-1b, vega, koala-700m, koala-1b: alone and in S1")
+    ap.add_argument("--condconv", default="ssd-1b", help="students timed with ME-CondConv (N = 2) on their R units")
+    ap.add_argument("--assemble", default="M2:ssd-1b", help="recipe:student pairs, SDXL assembled with the student")
     ap.add_argument("--device", default="", help="cpu: compute on the CPU even where a GPU is")
     a = ap.parse_args()
     if a.device == "cpu":
@@ -85,7 +89,8 @@ def main():
         comfy.cli_args.args.cpu = True
     host.boot(pytorch_attention=True)
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]   # noqa: E731
-    presets, students = split(a.presets), split(a.students)
+    presets, students, condconv = split(a.presets), split(a.students), split(a.condconv)
+    assembled = [pair.split(":") for pair in split(a.assemble)]
     modes = [(m.split("+")[0], m.endswith("+forecast")) for m in split(a.modes)]
     S = strategies.Strategy
     k = max(1, round(0.4 * a.steps))
@@ -97,10 +102,13 @@ def main():
     runs += [S(st, st, "student", "unet", unet=st) for st in students]
     runs += [S(f"S1-{st}", f"S1: {st} {k} + SDXL {a.steps - k} steps", "switch", "switch",
                ranges=[(st, k), ("full", a.steps - k)]) for st in students]
-    res = speed.measure(runs, a.steps, a.size, a.rounds, family="sdxl", dtype=DTYPES[a.dtype],
+    runs += [S(f"{st}-condconv", f"{st} + ME-CondConv (N = 2)", "student", "unet", unet=f"{st}-condconv")
+             for st in condconv]
+    runs += [S(f"{r}+{st}", f"{r}: SDXL with {st}'s parts ({assembly.recipe_spec(r)})", "assembled", "unet",
+               unet=f"{r}+{st}") for r, st in assembled]
+    models = speed.Models("sdxl", DTYPES[a.dtype])
+    res = speed.measure(runs, a.steps, a.size, a.rounds, models=models,
                         progress=lambda d, n: print(f"\r{d}/{n} calls", end="", file=sys.stderr, flush=True))
-    plain_macs, plain_unet = macs_1024(tm.SDXL_UNETS["sdxl"])
-    student_macs = {st: macs_1024(tm.SDXL_UNETS[st])[0] for st in students}
     print(f"\n\nSDXL family, real widths (random weights), {a.dtype}, latent {speed.CFG_BATCH}x4x{a.size}x{a.size} "
           f"({a.size * 8} px), {a.steps} steps, {device_name()}, {a.rounds} rounds; SDXL against itself: "
           f"{res['full']['ratio']}\n")
@@ -109,9 +117,12 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: |")
     for s in runs:
         r = res[s.name]
+        if "refused" in r:
+            print(f"| {s.label} | refused on SDXL | | | |")
+            continue
         reached = r["ratio"].median / r["bound"]
         print(f"| {s.label} | {r['ratio']} | {r['bound']:.2f}x | {reached:.0%} | "
-              f"{bound_1024(s, a.steps, plain_unet, plain_macs, student_macs):.2f}x |")
+              f"{bound_1024(s, a.steps, models):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The main job: A-SDM's experiments in miniature. Fidelity on the embedded model, speed on the
-embedded model and on SD1.5-width UNets.
+embedded model and on SD1.5- and SDXL-width UNets.
 
 1. Fidelity and embedded-model speed: every strategy (full compute; feature inheritance with every
    preset at P5, P5† and P2†; switching S1/S2/S3; Base, Small, Tiny, M2 and ME-CondConv) samples
@@ -9,9 +9,10 @@ embedded model and on SD1.5-width UNets.
    the sampler sums the UNet's own time (every model call, through ComfyUI's patching), and the
    executor's wall time of the graph gives the end-to-end time (sampler, decode, save; the text
    encoder is cached). Ratios: full / strategy per caption, median and spread.
-2. SD1.5-width speed (asdm.evaluation.speed): UNet time of each strategy's schedule on the
-   project-made random SD1.5 / BK-SDM UNets, composed from interleaved single calls, beside the
-   FLOP bound.
+2. SD1.5- and SDXL-width speed (asdm.evaluation.speed): UNet time of each strategy's schedule on
+   the project-made random SD1.5 / BK-SDM UNets, and on random SDXL-family UNets (bf16, SDXL's
+   block-removed students in the SD1.5 members' places: strategies.SDXL_COUNTERPARTS), composed
+   from interleaved single calls, beside the FLOP bound.
 3. Self-attention at 256 px (the embedded model's top level over 1024 tokens): GRI attention
    against ComfyUI's ToMe and HyperTile, each paired with full attention per caption: UNet-time
    ratio, PSNR / SSIM against full attention, adherence.
@@ -25,6 +26,7 @@ ignores); --publish also copies them to docs/report for the README. The host's o
     python scripts/main_job.py [--prompts 4] [--seeds 2] [--steps 20] [--quick] [--publish]
 """
 import argparse
+import gc
 import glob
 import json
 import math
@@ -60,6 +62,8 @@ class Job:
     presets: list = field(default_factory=lambda: list(topology.PRESETS))
     sd15_size: int = 32       # latent side of the SD1.5-width timing (32+: where time follows FLOPs)
     sd15_rounds: int = 3
+    sdxl_size: int = 32       # latent side of the SDXL-width timing (0: no SDXL column)
+    sdxl_rounds: int = 2
     attention_prompts: int = 3
     attention_steps: int = 10
     mode_presets: list = field(default_factory=lambda: ["EX3", "EX2", "CO3"])
@@ -82,20 +86,24 @@ class Job:
                         help="latent side of the SD1.5-width timing (32 = 256 px; below 32 deep blocks are "
                              "memory-bound on a CPU and ratios run above the FLOP bound)")
         ap.add_argument("--sd15-rounds", type=int, default=cls.sd15_rounds, help="timing rounds on the SD1.5-width UNets")
+        ap.add_argument("--sdxl-size", type=int, default=cls.sdxl_size,
+                        help="latent side of the SDXL-width timing (real SDXL widths, bf16; 0: no SDXL column)")
+        ap.add_argument("--sdxl-rounds", type=int, default=cls.sdxl_rounds, help="timing rounds on the SDXL-width UNets")
         ap.add_argument("--attention-prompts", type=int, default=cls.attention_prompts,
                         help="captions (one seed each) for the self-attention section at 256 px")
         ap.add_argument("--attention-steps", type=int, default=cls.attention_steps,
                         help="sampler steps in the self-attention section (256 px runs cost ~16x a 64 px one)")
         ap.add_argument("--mode-presets", default="EX3,EX2,CO3",
                         help="presets compared in every reuse mode against DeepCache (comma-separated)")
-        ap.add_argument("--quick", action="store_true", help="2 captions x 2 seeds, presets CO6,EX3,IN3, SD1.5 latent 8, "
+        ap.add_argument("--quick", action="store_true", help="2 captions x 2 seeds, presets CO6,EX3,IN3, SD1.5 and SDXL latent 8, "
                         "reuse modes on EX3 at P5 against DeepCache depth 2 interval 5")
         ap.add_argument("--out", default=cls.out)
         ap.add_argument("--publish", action="store_true", help="also copy the report to docs/report (the README's)")
         a = ap.parse_args(argv)
         split = lambda text: [p.strip() for p in text.split(",") if p.strip()]   # noqa: E731
         job = cls(prompts=a.prompts, seeds=a.seeds, steps=a.steps, cfg=a.cfg, presets=split(a.presets) or list(topology.PRESETS),
-                  sd15_size=a.sd15_size, sd15_rounds=a.sd15_rounds, attention_prompts=a.attention_prompts,
+                  sd15_size=a.sd15_size, sd15_rounds=a.sd15_rounds, sdxl_size=a.sdxl_size,
+                  sdxl_rounds=a.sdxl_rounds, attention_prompts=a.attention_prompts,
                   attention_steps=a.attention_steps, mode_presets=split(a.mode_presets), quick=a.quick, out=a.out,
                   publish=a.publish, command="python scripts/main_job.py" + "".join(
                       " " + x for x in (argv if argv is not None else sys.argv[1:]) if x != "--publish"))
@@ -103,6 +111,7 @@ class Job:
             job.prompts, job.seeds = 2, 2
             job.presets = split(a.presets) or ["CO6", "EX3", "IN3"]
             job.sd15_size, job.sd15_rounds = 8, 2
+            job.sdxl_size, job.sdxl_rounds = min(job.sdxl_size, 8), 1
             job.attention_prompts = min(job.attention_prompts, 2)
         return job
 
@@ -199,6 +208,26 @@ def embedded_section(runs: EmbeddedRuns, plan: list, captions, progress) -> dict
         if s.name == "full":
             assert np.array_equal(r["base_images"], r["images"]), "full compute is not deterministic"
     return results
+
+
+def sdxl_section(job: Job, plan: list, progress) -> dict:
+    """Each strategy's UNet time on its SDXL counterpart (strategies.on_sdxl), in bf16: at real
+    widths fp32 would hold twice the memory, and half precision is how SDXL checkpoints are
+    shipped and run. Timed one counterpart UNet at a time, each group interleaved with SDXL
+    itself as one run: together they hold more memory than a 24 GB machine has."""
+    models = speed.Models("sdxl", torch.bfloat16)
+    groups: dict = {}
+    for s in map(strategies.on_sdxl, plan):
+        members = ({m for m, _ in s.ranges if m != "full"} if s.kind == "switch" else
+                   {s.unet} if s.kind == "unet" else set())
+        groups.setdefault(tuple(sorted(members)), []).append(s)
+    out = {}
+    for group in groups.values():
+        out.update(speed.measure(group, job.steps, job.sdxl_size, job.sdxl_rounds, models=models,
+                                 progress=lambda done, total: progress.step("sdxl", "SDXL-width calls")))
+        models.unets.clear()
+        gc.collect()
+    return out
 
 
 def fidelity(rows, results, scenes, job: Job, net, ref_feats) -> None:
@@ -317,6 +346,13 @@ def header_section(job: Job, rows, results, data_adh: float, minutes: float) -> 
         "ME-CondConv experts there are random (cond and uncond route differently, as when trained).",
         "- **FLOP bound**: UNet FLOPs of full compute over the strategy's on the same SD1.5-width UNets and "
         "schedule.",
+        (f"- **UNet time, SDXL width** and its **FLOP bound**: the same on random-weight SDXL-family UNets of the "
+         f"real widths in bf16 at latent {speed.CFG_BATCH}x4x{job.sdxl_size}x{job.sdxl_size} ({job.sdxl_size * 8} px), "
+         f"{job.sdxl_rounds} rounds; SDXL's block-removed students stand in for the SD1.5 family's members: "
+         + ", ".join(f"{k} -> {v}" for k, v in strategies.SDXL_COUNTERPARTS.items())
+         + f". Full compute against itself: {f_full['sdxl_ratio']}. *refused*: the node refuses that setting "
+         "on SDXL's layout (docs/presets.md). More of the SDXL family: docs/benchmarks.md (benchmarks/sdxl.py)."
+         if job.sdxl_size else "- No SDXL-width timing in this run (--sdxl-size 0)."),
         "- PSNR / SSIM against full compute with the same seeds; adherence: the share of caption attributes "
         f"the checker finds (dataset images: {data_adh:.3f}); Fréchet distance: checker features against 1000 "
         "dataset images.",
@@ -438,10 +474,11 @@ def modes_section(rows) -> list[str]:
     FLOP bound, which a GPU user never sees."""
     modes = [r for r in rows if r["group"] == "modes"]
     out = ["| setting | UNet time, SD1.5 width | FLOP bound | PSNR vs full (dB) | SSIM | adherence | "
-           "UNet time, embedded |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "UNet time, embedded | UNet time, SDXL width | FLOP bound, SDXL |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in modes:
         out.append(f"| {r['label']} | {r['sd15_ratio']} | {r['bound']:.2f}x | {report.fmt(r['psnr'])} | "
-                   f"{r['ssim']:.3f} | {r['adherence']:.3f} | {r['unet_ratio']} |")
+                   f"{r['ssim']:.3f} | {r['adherence']:.3f} | {r['unet_ratio']} | {report.sdxl_cells(r)} |")
     out += ["", "At equal work (each DeepCache setting against ours whose FLOP bound is at least "
             "DeepCache's; difference per image, standard error over the images):", ""]
     ours = [r for r in modes if r["kind"] == "fi"]
@@ -466,7 +503,7 @@ def summary(rows, fam_rows, data_adh: float, minutes: float) -> list[str]:
     by = {r["name"]: r for r in rows}
     best = max((r for r in rows if r["kind"] == "fi"), key=lambda r: r["bound"], default=None)
     out = [f"job time {minutes:.1f} min; full compute against itself: embedded UNet {by['full']['unet_ratio']}, "
-           f"SD1.5 width {by['full']['sd15_ratio']}"]
+           f"SD1.5 width {by['full']['sd15_ratio']}, SDXL width {by['full']['sdxl_ratio'] or '-'}"]
     if best is not None:
         out.append(f"least work of the inheritance settings: {best['label']} {best['sd15_ratio']} (FLOP bound "
                    f"{best['bound']:.2f}x), {best['psnr']:.1f} dB, adherence {best['adherence']:.3f}")
@@ -501,10 +538,14 @@ def main(argv=None):
     n_attn = len(strategies.attention_strategies()) * min(job.attention_prompts, job.prompts)
     progress = Progress({"embedded": (len(plan) * job.prompts, 2 * guess),
                          "sd15": (sd15_calls, 0.008 * job.sd15_size ** 2),
+                         "sdxl": ((sd15_calls // (job.sd15_rounds + 1) + 12) * (job.sdxl_rounds + 1) if job.sdxl_size else 0,
+                                  0.001 * job.sdxl_size ** 2),   # each counterpart's group times SDXL twice more
                          "attention": (n_attn, guess * 16 * job.attention_steps / (job.steps * job.seeds))})
     results = embedded_section(runs, plan, captions, progress)
     sd15 = speed.measure(plan, job.steps, job.sd15_size, job.sd15_rounds,
                          progress=lambda done, total: progress.step("sd15", "SD1.5-width calls", done, total))
+    gc.collect()   # the SD1.5-width UNets
+    sdxl = sdxl_section(job, plan, progress) if job.sdxl_size else {}
     net = checker.load_checker(embedded.path("checker"))
     attn_rows, attn_grid = attention_section(job, captions, scenes, net, progress)
     progress.close()
@@ -513,7 +554,9 @@ def main(argv=None):
     ref_feats = checker.features(net, np.stack([s.image for s in ref]) / 255.0)
     rows = [{"name": s.name, "label": s.label, "group": s.group, "kind": s.kind, "preset": s.preset,
              "unet_ratio": results[s.name]["unet_ratio"], "e2e_ratio": results[s.name]["e2e_ratio"],
-             "sd15_ratio": sd15[s.name]["ratio"], "bound": sd15[s.name]["bound"]} for s in plan]
+             "sd15_ratio": sd15[s.name]["ratio"], "bound": sd15[s.name]["bound"],
+             "sdxl_ratio": sdxl.get(s.name, {}).get("ratio"), "sdxl_bound": sdxl.get(s.name, {}).get("bound"),
+             "sdxl_refused": sdxl.get(s.name, {}).get("refused")} for s in plan]
     fidelity(rows, results, scenes, job, net, ref_feats)
     data_adh = checker.adherence(net, np.stack([s.image for s in scenes]) / 255.0, scenes)
     fam_rows, fam_same = family_section(job, captions, scenes, results, net)

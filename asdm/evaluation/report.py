@@ -90,12 +90,23 @@ def fmt(v: float, spec: str = ".2f", inf: str = "—") -> str:
 
 def table(rows: list[dict]) -> str:
     out = ["| run | PSNR (dB) | SSIM | adherence | Fréchet dist. | UNet time, embedded | end to end, embedded "
-           "| UNet time, SD1.5 width | FLOP bound |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| UNet time, SD1.5 width | FLOP bound | UNet time, SDXL width | FLOP bound, SDXL |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         out.append(f"| {r['label']} | {fmt(r['psnr'])} | {fmt(r['ssim'], '.3f')} | {r['adherence']:.3f} | "
-                   f"{r['fd']:.1f} | {r['unet_ratio']} | {r['e2e_ratio']} | {r['sd15_ratio']} | {r['bound']:.2f}x |")
+                   f"{r['fd']:.1f} | {r['unet_ratio']} | {r['e2e_ratio']} | {r['sd15_ratio']} | {r['bound']:.2f}x | "
+                   f"{sdxl_cells(r)} |")
     return "\n".join(out)
+
+
+def sdxl_cells(r: dict) -> str:
+    """A row's SDXL-width time and FLOP bound cells: "refused" where the SDXL layout refuses the
+    setting, "-" where the job ran no SDXL timing."""
+    if r.get("sdxl_refused"):
+        return "refused | -"
+    if r.get("sdxl_ratio") is None:
+        return "- | -"
+    return f"{r['sdxl_ratio']} | {r['sdxl_bound']:.2f}x"
 
 
 def jsonable(row: dict) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import assembly, condconv, hooks, inheritance
+from .. import assembly, condconv, errors, hooks, inheritance
 from ..harness import models as tm
 from . import flops
 from .deepcache import DeepCache, apply_deepcache
@@ -32,7 +32,8 @@ class Models:
     """A family's plain UNet (random weights of the real widths, the harness's seeds) and the
     UNets the strategies derive from it, made when first asked for: on SD1.5 "base", "small",
     "tiny", "m2", "small-condconv", "tiny-condconv"; on SDXL its students by name ("ssd-1b",
-    "vega", "koala-700m", "koala-1b", each with "-condconv")."""
+    "vega", "koala-700m", "koala-1b", each with "-condconv") and SDXL assembled with one of them
+    by a recipe ("M2+koala-700m": the recipe's level pairs from the student)."""
 
     def __init__(self, family: str = "sd15", dtype: torch.dtype | None = None):
         self.family, self.dtype = family, dtype
@@ -51,6 +52,9 @@ class Models:
             experts = condconv.make_experts(unet, condconv.select_convs(unet, condconv.DEFAULT_UNITS), 2,
                                             "paper", seed=0)   # cond and uncond route differently
             return condconv.apply_condconv(plain, experts)
+        if "+" in name:
+            recipe, student = name.split("+", 1)
+            return assembly.assemble(self.sd, self.unet(student), assembly.recipe_spec(recipe))
         if name in tm.SDXL_UNETS:
             return tm.sd_model(tm.SDXL_UNETS[name], seed=11, dtype=self.dtype)   # a "distilled" student
         if name == "base":
@@ -163,12 +167,14 @@ class _Patched:
 
 
 def measure(strategies, steps: int, size: int, rounds: int, progress=None, family: str = "sd15",
-            dtype: torch.dtype | None = None) -> dict[str, dict]:
-    """name -> {"ratio": Ratio, "bound": float} for every strategy; ``progress(done, total)`` is
+            dtype: torch.dtype | None = None, models: Models | None = None) -> dict[str, dict]:
+    """name -> {"ratio": Ratio, "bound": float} for every strategy ({"refused": why} for a
+    setting the layout refuses); ``progress(done, total)`` is
     called after each timed call. ``family``: "sd15" or "sdxl" (FAMILIES); ``dtype``: the
-    UNets' (default: the host's choice for the device)."""
+    UNets' (default: the host's choice for the device); ``models``: the caller's Models (to
+    read the UNets afterwards), else made here."""
     import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
-    models = Models(family, dtype)
+    models = models or Models(family, dtype)
     inputs = _inputs(models.sd, size, mm.get_torch_device())
 
     def plain_caller(m):
@@ -180,11 +186,15 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None, famil
     for name in sorted({k for s in strategies for k in schedule(s, steps)} - {"sd", "sd again"}):
         if ":" not in name:
             calls[name] = plain_caller(models.unet(name))
-    patched = {}
+    patched, refused = {}, {}
     for s in strategies:
         key = _patched_key(s)
-        if key and key not in patched:
-            patched[key] = _Patched(models, s, inputs, steps)
+        if key and key not in patched and key not in refused:
+            try:
+                patched[key] = _Patched(models, s, inputs, steps)
+            except errors.ASDMError as e:   # this layout refuses the setting (docs/presets.md)
+                refused[key] = str(e)
+                continue
             calls[f"{key}:store"], calls[f"{key}:reuse"] = patched[key].callers()
 
     if progress is not None:   # count every timed call
@@ -204,6 +214,9 @@ def measure(strategies, steps: int, size: int, rounds: int, progress=None, famil
 
     out = {}
     for s in strategies:
+        if _patched_key(s) in refused:
+            out[s.name] = {"refused": refused[_patched_key(s)]}
+            continue
         kinds = schedule(s, steps)
         composed = [sum(n * times[k][r] for k, n in kinds.items()) for r in range(rounds)]
         baseline = [steps * v for v in times["sd"]]
@@ -261,15 +274,16 @@ def _flops(models, inputs: Inputs, patched) -> dict[str, float]:
         u = m.model.diffusion_model
         cost[name] = sum(flops.count(u, lambda: inputs.call_unet(u)).values())
         if name.endswith("-condconv"):   # mixing 2 expert kernels per sample and conv
-            cost[name] += _mixing_flops(m)
+            cost[name] += 2 * CFG_BATCH * mixing_macs(m)
     return cost
 
 
-def _mixing_flops(model) -> int:
+def mixing_macs(model) -> int:
+    """ME-CondConv's kernel mixing per image: N expert kernels per conv, whatever the latent."""
     unet = model.model.diffusion_model
     extra = 0
     for key, fn in model.object_patches.items():
         me = getattr(fn, "me", None)
         if me is not None:
-            extra += 2 * CFG_BATCH * me.n * unet.get_submodule(key[len("diffusion_model."):-len(".forward")]).weight.numel()
+            extra += me.n * unet.get_submodule(key[len("diffusion_model."):-len(".forward")]).weight.numel()
     return extra

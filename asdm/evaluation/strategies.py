@@ -6,6 +6,7 @@ loaders and patch nodes, and a timer (``asdm.evaluation.timing``) right before t
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .. import embedded
@@ -51,6 +52,24 @@ def strategies(steps: int, presets: list[str]) -> list[Strategy]:
             out.append(Strategy(f"{p}-{mode.replace('†', 'd')}", f"{p} {mode}", mode, "fi", preset=p,
                                 period=period, tail=tail))
     return out
+
+
+# The SDXL family's counterparts of the SD1.5 family's members, for the main job's SDXL column:
+# block-removed students in the same order of size (Base keeps about two thirds of SD1.5's
+# parameters, SSD-1B about half of SDXL's; Small and Tiny under half, KOALA-700M and Vega about
+# a third), M2 as SDXL with SSD-1B's two shallowest level pairs.
+SDXL_COUNTERPARTS = {"base": "ssd-1b", "small": "koala-700m", "tiny": "vega", "m2": "M2+ssd-1b",
+                     "small-condconv": "koala-700m-condconv", "tiny-condconv": "vega-condconv"}
+
+
+def on_sdxl(s: Strategy) -> Strategy:
+    """``s`` as it runs on the SDXL family (asdm/evaluation/speed.py's Models names): the SD1.5
+    family's members replaced by their SDXL counterparts."""
+    if s.kind == "switch":
+        return dataclasses.replace(s, ranges=[(SDXL_COUNTERPARTS.get(m, m), n) for m, n in s.ranges])
+    if s.kind == "unet":
+        return dataclasses.replace(s, unet=SDXL_COUNTERPARTS[s.unet])
+    return s
 
 
 # Inheritance modes against the project's DeepCache baseline (asdm/evaluation/deepcache.py):

@@ -1,5 +1,5 @@
-"""The main job end to end (--quick: 2 captions x 2 seeds, presets CO6/EX3/IN3, SD1.5-width
-timing at latent 8), in its own process as the README runs it: it writes the report, the grid
+"""The main job end to end (--quick: 2 captions x 2 seeds, presets CO6/EX3/IN3, SD1.5- and
+SDXL-width timing at latent 8), in its own process as the README runs it: it writes the report, the grid
 and the plot from scratch, into the folder it is given, and keeps the host's log off the console."""
 import json
 import subprocess
@@ -40,6 +40,20 @@ def test_main_job_quick(tmp_path):
             continue            # no speed columns: fidelity only
         for key in ("unet_ratio", "e2e_ratio", "sd15_ratio") if row["name"] not in attention else ("unet_ratio", "e2e_ratio"):
             assert row[key]["low"] <= row[key]["median"] <= row[key]["high"], (row["name"], key)
+    # the SDXL-width column: every strategy timed on its SDXL counterpart, or refused where SDXL's
+    # layout refuses the setting (CO6 names every unit of SDXL's three levels)
+    for row in rows.values():
+        if row["name"] in family | attention:
+            continue
+        if row["name"].startswith("CO6-"):
+            assert "every unit" in row["sdxl_refused"] and row["sdxl_ratio"] is None, row["name"]
+            continue
+        assert row["sdxl_refused"] is None, row["name"]
+        ratio = row["sdxl_ratio"]
+        assert ratio["low"] <= ratio["median"] <= ratio["high"], row["name"]
+    assert rows["full"]["sdxl_bound"] == 1.0 and rows["S2"]["sdxl_bound"] == rows["S1"]["sdxl_bound"] > 1.0
+    assert rows["tiny"]["sdxl_bound"] > rows["base"]["sdxl_bound"] > 1.0     # Vega is smaller than SSD-1B
+    assert rows["EX3-P5-output"]["sdxl_bound"] == rows["deepcache-d2-n5"]["sdxl_bound"]
     # span-output reuse of EX3 at P5 is DeepCache at depth 2, interval 5: the same images, the
     # same FLOPs; the forecast changes the images
     assert rows["EX3-P5-output"]["psnr"] == rows["deepcache-d2-n5"]["psnr"]

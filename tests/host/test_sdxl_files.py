@@ -394,3 +394,20 @@ def test_sdxl_assembly_with_koala_and_refusals(sdxl, sd_and_base):
         assembly.assemble(sdxl, sd_and_base[1], "M2")
     with pytest.raises(assembly.AssemblyError, match="names level pair 3, but this UNet has 3 levels"):
         assembly.assemble(sdxl, koala, "pair3=B")
+
+
+def test_compressed_and_assembled_models_keep_the_originals_dtype():
+    """As the host's model merging keeps the first model's dtype: bf16 originals give bf16 UNets
+    computing in bf16 (the host's own choice on a CPU would be fp32, twice the memory), SD1.5 and
+    SDXL alike; the weights are the sources' bit for bit."""
+    bf16 = torch.bfloat16
+    sd = tm.sd_model(tm.TINY_UNET, seed=0, dtype=bf16)
+    sdxl = tm.sd_model(tm.TINY_SDXL["sdxl"], seed=1, dtype=bf16)
+    ssd1b = tm.sd_model(tm.TINY_SDXL["ssd-1b"], seed=2, dtype=bf16)
+    base = assembly.compress(sd, "base")
+    for m in (base, assembly.assemble(sd, base, "M2"), assembly.compress(sdxl, "koala-700m"),
+              assembly.assemble(sdxl, ssd1b, "M2")):
+        assert m.model.get_dtype() == bf16
+        assert {p.dtype for p in m.model.diffusion_model.parameters()} == {bf16}
+    out = assembly.assemble(sdxl, ssd1b, "M2")
+    assert _from(out, ssd1b, "dn0") and _from(out, sdxl, "dn2")
