@@ -218,8 +218,7 @@ def sdxl_section(job: Job, plan: list, progress) -> dict:
     models = speed.Models("sdxl", torch.bfloat16)
     groups: dict = {}
     for s in map(strategies.on_sdxl, plan):
-        members = ({m for m, _ in s.ranges if m != "full"} if s.kind == "switch" else
-                   {s.unet} if s.kind == "unet" else set())
+        members = {k for k in speed.schedule(s, job.steps) if k not in ("sd", "sd again") and ":" not in k}
         groups.setdefault(tuple(sorted(members)), []).append(s)
     out = {}
     for group in groups.values():
