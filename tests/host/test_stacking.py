@@ -27,8 +27,6 @@ def switch(N, m1, m2, boundary):
                                         model_2=m2, start_2=float(boundary), end_2=-1.0)[0]
 
 
-@pytest.mark.skipif(not compat.has_sampler_wrappers(),
-                    reason="EasyCache is a node of current ComfyUI; the early host has none")
 def test_inheritance_in_a_switch_range_with_easycache(N, conds):
     sd = tm.sd_model(seed=0)
     small = assembly.compress(sd, "base")
