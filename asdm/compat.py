@@ -39,14 +39,15 @@ def _pe():
 # of that evaluation (which may run on other threads, e.g. per-device clones); it sets
 # ``run.step``, which those UNet calls read.
 #
-# The step of an evaluation is the schedule interval its sigma lies in (``step_of_sigma``):
-# exact for every evaluation strictly inside a step (dpm_2's and the ancestral samplers'
-# midpoints). A sigma that is exactly a schedule point sigma_k (k >= 1) is ambiguous: step k
-# starts there, but heun and heunpp2 also evaluate step k-1's end point there (and heunpp2 the
-# point after it). Only the sampler loop knows which, so there, and for dpm_fast (which groups
-# the schedule into fewer, higher-order steps of its own), the loop's own index is read from the
-# sampler's frames when they are found: a refinement of what the host hands the call, never the
-# only source. dpm_adaptive picks its steps as it samples: such a run computes fully.
+# The step of an evaluation is the sampler loop's own index, read from the sampler's frames
+# above the per-run KSamplerX0Inpaint (the PREDICT_NOISE wrapper runs inside that loop, on its
+# thread): the host hands no step index, and its sigma alone cannot tell a step's later
+# evaluations from the next step's: heun and heunpp2 evaluate the next schedule point inside a
+# step, the ancestral two-stage samplers a midpoint below it, dpm_fast groups the schedule into
+# fewer steps of its own (tests/host/test_host_weights.py lists where the sigma alone differs).
+# Where no loop is found (a sampler of another shape), the step is the schedule interval the
+# evaluation's sigma lies in (``step_of_sigma``), exact for one-call samplers. dpm_adaptive
+# picks its steps as it samples: such a run computes fully.
 # ---------------------------------------------------------------------------------------------
 
 ADAPTIVE_SAMPLERS = ("dpm_adaptive_function",)   # KSAMPLER's sampler_function names
@@ -97,14 +98,14 @@ def _advance(run, timestep) -> None:
     if run.sampler in ADAPTIVE_SAMPLERS:
         run.step = None
         return
-    sigma = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
-    step, point = step_of_sigma(sigma, run.schedule)
-    if point or run.sampler in OWN_STEP_SAMPLERS:
-        loop = _sampler_loop()
-        if loop is not None:
-            step, own_total = loop
-            if own_total is not None:
-                run.total = own_total
+    loop = _sampler_loop()
+    if loop is not None:
+        step, own_total = loop
+        if own_total is not None:
+            run.total = own_total
+    else:
+        sigma = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+        step, _ = step_of_sigma(sigma, run.schedule)
     run.step = step
 
 
