@@ -51,7 +51,6 @@ def _pe():
 # ---------------------------------------------------------------------------------------------
 
 ADAPTIVE_SAMPLERS = ("dpm_adaptive_function",)   # KSAMPLER's sampler_function names
-OWN_STEP_SAMPLERS = ("dpm_fast_function",)
 
 
 def add_step_tracking(model, holder) -> None:
@@ -81,17 +80,15 @@ def add_step_tracking(model, holder) -> None:
     model.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, STEP_KEY, predict_noise)
 
 
-def step_of_sigma(sigma: float, schedule: list[float]) -> tuple[int, bool]:
-    """(the step whose interval [sigma_k+1, sigma_k) holds ``sigma``, whether ``sigma`` is a
-    schedule point sigma_k, k >= 1). Above sigma_0 (churn raises it) is step 0."""
+def step_of_sigma(sigma: float, schedule: list[float]) -> int:
+    """The step whose interval [sigma_k+1, sigma_k) holds ``sigma`` (a schedule point within
+    rounding starts its step); above sigma_0 (churn raises it) is step 0."""
     last = len(schedule) - 2
     for k in range(1, last + 1):
         point = schedule[k]
-        if abs(sigma - point) <= 1e-5 * max(abs(point), 1e-8):
-            return k, True
-        if sigma > point:
-            return k - 1, False
-    return max(last, 0), False
+        if sigma > point + 1e-5 * max(abs(point), 1e-8):
+            return k - 1
+    return max(last, 0)
 
 
 def _advance(run, timestep) -> None:
@@ -105,7 +102,7 @@ def _advance(run, timestep) -> None:
             run.total = own_total
     else:
         sigma = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
-        step, _ = step_of_sigma(sigma, run.schedule)
+        step = step_of_sigma(sigma, run.schedule)
     run.step = step
 
 

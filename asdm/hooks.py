@@ -68,6 +68,7 @@ class Holder:
     def __init__(self):
         self.run: Run | None = None        # the run being sampled
         self.last_run: Run | None = None   # kept after the run ends, for reports and tests
+        self._calls = threading.local()    # holds ``call`` per thread
 
     def __deepcopy__(self, memo):
         return self
@@ -75,12 +76,13 @@ class Holder:
     @property
     def call(self):
         """begin_call's state while a UNet call runs, per thread: the host may run the UNet calls
-        of one model evaluation on several threads at once (one per device)."""
-        return getattr(self.__dict__.setdefault("_calls", threading.local()), "state", None)
+        of one model evaluation on several threads at once (one per device). Read by every
+        patched module's forward: one attribute lookup."""
+        return getattr(self._calls, "state", None)
 
     @call.setter
     def call(self, state) -> None:
-        self.__dict__.setdefault("_calls", threading.local()).state = state
+        self._calls.state = state
 
     # -- driven by the hooks ----------------------------------------------------------------
     def start_run(self, total: int | None) -> Run:
