@@ -43,7 +43,7 @@ def node_errors(execute):
     return call
 
 
-def advanced(inp):
+def advanced(inp: io.Input) -> io.Input:
     """``inp`` marked advanced (current front ends fold it; 0.3.64's shows it with the flag in
     its options). The pinned API's inputs take no ``advanced=``; the options an input shows
     (``as_dict``) include its ``extra_dict``, so the flag reaches ``/object_info`` as the V1
@@ -60,7 +60,7 @@ def check_inputs(cls, given: dict, schema=None) -> dict:
     validation converts it); combo values are among the choices; STRING values are text, and
     those named in ``cls.PATH_INPUTS`` (strings that become file paths) hold no control
     characters. Inputs not given (optional ones left unconnected) and types without a value
-    check (MODEL, ...) pass. Returns the values the node's function gets; the first bad one
+    check (MODEL, ...) pass. Returns the values the node's ``execute`` gets; the first bad one
     raises ``ASDMError`` naming its input."""
     out = dict(given)
     paths = set(getattr(cls, "PATH_INPUTS", ()))
