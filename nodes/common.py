@@ -1,10 +1,12 @@
-"""What every node module shares: the check of a node's inputs against its own INPUT_TYPES, the
-one adapter from the engine's errors to a node's message, and the node mappings."""
+"""What every node module shares: the check of a node's inputs against its own V3 schema, the one
+adapter from the engine's errors to a node's message, and the helpers the schemas use."""
 import functools
 import inspect
 import math
 import numbers
 import unicodedata
+
+from comfy_api.v0_0_2 import io   # ComfyUI's V3 node API, pinned: the host loads the node modules
 
 from ..asdm.errors import ASDMError
 
@@ -17,39 +19,52 @@ from ..asdm.errors import ASDMError
 _SHOWN_CHOICES = 40   # longer combo lists (file lists) are not spelled out in a message
 
 
-def node_errors(method):
-    """Decorates a node's FUNCTION: the inputs are checked against the node class's
-    ``INPUT_TYPES`` first (``check_inputs``), and an ``ASDMError`` (the engine's, or one the node
-    raises about its own inputs) reaches ComfyUI as ``ValueError("<the node's TITLE>: <message>")``,
-    the message led by the input it concerns. Any other exception is a bug and passes unchanged."""
-    positional = [p.name for p in list(inspect.signature(method).parameters.values())[1:]
+def node_errors(execute):
+    """Decorates a V3 node's ``execute`` (under its ``@classmethod``): the inputs are checked
+    against the node's own schema first (``check_inputs``), and an ``ASDMError`` (the engine's,
+    or one the node raises about its own inputs) reaches ComfyUI as
+    ``ValueError("<the schema's display_name>: <message>")``, the message led by the input it
+    concerns. Any other exception is a bug and passes unchanged."""
+    positional = [p.name for p in list(inspect.signature(execute).parameters.values())[1:]
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
+    @functools.wraps(execute)
+    def call(cls, *args, **kwargs):
+        # the schema as the host sees it now (file lists read again, as the front end's refresh does)
+        schema = cls.define_schema()
         try:
             given = dict(zip(positional, args), **kwargs)
-            checked = check_inputs(type(self), given)
+            checked = check_inputs(cls, given, schema)
             args = tuple(checked[n] for n, _ in zip(positional, args)) + args[len(positional):]
             kwargs = {k: checked[k] for k in kwargs}
-            return method(self, *args, **kwargs)
+            return execute(cls, *args, **kwargs)
         except ASDMError as e:
-            raise ValueError(f"{self.TITLE}: {e.message()}") from None
+            raise ValueError(f"{schema.display_name}: {e.message()}") from None
     return call
 
 
-def check_inputs(cls, given: dict) -> dict:
-    """``given`` (input name -> value, as the executor passes them) checked against
-    ``cls.INPUT_TYPES()``: INT and FLOAT values are finite numbers (not booleans) within the
+def advanced(inp: io.Input) -> io.Input:
+    """``inp`` marked advanced (current front ends fold it; 0.3.64's shows it with the flag in
+    its options). The pinned API's inputs take no ``advanced=``; the options an input shows
+    (``as_dict``) include its ``extra_dict``, so the flag reaches ``/object_info`` as the V1
+    spec's ``"advanced": True`` did."""
+    inp.extra_dict["advanced"] = True
+    return inp
+
+
+def check_inputs(cls, given: dict, schema=None) -> dict:
+    """``given`` (input name -> value, as the executor passes them) checked against the node's
+    declared inputs (a V3 node's schema, ``schema`` or its ``define_schema()``; a V1 class's
+    ``INPUT_TYPES()``): INT and FLOAT values are finite numbers (not booleans) within the
     spec's min / max, INT values whole (a whole float comes back as an int, as the host's own
     validation converts it); combo values are among the choices; STRING values are text, and
     those named in ``cls.PATH_INPUTS`` (strings that become file paths) hold no control
     characters. Inputs not given (optional ones left unconnected) and types without a value
-    check (MODEL, ...) pass. Returns the values the node's function gets; the first bad one
+    check (MODEL, ...) pass. Returns the values the node's ``execute`` gets; the first bad one
     raises ``ASDMError`` naming its input."""
     out = dict(given)
     paths = set(getattr(cls, "PATH_INPUTS", ()))
-    for name, kind, opts in _specs(cls):
+    for name, kind, opts in _specs(cls, schema):
         if name not in given:
             continue
         value = given[name]
@@ -64,10 +79,16 @@ def check_inputs(cls, given: dict) -> dict:
     return out
 
 
-def _specs(cls):
-    """(name, type, options) of each required and optional input, in the node's order, from any
-    of the V1 spec forms: ("INT", {...}), ([choices], {...}), ("COMBO", {"options": [...]}),
-    ("MODEL",)."""
+def _specs(cls, schema=None):
+    """(name, type, options) of each required and optional input, in the node's order. A V3
+    node's come from its schema, each input as the host shows it (the type and options of its
+    ``/object_info`` entry: combos as ("COMBO", {"options": [...]})); a V1 class's from its
+    ``INPUT_TYPES()`` in any of the V1 spec forms: ("INT", {...}), ([choices], {...}),
+    ("COMBO", {"options": [...]}), ("MODEL",)."""
+    if schema is not None or hasattr(cls, "define_schema"):
+        for inp in (schema or cls.define_schema()).inputs or ():
+            yield inp.id, str(inp.get_io_type()), inp.as_dict()
+        return
     types = cls.INPUT_TYPES()
     for section in ("required", "optional"):
         for name, spec in (types.get(section) or {}).items():
@@ -142,8 +163,3 @@ def _choice(name: str, value, choices: list) -> None:
                         "be there)", input=name)
     raise ASDMError(f"{name} must be one of {', '.join(str(c) for c in choices)} (got {_fmt(value)})",
                     input=name)
-
-
-def mappings(*classes) -> tuple[dict, dict]:
-    """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of node classes with ``NODE_ID`` and ``TITLE``."""
-    return {c.NODE_ID: c for c in classes}, {c.NODE_ID: c.TITLE for c in classes}

@@ -2,9 +2,10 @@
 import os
 
 import folder_paths   # ComfyUI's: the host loads the node modules
+from comfy_api.v0_0_2 import io   # ComfyUI's V3 node API, pinned: the host loads the node modules
 
 from ..asdm import embedded
-from .common import mappings, node_errors
+from .common import node_errors
 from .condconv import FOLDER as CONDCONV_FOLDER, _register_folder
 
 
@@ -18,35 +19,43 @@ def register_family() -> None:
         folder_paths.add_model_folder_path(CONDCONV_FOLDER, embedded.FAMILY_EXPERTS)
 
 
-class LoadEmbeddedModel:
+class LoadEmbeddedModel(io.ComfyNode):
     NODE_ID = "ASDMLoadEmbeddedModel"
     TITLE = "A-SDM Load Embedded Model"
-    CATEGORY = "A-SDM/models"
+    # words users search for (newer front ends search a node's SEARCH_ALIASES; the pinned API's
+    # Schema has no field for them, so they stay a class attribute, as before)
     SEARCH_ALIASES = ["embedded model", "demo model", "tiny model", "load checkpoint", "a-sdm"]
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    RETURN_NAMES = ("model", "clip", "vae")
-    OUTPUT_TOOLTIPS = (
-        "The embedded UNet (SD1.5 layout, 32 channels wide) as a MODEL for the stock samplers and every A-SDM node.",
-        "Its text encoder, for the stock CLIP Text Encode node. It knows the words of its captions: "
-        "colours (red, green, blue, yellow, purple, orange), shapes (circle, square, triangle) and "
-        "places (on the left, on the right, at the top, at the bottom, in the center).",
-        "Its VAE (SD's latent shape and scale), for the stock VAE Decode / Encode nodes.")
-    FUNCTION = "load"
-    DESCRIPTION = (
-        "Loads the small text-to-image model that ships with A-SDM (weights/embedded): no download, "
-        "runs on a CPU. It draws 64x64 scenes of one or two coloured shapes, e.g. 'a red circle on the "
-        "left and a blue square on the right'. Its compressed family (BK-SDM Base/Small/Tiny, M2, "
-        "ME-CondConv experts) appears in A-SDM Load Compressed UNet and A-SDM ME-CondConv as "
-        "asdm-embedded-*. Use 64x64 latents' worth of pixels (Empty Latent Image 64x64).")
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
+    def define_schema(cls):
+        return io.Schema(
+            node_id=cls.NODE_ID,
+            display_name=cls.TITLE,
+            category="A-SDM/models",
+            description=(
+                "Loads the small text-to-image model that ships with A-SDM (weights/embedded): no download, "
+                "runs on a CPU. It draws 64x64 scenes of one or two coloured shapes, e.g. 'a red circle on the "
+                "left and a blue square on the right'. Its compressed family (BK-SDM Base/Small/Tiny, M2, "
+                "ME-CondConv experts) appears in A-SDM Load Compressed UNet and A-SDM ME-CondConv as "
+                "asdm-embedded-*. Use 64x64 latents' worth of pixels (Empty Latent Image 64x64)."),
+            inputs=[],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip=
+                    "The embedded UNet (SD1.5 layout, 32 channels wide) as a MODEL for the stock samplers and every A-SDM node."),
+                io.Clip.Output(display_name="clip", tooltip=
+                    "Its text encoder, for the stock CLIP Text Encode node. It knows the words of its captions: "
+                    "colours (red, green, blue, yellow, purple, orange), shapes (circle, square, triangle) and "
+                    "places (on the left, on the right, at the top, at the bottom, in the center)."),
+                io.Vae.Output(display_name="vae", tooltip=
+                    "Its VAE (SD's latent shape and scale), for the stock VAE Decode / Encode nodes."),
+            ],
+        )
 
+    @classmethod
     @node_errors
-    def load(self):
-        return embedded.load()
+    def execute(cls):
+        return io.NodeOutput(*embedded.load())
 
 
 register_family()
-NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(LoadEmbeddedModel)
+NODES = [LoadEmbeddedModel]

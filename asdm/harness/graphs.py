@@ -120,11 +120,13 @@ def stock_node(class_type: str, **inputs) -> dict:
     for name, v in spec.items():
         if name not in inputs and is_widget(v[0]):
             opts = v[1] if len(v) > 1 else {}
-            inputs[name] = opts.get("default", v[0][0] if isinstance(v[0], list) else None)
+            listed = choices(v[0], opts)
+            inputs[name] = opts.get("default", listed[0] if listed else None)
     return {"class_type": class_type, "inputs": inputs}
 
 
-_WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+# "COMBO": a combo as V3 nodes declare it (("COMBO", {"options": [...]})); V1 nodes give the list itself
+_WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 _SEED_INPUTS = ("seed", "noise_seed")
 
 
@@ -144,6 +146,16 @@ def _input_specs(cls) -> list[tuple[str, object, dict]]:
 
 def is_widget(kind) -> bool:
     return isinstance(kind, list) or kind in _WIDGET_TYPES
+
+
+def choices(kind, opts: dict) -> list | None:
+    """A combo input's choices, from either form of its spec: V1's ([choices], {...}) or V3's
+    ("COMBO", {"options": [choices], ...}); None for any other input."""
+    if isinstance(kind, list):
+        return kind
+    if kind == "COMBO":
+        return list(opts.get("options") or [])
+    return None
 
 
 def widget_values(cls, inputs: dict) -> list:

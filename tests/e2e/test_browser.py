@@ -186,9 +186,9 @@ def test_new_nodes_show_their_widgets_with_defaults(page, object_info):
         want = []
         for w in widget_inputs(info):
             spec = info["input"].get("required", {}).get(w) or info["input"]["optional"][w]
-            default = spec[0][0] if isinstance(spec[0], list) else spec[1].get("default")
-            if isinstance(spec[0], list) and len(spec) > 1 and "default" in spec[1]:
-                default = spec[1]["default"]
+            opts = spec[1] if len(spec) > 1 else {}
+            listed = graphs.choices(spec[0], opts)   # a combo: V1's list, or V3's ("COMBO", {"options": [...]})
+            default = opts["default"] if "default" in opts else (listed[0] if listed else None)
             want.append([w, default])
         assert got == want, name
         # the inputs a typical user does not change reach the widgets as advanced (the early

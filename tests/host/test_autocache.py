@@ -34,7 +34,8 @@ def user_dir(tmp_path, monkeypatch):
 
 
 def auto(N, model, speed=2.0, calibration="auto", start=0.0, end=1.0):
-    return N["ASDMAutoCache"]().patch(model, speed, start, end, calibration)[0]
+    return compat.call_node(N["ASDMAutoCache"], model=model, speed=speed, start_percent=start, end_percent=end,
+                            calibration=calibration)[0]
 
 
 def holder(model):
@@ -313,8 +314,8 @@ def test_in_a_switch_range_and_with_gri(N, conds, user_dir):
     cached = auto(N, sd, 2.0)
     gri = compat.call_node(N["ASDMGRIAttention"], model=cached, units="dn0, up3", window=4, pool=2,
                            start=0.0, end=1.0)[0]
-    sw = N["ASDMUNetSwitch"]().switch("steps", model_1=small, start_1=0.0, end_1=3.0, model_2=gri,
-                                      start_2=3.0, end_2=-1.0)[0]
+    sw = compat.call_node(N["ASDMUNetSwitch"], unit="steps", model_1=small, start_1=0.0, end_1=3.0, model_2=gri,
+                          start_2=3.0, end_2=-1.0)[0]
     first = ksample(sw, conds, steps=10)
     run = holder(cached).last_run
     assert sorted(run.depths) == list(range(3, 10)) and set(run.depths.values()) == {ac.FULL}
@@ -349,7 +350,7 @@ def test_bad_input_is_a_clear_node_error(N, tiny, inputs, needle):
     args = dict(model=tiny, speed=2.0, start_percent=0.0, end_percent=1.0, calibration="auto")
     args.update(inputs)
     with pytest.raises(ValueError) as e:
-        N["ASDMAutoCache"]().patch(**args)
+        compat.call_node(N["ASDMAutoCache"], **args)
     assert str(e.value).startswith("A-SDM Auto Cache: ") and needle in str(e.value)
 
 

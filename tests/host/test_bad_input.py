@@ -17,7 +17,7 @@ from asdm import condconv
 from asdm import embedded
 from asdm import hooks
 from asdm.errors import ASDMError
-from asdm.harness import host
+from asdm.harness import graphs, host
 from asdm.training import trainer
 
 
@@ -31,7 +31,7 @@ def save(sd_model, path, **edit):
 
 
 def load(N, name):
-    return N["ASDMLoadCompressedUNet"]().load(name, "auto")[0]
+    return compat.call_node(N["ASDMLoadCompressedUNet"], unet_name=name, prediction="auto")[0]
 
 
 def one_nan(t):
@@ -91,14 +91,20 @@ def test_damaged_embedded_model_files_are_named(tmp_path, monkeypatch):
 
 def test_nodes_that_act_on_one_unet_refuse_a_switch(N, sd_and_base):
     sd, base = sd_and_base
-    sw = N["ASDMUNetSwitch"]().switch("steps", model_1=base, start_1=0.0, end_1=3.0, model_2=sd, start_2=3.0,
-                                      end_2=-1.0)[0]
+    sw = compat.call_node(N["ASDMUNetSwitch"], unit="steps", model_1=base, start_1=0.0, end_1=3.0, model_2=sd,
+                          start_2=3.0, end_2=-1.0)[0]
     cases = {
-        "A-SDM Save UNet": lambda: N["ASDMSaveUNet"]().save(sw, "unet/x"),
-        "A-SDM Assemble UNet": lambda: N["ASDMAssembleUNet"]().assemble(sd, sw, "M2", ""),
-        "A-SDM Feature Inheritance": lambda: N["ASDMFeatureInheritance2"]().patch(sw, "CO6", 5, "", "residual", False, 0.2),
-        "A-SDM ME-CondConv": lambda: N["ASDMMECondConv"]().patch(sw, "none", "dn*.*.R, up*.*.R", 2, "identity", 0),
-        "A-SDM GRI Attention": lambda: N["ASDMGRIAttention"]().patch(sw, "dn0, up3", 16, 4, 0.0, 1.0),
+        "A-SDM Save UNet": lambda: compat.call_node(N["ASDMSaveUNet"], model=sw, filename_prefix="unet/x"),
+        "A-SDM Assemble UNet": lambda: compat.call_node(N["ASDMAssembleUNet"], original=sd, compressed=sw,
+                                                        recipe="M2", custom_recipe=""),
+        "A-SDM Feature Inheritance": lambda: compat.call_node(N["ASDMFeatureInheritance2"], model=sw, preset="CO6",
+                                                              period=5, units="", reuse="residual", forecast=False,
+                                                              final_full_fraction=0.2),
+        "A-SDM ME-CondConv": lambda: compat.call_node(N["ASDMMECondConv"], model=sw, weights="none",
+                                                      units="dn*.*.R, up*.*.R", experts=2, init="identity",
+                                                      seed=0),
+        "A-SDM GRI Attention": lambda: compat.call_node(N["ASDMGRIAttention"], model=sw, units="dn0, up3",
+                                                        window=16, pool=4, start=0.0, end=1.0),
     }
     for node, call in cases.items():
         with pytest.raises(ValueError) as e:
@@ -118,26 +124,27 @@ def test_save_stays_inside_the_output_folder(N, sd_and_base, tmp_path):
     os.symlink(outside, link)
     try:
         with pytest.raises(ValueError, match="leads outside the output folder"):
-            N["ASDMSaveUNet"]().save(sd_and_base[1], "escape_link/unet")
+            compat.call_node(N["ASDMSaveUNet"], model=sd_and_base[1], filename_prefix="escape_link/unet")
         assert list(outside.iterdir()) == []
         with pytest.raises(ValueError, match="A-SDM Save UNet: filename_prefix '../x'"):
-            N["ASDMSaveUNet"]().save(sd_and_base[1], "../x")
+            compat.call_node(N["ASDMSaveUNet"], model=sd_and_base[1], filename_prefix="../x")
         with pytest.raises(ValueError, match="choose a shorter or simpler filename_prefix"):
-            N["ASDMSaveUNet"]().save(sd_and_base[1], "unet/" + "n" * 300)
+            compat.call_node(N["ASDMSaveUNet"], model=sd_and_base[1], filename_prefix="unet/" + "n" * 300)
     finally:
         os.remove(link)
 
 
 def test_recipes_quoted_short_and_contradictions_refused(N, sd_and_base):
     sd, base = sd_and_base
-    node = N["ASDMAssembleUNet"]()
+    node = N["ASDMAssembleUNet"]
     with pytest.raises(ValueError) as e:
-        node.assemble(sd, base, "custom", "dn0=B, " + "x" * 1000 + "=B")
+        compat.call_node(node, original=sd, compressed=base, recipe="custom",
+                         custom_recipe="dn0=B, " + "x" * 1000 + "=B")
     assert len(str(e.value)) < 400 and "characters" in str(e.value)
     with pytest.raises(ValueError, match=r"the recipe is \d+ characters long"):
-        node.assemble(sd, base, "custom", "dn0=B," * 166668)
+        compat.call_node(node, original=sd, compressed=base, recipe="custom", custom_recipe="dn0=B," * 166668)
     with pytest.raises(ValueError, match="gives dn0 twice, from B and from A"):
-        node.assemble(sd, base, "custom", "dn0=B, dn0=A")
+        compat.call_node(node, original=sd, compressed=base, recipe="custom", custom_recipe="dn0=B, dn0=A")
 
 
 def experts_file(tiny, path, sd_edit=None, meta_edit=None):
@@ -176,7 +183,8 @@ def test_damaged_experts_files_are_named(N, tiny, tmp_path, case, needle):
     }
     experts_file(tiny, tmp_path / "bad.safetensors", **edits[case])
     with model_folder("asdm_condconv", tmp_path), pytest.raises(ValueError) as e:
-        N["ASDMMECondConv"]().patch(tiny, "bad.safetensors", "", 2, "identity", 0)
+        compat.call_node(N["ASDMMECondConv"], model=tiny, weights="bad.safetensors", units="", experts=2,
+                         init="identity", seed=0)
     assert str(e.value).startswith("A-SDM ME-CondConv: ") and needle in str(e.value), str(e.value)
 
 
@@ -214,9 +222,9 @@ def default_inputs(cls, model):
         if kind == "MODEL":
             if sec == "required":
                 out[name] = model
-        elif isinstance(kind, list):
-            if kind:
-                out[name] = opts.get("default", kind[0])
+        elif graphs.choices(kind, opts) is not None:   # a combo (V3: ("COMBO", {"options": [...]}))
+            if graphs.choices(kind, opts):
+                out[name] = opts.get("default", graphs.choices(kind, opts)[0])
         elif "default" in opts:
             out[name] = opts["default"]
     return out
@@ -278,8 +286,8 @@ def test_values_the_front_end_sends_pass_the_check_unchanged(node_id):
             if kind == "INT":
                 got = check(cls, {name: float(opts["default"])})[name]
                 assert got == opts["default"] and type(got) is int
-        elif isinstance(kind, list):
-            for v in kind:
+        elif graphs.choices(kind, opts) is not None:   # a combo (V3: ("COMBO", {"options": [...]}))
+            for v in graphs.choices(kind, opts):
                 assert check(cls, {name: v}) == {name: v}
         elif kind in ("STRING", "BOOLEAN") and "default" in opts:
             assert check(cls, {name: opts["default"]}) == {name: opts["default"]}
@@ -347,7 +355,7 @@ def test_save_refuses_control_characters_in_the_prefix(N, sd_and_base, prefix, s
     out = folder_paths.get_output_directory()
     before = sorted(os.listdir(out))
     with pytest.raises(ValueError) as e:
-        N["ASDMSaveUNet"]().save(sd_and_base[1], prefix)
+        compat.call_node(N["ASDMSaveUNet"], model=sd_and_base[1], filename_prefix=prefix)
     assert str(e.value) == (f"A-SDM Save UNet: filename_prefix holds a control character ({shown}), which a file name "
                             "cannot hold; write it in ordinary characters, e.g. unet/asdm")
     assert sorted(os.listdir(out)) == before
@@ -386,7 +394,8 @@ def test_an_api_prompt_with_a_nan_switch_end_is_refused_at_the_node():
 # ---------------------------------------------------------------------------------------------
 
 def gri(N, model, units="dn0, up3", window=16, pool=4, start=0.0, end=1.0):
-    return N["ASDMGRIAttention"]().patch(model, units, window, pool, start, end)[0]
+    return compat.call_node(N["ASDMGRIAttention"], model=model, units=units, window=window, pool=pool, start=start,
+                            end=end)[0]
 
 
 @pytest.mark.parametrize("inputs,message", [

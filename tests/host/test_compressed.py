@@ -54,7 +54,7 @@ def unet_dir(tmp_path_factory):
 
 
 def load_node(N, name, prediction="auto"):
-    return N["ASDMLoadCompressedUNet"]().load(name, prediction)[0]
+    return compat.call_node(N["ASDMLoadCompressedUNet"], unet_name=name, prediction=prediction)[0]
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -137,7 +137,8 @@ def test_compress_keeps_bksdm_layers(sd_and_base):
 
 @pytest.mark.parametrize("recipe,src", [("*=A", 0), ("*=B", 1)])
 def test_recipe_from_one_source_reproduces_it(N, sd_and_base, recipe, src):
-    out = N["ASDMAssembleUNet"]().assemble(*sd_and_base, "custom", recipe)[0]
+    out = compat.call_node(N["ASDMAssembleUNet"], original=sd_and_base[0], compressed=sd_and_base[1],
+                           recipe="custom", custom_recipe=recipe)[0]
     want = sd_and_base[src]
     s, w = state(out), state(want)
     assert s.keys() == w.keys() and all(torch.equal(s[k], w[k]) for k in s)
@@ -146,7 +147,7 @@ def test_recipe_from_one_source_reproduces_it(N, sd_and_base, recipe, src):
 
 def test_m2_takes_each_block_from_its_source(N, sd_and_base):
     sd, base = sd_and_base
-    m2 = N["ASDMAssembleUNet"]().assemble(sd, base, "M2", "")[0]
+    m2 = compat.call_node(N["ASDMAssembleUNet"], original=sd, compressed=base, recipe="M2", custom_recipe="")[0]
     t = topology.describe(m2.model.diffusion_model)
     assert [t.layers[b] for b in t.blocks] == [1, 1, 2, 2, 1, 3, 3, 2, 2]
     tb = topology.describe(base.model.diffusion_model)
@@ -163,9 +164,11 @@ def test_m2_takes_each_block_from_its_source(N, sd_and_base):
 
 def test_save_load_roundtrip_is_exact(N, sd_and_base, unet_dir):
     import folder_paths
-    m2 = N["ASDMAssembleUNet"]().assemble(*sd_and_base, "M2", "")[0]
-    res = N["ASDMSaveUNet"]().save(m2, "asdm_test_m2")
-    path = os.path.join(folder_paths.get_output_directory(), res["ui"]["text"][0])
+    m2 = compat.call_node(N["ASDMAssembleUNet"], original=sd_and_base[0], compressed=sd_and_base[1], recipe="M2",
+                          custom_recipe="")[0]
+    # an output node: its result is what the page shows (NodeOutput.ui), which call_node leaves out
+    res = N["ASDMSaveUNet"].execute(model=m2, filename_prefix="asdm_test_m2")
+    path = os.path.join(folder_paths.get_output_directory(), res.ui["text"][0])
     meta = safetensors.safe_open(path, "pt").metadata()
     assert meta["asdm.recipe"].startswith("dn0=B, dn1=B, dn2=A")
     os.replace(path, unet_dir / "m2.safetensors")
@@ -242,24 +245,24 @@ def test_assembly_errors(N, sd_and_base, sd2_tiny):
     sd, base = sd_and_base
     small = assembly.compress(sd, "small")
     tiny = assembly.compress(sd, "tiny")
-    node = N["ASDMAssembleUNet"]()
+    node = N["ASDMAssembleUNet"]
     with pytest.raises(ValueError, match="compressed UNet, which has no mid"):
-        node.assemble(sd, small, "custom", "dn0=B, up3=B, mid=B")
+        compat.call_node(node, original=sd, compressed=small, recipe="custom", custom_recipe="dn0=B, up3=B, mid=B")
     with pytest.raises(ValueError, match="dn0 from B has 1 layers but up3 from A has 3; .*one layer more"):
-        node.assemble(sd, base, "custom", "dn0=B")
+        compat.call_node(node, original=sd, compressed=base, recipe="custom", custom_recipe="dn0=B")
     with pytest.raises(ValueError, match="same levels"):
-        node.assemble(sd, tiny, "M2", "")
+        compat.call_node(node, original=sd, compressed=tiny, recipe="M2", custom_recipe="")
     with pytest.raises(ValueError, match="names 'dn7'"):
-        node.assemble(sd, base, "custom", "dn7=B")
+        compat.call_node(node, original=sd, compressed=base, recipe="custom", custom_recipe="dn7=B")
     with pytest.raises(ValueError, match="malformed recipe entry"):
-        node.assemble(sd, base, "custom", "dn0 B")
+        compat.call_node(node, original=sd, compressed=base, recipe="custom", custom_recipe="dn0 B")
     v2 = sd2_tiny
     with pytest.raises(ValueError, match="different families"):
-        node.assemble(sd, v2, "M2", "")
+        compat.call_node(node, original=sd, compressed=v2, recipe="M2", custom_recipe="")
     lora = base.clone()
     lora.add_patches({"diffusion_model.out.2.weight": (torch.zeros_like(state(base)["out.2.weight"]),)}, 1.0)
     with pytest.raises(ValueError, match="weight patches"):
-        node.assemble(sd, lora, "M2", "")
+        compat.call_node(node, original=sd, compressed=lora, recipe="M2", custom_recipe="")
 
 
 def test_loader_errors(N, unet_dir):

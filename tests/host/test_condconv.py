@@ -6,6 +6,7 @@ import torch
 
 from conftest import ksample, unload_all
 from asdm import assembly
+from asdm import compat
 from asdm import condconv
 from asdm import topology
 from references import condconv_reference as reference
@@ -14,7 +15,7 @@ from references import condconv_reference as reference
 def node(N, model, **kw):
     args = dict(weights="none", units=condconv.DEFAULT_UNITS, experts=2, init="identity", seed=0)
     args.update(kw)
-    return N["ASDMMECondConv"]().patch(model, **args)[0]
+    return compat.call_node(N["ASDMMECondConv"], model=model, **args)[0]
 
 
 @pytest.mark.parametrize("experts,init", [(1, "paper"), (2, "identity"), (4, "identity")])
@@ -142,7 +143,8 @@ def test_stacks_with_inheritance_and_lora_and_undoes_cleanly(N, tiny, conds):
     unet = tiny.model.diffusion_model
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     m = node(N, tiny, init="paper", units="dn*.*.R, up*.*.R")
-    m = N["ASDMFeatureInheritance"]().patch(m, "CO6", "", 2, 0)[0]
+    m = compat.call_node(N["ASDMFeatureInheritance"], model=m, preset="CO6", units="", period=2,
+                         final_full_steps=0)[0]
     lora = m.clone()
     key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"   # an ME-CondConv's expert 0
     lora.add_patches({key: (0.05 * torch.randn(before[key[len("diffusion_model."):]].shape,
@@ -175,6 +177,7 @@ def test_condconv_errors(N, tiny):
     with pytest.raises(ValueError, match="connect the teacher MODEL"):
         node(N, tiny, init="cross-layer")
     with pytest.raises(ValueError, match="used only by init cross-layer"):
-        N["ASDMMECondConv"]().patch(tiny, "none", condconv.DEFAULT_UNITS, 2, "paper", 0, teacher=tiny)
+        compat.call_node(N["ASDMMECondConv"], model=tiny, weights="none", units=condconv.DEFAULT_UNITS, experts=2,
+                         init="paper", seed=0, teacher=tiny)
     with pytest.raises(ValueError, match="malformed unit token"):
         node(N, tiny, units="dn0..1")

@@ -12,6 +12,7 @@ from asdm.evaluation import binding
 from asdm.training import embedded as training_embedded
 from asdm.training import shapes
 from asdm.evaluation import checker
+from asdm.harness import graphs
 
 EVAL_SEED = 20261123      # the main job's evaluation captions
 RATE = 0.85               # stated adherence floor for the full model: measured 1.000 here (8 captions x 2 seeds,
@@ -22,7 +23,7 @@ SWAP_RATIO = 1.5          # its floor: measured 2.28 (t 500) and 3.54 (t 700); a
 
 @pytest.fixture(scope="module")
 def loaded(N):
-    return N["ASDMLoadEmbeddedModel"]().load()
+    return compat.call_node(N["ASDMLoadEmbeddedModel"])
 
 
 @torch.inference_mode()   # as ComfyUI's executor runs nodes
@@ -79,7 +80,7 @@ def test_unet_binds_shapes_to_places():
 def test_missing_weights_error(N, monkeypatch, tmp_path):
     monkeypatch.setattr(embedded, "WEIGHTS", str(tmp_path))
     with pytest.raises(ValueError, match="A-SDM Load Embedded Model: .*asdm-embedded-full.safetensors is missing.*train_embedded"):
-        N["ASDMLoadEmbeddedModel"]().load()
+        compat.call_node(N["ASDMLoadEmbeddedModel"])
 
 
 FAMILY = ["asdm-embedded-base.safetensors", "asdm-embedded-full-gri.safetensors",
@@ -97,11 +98,12 @@ def test_family_in_the_loaders(N, loaded):
     stock = N["UNETLoader"].INPUT_TYPES()["required"]["unet_name"][0]
     for names in (stock, folder_paths.get_filename_list(compat.unet_folder())):
         assert not [n for n in names if "asdm-embedded" in n]
-    ours = N["ASDMLoadCompressedUNet"].INPUT_TYPES()["required"]["unet_name"][0]
+    ours = graphs.choices(*N["ASDMLoadCompressedUNet"].INPUT_TYPES()["required"]["unet_name"])   # a V3 combo
     assert [n for n in ours if "asdm-embedded" in n] == FAMILY
     assert sorted(os.listdir(embedded.FAMILY_UNETS)) == FAMILY
     assert "asdm-embedded-tiny-condconv.safetensors" in folder_paths.get_filename_list("asdm_condconv")
-    tiny = N["ASDMLoadCompressedUNet"]().load("asdm-embedded-tiny.safetensors", "auto")[0]
+    tiny = compat.call_node(N["ASDMLoadCompressedUNet"], unet_name="asdm-embedded-tiny.safetensors",
+                            prediction="auto")[0]
     assert sum(p.numel() for p in tiny.model.diffusion_model.parameters()) < \
         0.6 * sum(p.numel() for p in loaded[0].model.diffusion_model.parameters())
     img = sample(N, tiny, loaded[1], loaded[2], "a blue square in the center", 0, batch=1, steps=8)

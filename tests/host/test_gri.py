@@ -29,7 +29,8 @@ def rel_err(a, b):
 
 
 def patch(N, model, units="dn0, up3", window=4, pool=2, start=0.0, end=1.0):
-    return N["ASDMGRIAttention"]().patch(model, units, window, pool, start, end)[0]
+    return compat.call_node(N["ASDMGRIAttention"], model=model, units=units, window=window, pool=pool, start=start,
+                            end=end)[0]
 
 
 def holder_of(model):
@@ -169,7 +170,8 @@ def test_multi_call_samplers_at_odd_sizes(N, tiny, conds, sampler):
 # ---------------------------------------------------------------------------------------------
 
 def fi(N, model, preset="CO6", period=2):
-    return N["ASDMFeatureInheritance"]().patch(model, preset, "", period, 0.0)[0]
+    return compat.call_node(N["ASDMFeatureInheritance"], model=model, preset=preset, units="", period=period,
+                            final_full_steps=0.0)[0]
 
 
 @pytest.mark.parametrize("order", ["gri_first", "gri_last"])
@@ -193,8 +195,8 @@ def test_stacks_with_the_unet_switch(N, sd_and_base, conds768):
     sd, base = sd_and_base
 
     def switch(m1, m2):
-        return N["ASDMUNetSwitch"]().switch("steps", model_1=m1, start_1=0.0, end_1=3.0,
-                                            model_2=m2, start_2=3.0, end_2=-1.0)[0]
+        return compat.call_node(N["ASDMUNetSwitch"], unit="steps", model_1=m1, start_1=0.0, end_1=3.0, model_2=m2,
+                                start_2=3.0, end_2=-1.0)[0]
     plain = ksample(switch(base, sd), conds768, steps=8)
     # GRI in the second range (SD), then in the first (the BK-SDM Base, whose dn0 / up3 have
     # one and two A units): each MODEL's patches act in its own range only. Random-weight
@@ -215,8 +217,8 @@ def test_stacks_with_the_unet_switch(N, sd_and_base, conds768):
 
 
 def test_stacks_with_condconv(N, tiny, conds):
-    me = N["ASDMMECondConv"]().patch(tiny, weights="none", units=condconv.DEFAULT_UNITS,
-                                     experts=2, init="paper", seed=0)[0]
+    me = compat.call_node(N["ASDMMECondConv"], model=tiny, weights="none", units=condconv.DEFAULT_UNITS, experts=2,
+                          init="paper", seed=0)[0]
     alone = ksample(me, conds)
     assert torch.equal(ksample(patch(N, me, start=0.95), conds), alone)
     out = ksample(patch(N, me), conds)

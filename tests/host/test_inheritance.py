@@ -19,7 +19,8 @@ devices = pytest.mark.parametrize("features_on", ["compute", "offload"])
 
 
 def patch(N, model, preset="LI1", units="", period=2, tail=0, mode=MODES[0], features_on="compute"):
-    return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode, features_on)[0]
+    return compat.call_node(N["ASDMFeatureInheritance"], model=model, preset=preset, units=units, period=period,
+                            final_full_steps=tail, reuse=mode[0], forecast=mode[1], features_on=features_on)[0]
 
 
 def layers(mode) -> str:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import holder_of, ksample
+from asdm import compat
 from asdm import inheritance
 from asdm import topology
 from asdm.evaluation import deepcache
@@ -18,7 +19,8 @@ DEPTH_UNITS = {2: "dn1, dn2, dn3, mid, up0, up1, up2",
 
 
 def patch(N, model, units, period, reuse="output", forecast=False, tail=0.0):
-    return N["ASDMFeatureInheritance"]().patch(model, "custom", units, period, tail, reuse, forecast)[0]
+    return compat.call_node(N["ASDMFeatureInheritance"], model=model, preset="custom", units=units, period=period,
+                            final_full_steps=tail, reuse=reuse, forecast=forecast)[0]
 
 
 def plan(tiny, spec):
@@ -106,4 +108,5 @@ def test_forecast_acts_once_two_full_steps_are_stored(N, tiny, conds, reuse):
 
 def test_unknown_reuse_is_a_clear_node_error(N, tiny):
     with pytest.raises(ValueError, match=r"A-SDM Feature Inheritance \(deprecated\): reuse must be one of residual, output"):
-        N["ASDMFeatureInheritance"]().patch(tiny, "EX3", "", 5, 0, "span", False)
+        compat.call_node(N["ASDMFeatureInheritance"], model=tiny, preset="EX3", units="", period=5,
+                         final_full_steps=0, reuse="span", forecast=False)

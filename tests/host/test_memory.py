@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import holder_of, ksample
+from asdm import compat
 from asdm import topology
 from asdm.harness.host import Runner
 
@@ -20,7 +21,8 @@ SIZE = 16   # latent side: the tiny UNet's levels are 16, 8, 4, 2 tokens wide
 
 
 def patch(N, model, units, period, reuse="residual", forecast=False, features_on="compute"):
-    return N["ASDMFeatureInheritance"]().patch(model, "custom", units, period, 0.0, reuse, forecast, features_on)[0]
+    return compat.call_node(N["ASDMFeatureInheritance"], model=model, preset="custom", units=units, period=period,
+                            final_full_steps=0.0, reuse=reuse, forecast=forecast, features_on=features_on)[0]
 
 
 def output_bytes(model, paths, batch=2):
@@ -163,10 +165,11 @@ def test_graphs_that_set_reuse_forecast_and_features_on(N):
     assert torch.equal(got["output"], got["output-offload"])
     assert not torch.equal(got["old"], got["output"])
     # the same settings, the nodes called directly
-    model, clip, _ = N["ASDMLoadEmbeddedModel"]().load()
+    model, clip, _ = compat.call_node(N["ASDMLoadEmbeddedModel"])
     pos = nodes.CLIPTextEncode().encode(clip, "a red circle on the left")[0]
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-    p = N["ASDMFeatureInheritance"]().patch(model, "EX3", "", 2, 0.0, "output", True)[0]
+    p = compat.call_node(N["ASDMFeatureInheritance"], model=model, preset="EX3", units="", period=2,
+                         final_full_steps=0.0, reuse="output", forecast=True)[0]
     direct = nodes.KSampler().sample(p, 0, 6, 4.0, "euler", "normal", pos, neg,
                                      {"samples": torch.zeros(2, 4, 8, 8)})[0]["samples"]
     assert torch.equal(direct, got["output"])

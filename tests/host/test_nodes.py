@@ -2,7 +2,8 @@
 a tooltip on every input and output, a display name, and a function that exists."""
 import pytest
 
-from asdm.harness import host
+from asdm import compat
+from asdm.harness import graphs, host
 
 
 def pack_classes():
@@ -20,6 +21,37 @@ def test_the_pack_registers_its_nodes():
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("A-SDM "), name
 
 
+def test_every_node_is_a_v3_node_of_the_pinned_api():
+    """The pack reaches the host as a V3 extension: ``comfy_entrypoint`` and no
+    NODE_CLASS_MAPPINGS (the host's loader would take those first and never ask for the
+    entry point); each node a ComfyNode of comfy_api.v0_0_2, registered under its schema's id and
+    display name."""
+    from comfy_api.v0_0_2 import io
+    import nodes
+    pack = host.boot()
+    assert callable(pack.comfy_entrypoint) and not hasattr(pack, "NODE_CLASS_MAPPINGS")
+    for name, cls in pack_classes().items():
+        schema = cls.define_schema()
+        assert issubclass(cls, io.ComfyNode) and isinstance(schema, io.Schema), name
+        assert (schema.node_id, schema.display_name) == (name, cls.TITLE) == (name, nodes.NODE_DISPLAY_NAME_MAPPINGS[name])
+
+
+def test_file_lists_are_read_when_the_schema_is_asked_for(tmp_path):
+    """The front end's refresh asks /object_info again: a file added since shows in the combos
+    (the schema is built on each request, not when the pack loads)."""
+    from conftest import model_folder
+    classes = pack_classes()
+    (tmp_path / "added-since.safetensors").write_bytes(b"")
+
+    def listed(node_id, inp):
+        return graphs.choices(*classes[node_id].INPUT_TYPES()["required"][inp])
+    assert "added-since.safetensors" not in listed("ASDMLoadCompressedUNet", "unet_name")
+    with model_folder(compat.unet_folder(), tmp_path):
+        assert "added-since.safetensors" in listed("ASDMLoadCompressedUNet", "unet_name")
+    with model_folder("asdm_condconv", tmp_path):
+        assert "added-since.safetensors" in listed("ASDMMECondConv", "weights")
+
+
 @pytest.mark.parametrize("name", sorted(pack_classes()))
 def test_node_definition_is_complete(name):
     cls = pack_classes()[name]
@@ -30,8 +62,9 @@ def test_node_definition_is_complete(name):
         for inp, v in spec.get(section, {}).items():
             opts = v[1] if len(v) > 1 else {}
             assert len(opts.get("tooltip", "")) > 10, f"{name}.{inp} has no tooltip"
-            if isinstance(v[0], list) and "default" in opts:
-                assert opts["default"] in v[0], f"{name}.{inp}: default not among the choices"
+            choices = graphs.choices(v[0], opts)   # a V3 combo: ("COMBO", {"options": [...]})
+            if choices is not None and "default" in opts:
+                assert opts["default"] in choices, f"{name}.{inp}: default not among the choices"
             if v[0] in ("INT", "FLOAT") and "default" in opts:
                 assert opts.get("min", -1e30) <= opts["default"] <= opts.get("max", 1e30), f"{name}.{inp}"
     if cls.RETURN_TYPES:
@@ -59,7 +92,6 @@ SURFACE = {
 
 
 def widgets(cls):
-    from asdm.harness import graphs
     spec = cls.INPUT_TYPES()
     return [("+" if v[1].get("advanced") else "") + k for sec in ("required", "optional")
             for k, v in spec.get(sec, {}).items() if graphs.is_widget(v[0])]
@@ -115,16 +147,21 @@ def test_deprecated_feature_inheritance_keeps_old_graphs_meaning():
 
 def test_both_feature_inheritance_nodes_make_the_same_patch(N, tiny):
     from conftest import holder_of
-    old = N["ASDMFeatureInheritance"]().patch(tiny, "EX3", "dn0", 4, 0.2, "output", True)[0]
-    new = N["ASDMFeatureInheritance2"]().patch(tiny, "EX3", 4, "dn0", "output", True, 0.2)[0]
+    old = compat.call_node(N["ASDMFeatureInheritance"], model=tiny, preset="EX3", units="dn0", period=4,
+                           final_full_steps=0.2, reuse="output", forecast=True)[0]
+    new = compat.call_node(N["ASDMFeatureInheritance2"], model=tiny, preset="EX3", period=4, units="dn0",
+                           reuse="output", forecast=True, final_full_fraction=0.2)[0]
     a, b = holder_of(old), holder_of(new)
     assert (a.label, a.schedule, a.reuse, a.forecast, [u.path for u in a.units]) == \
         (b.label, b.schedule, b.reuse, b.forecast, [u.path for u in b.units])
     assert sorted(old.object_patches) == sorted(new.object_patches)
     # a fraction of 1: every step full, the MODEL unchanged (not "1 step", as a tail of 1 is in the old node)
-    every = N["ASDMFeatureInheritance2"]().patch(tiny, "EX3", 3, "", "output", True, 1.0)[0]
+    every = compat.call_node(N["ASDMFeatureInheritance2"], model=tiny, preset="EX3", period=3, units="",
+                             reuse="output", forecast=True, final_full_fraction=1.0)[0]
     assert holder_of(every) is None and not every.object_patches
-    assert holder_of(N["ASDMFeatureInheritance2"]().patch(tiny, "EX3", 3, "", "output", True, 0.95)[0]).schedule.tail == 0.95
+    assert holder_of(compat.call_node(N["ASDMFeatureInheritance2"], model=tiny, preset="EX3", period=3, units="",
+                                      reuse="output", forecast=True,
+                                      final_full_fraction=0.95)[0]).schedule.tail == 0.95
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -134,5 +171,5 @@ def test_both_feature_inheritance_nodes_make_the_same_patch(N, tiny):
 def test_feature_inheritance_bad_input(N, tiny, kwargs, needle):
     args = dict(preset="EX3", period=3, units="", reuse="output", forecast=True, final_full_fraction=0.0)
     with pytest.raises(ValueError) as e:
-        N["ASDMFeatureInheritance2"]().patch(tiny, **dict(args, **kwargs))
+        compat.call_node(N["ASDMFeatureInheritance2"], model=tiny, **dict(args, **kwargs))
     assert str(e.value).startswith(needle), str(e.value)

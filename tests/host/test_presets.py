@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import holder_of
-from asdm import assembly, gri, inheritance, topology
+from asdm import assembly, compat, gri, inheritance, topology
 from asdm.evaluation import flops
 from asdm.harness import models as tm
 
@@ -76,13 +76,13 @@ def test_every_preset_and_mode_computes_a_real_share_or_is_refused(N, models, la
     import comfy.model_management as mm
     mm.load_models_gpu([model])
     full = sum(flops.count(unet, lambda: model.model.apply_model(x, t, **kw)).values())
-    node = N["ASDMFeatureInheritance2"]()
+    node = N["ASDMFeatureInheritance2"]
     refused, ran = [], 0
     for preset in topology.PRESETS:
         for reuse in inheritance.REUSE:
             try:
-                m = node.patch(model, preset=preset, period=2, units="", reuse=reuse, forecast=False,
-                               final_full_fraction=0.0)[0]
+                m = compat.call_node(node, model=model, preset=preset, period=2, units="", reuse=reuse,
+                                     forecast=False, final_full_fraction=0.0)[0]
             except ValueError as e:
                 msg = str(e)
                 assert msg.startswith("A-SDM Feature Inheritance: preset ") and " levels (" in msg, msg
@@ -121,8 +121,8 @@ def test_sdxl_presets_name_the_analogous_parts(models):
 
 
 def fi(N, model, preset, reuse):
-    return N["ASDMFeatureInheritance2"]().patch(model, preset=preset, period=3, units="", reuse=reuse,
-                                                  forecast=False, final_full_fraction=0.0)
+    return compat.call_node(N["ASDMFeatureInheritance2"], model=model, preset=preset, period=3, units="",
+                            reuse=reuse, forecast=False, final_full_fraction=0.0)
 
 
 def test_a_preset_that_would_replay_the_output_names_the_layout_and_a_fix(N, models):

@@ -45,7 +45,7 @@ def unet_dir(tmp_path_factory):
 
 
 def load_node(N, name, prediction="auto", **kw):
-    return N["ASDMLoadCompressedUNet"]().load(name, prediction, **kw)[0]
+    return compat.call_node(N["ASDMLoadCompressedUNet"], unet_name=name, prediction=prediction, **kw)[0]
 
 
 @pytest.fixture
@@ -314,8 +314,9 @@ def test_save_unet_round_trips_sdxl_family(N, sdxl, ssd1b, unet_dir, what):
         m = assembly.assemble(sdxl, ssd1b, "M2")
     else:
         m = family_model(what, 2)
-    res = N["ASDMSaveUNet"]().save(m, f"sdxl-{what}")
-    path = os.path.join(folder_paths.get_output_directory(), res["ui"]["text"][0])
+    # an output node: its result is what the page shows (NodeOutput.ui), which call_node leaves out
+    res = N["ASDMSaveUNet"].execute(model=m, filename_prefix=f"sdxl-{what}")
+    path = os.path.join(folder_paths.get_output_directory(), res.ui["text"][0])
     meta = safetensors.safe_open(path, "pt").metadata()
     assert json.loads(meta["asdm.layout"])["adm_in_channels"] == unet_files.SDXL_Y
     assert meta["asdm.prediction"] == "eps"
@@ -336,8 +337,9 @@ def test_v_prediction_with_zero_snr_round_trips_and_marks_the_file(N, unet_dir):
                                 str(unet_dir / "vega-plain.safetensors"))
     v = load_node(N, "vega-plain.safetensors", "v", zsnr=True)
     assert host_models.prediction(v) == "v" and host_models.zero_snr(v)
-    res = N["ASDMSaveUNet"]().save(v, "sdxl-vz")
-    path = os.path.join(folder_paths.get_output_directory(), res["ui"]["text"][0])
+    # an output node: its result is what the page shows (NodeOutput.ui), which call_node leaves out
+    res = N["ASDMSaveUNet"].execute(model=v, filename_prefix="sdxl-vz")
+    path = os.path.join(folder_paths.get_output_directory(), res.ui["text"][0])
     meta = safetensors.safe_open(path, "pt").metadata()
     assert (meta["asdm.prediction"], meta["asdm.zsnr"]) == ("v", "true")
     assert {"v_pred", "ztsnr"} <= set(safetensors.safe_open(path, "pt").keys())

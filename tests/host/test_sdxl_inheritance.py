@@ -32,9 +32,10 @@ def patch(N, model, preset=PRESET, units="", period=2, tail=0, mode=MODES[0]):
     """The node a user places (ASDMFeatureInheritance2); a ``tail`` of whole steps (patched units
     that never inherit) needs the earlier node, which takes a count."""
     if tail >= 1:
-        return N["ASDMFeatureInheritance"]().patch(model, preset, units, period, tail, *mode)[0]
-    return N["ASDMFeatureInheritance2"]().patch(model, preset=preset, period=period, units=units, reuse=mode[0],
-                                                  forecast=mode[1], final_full_fraction=tail)[0]
+        return compat.call_node(N["ASDMFeatureInheritance"], model=model, preset=preset, units=units,
+                                period=period, final_full_steps=tail, reuse=mode[0], forecast=mode[1])[0]
+    return compat.call_node(N["ASDMFeatureInheritance2"], model=model, preset=preset, period=period, units=units,
+                            reuse=mode[0], forecast=mode[1], final_full_fraction=tail)[0]
 
 
 def rel_err(a, b):
@@ -130,8 +131,8 @@ def test_inherits_inside_a_switch_with_an_sdxl_student(N, sdxl, xconds):
     SDXL): each model keeps its own patch within its range."""
     student = tm.sd_model(tm.TINY_SDXL["ssd-1b"], seed=3)
     fi = patch(N, sdxl, period=2, mode=("output", True))
-    sw = N["ASDMUNetSwitch"]().switch("steps", model_1=student, start_1=0.0, end_1=2.0,
-                                      model_2=fi, start_2=2.0, end_2=-1.0)[0]
+    sw = compat.call_node(N["ASDMUNetSwitch"], unit="steps", model_1=student, start_1=0.0, end_1=2.0, model_2=fi,
+                          start_2=2.0, end_2=-1.0)[0]
     ksample(sw, xconds, steps=6)
     modes = {s: m for s, m in holder_of(fi).last_run.calls}
     assert sorted(modes) == [2, 3, 4, 5]   # the student's steps do not reach it
@@ -141,7 +142,8 @@ def test_inherits_inside_a_switch_with_an_sdxl_student(N, sdxl, xconds):
 def test_controlnet_acts_on_inheriting_steps(N, sdxl, xconds):
     """A ControlNet for SDXL (the host's class, with SDXL's y embedding) reaches the image on
     inheriting steps of span-output EX3 through the computed shallow pair (dn0, up2)."""
-    cn = compat.call_node(N["ControlNetLoader"], control_net_name=tm.random_controlnet(dict(tm.TINY_SDXL["sdxl"])))[0]
+    cn = compat.call_node(N["ControlNetLoader"],
+                          control_net_name=tm.random_controlnet(dict(tm.TINY_SDXL["sdxl"])))[0]
     hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(1))
     pos, neg = xconds
     # it starts at 30 % of the schedule, so step 0 (the only full step: period 100) runs without it

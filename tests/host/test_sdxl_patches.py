@@ -6,7 +6,7 @@ import torch
 
 from conftest import ksample, unload_all
 from test_sdxl_inheritance import sdxl, xconds  # noqa: F401 (the same narrow SDXL UNet and conditioning)
-from asdm import condconv, gri, hooks, topology
+from asdm import compat, condconv, gri, hooks, topology
 
 REL_TOL = 1e-5   # batched against split UNet calls: float summation order only (test_gri.py)
 
@@ -18,7 +18,8 @@ def rel_err(a, b):
 
 
 def gri_patch(N, model, units="auto", window=4, pool=2, start=0.0, end=1.0):
-    return N["ASDMGRIAttention"]().patch(model, units, window, pool, start, end)[0]
+    return compat.call_node(N["ASDMGRIAttention"], model=model, units=units, window=window, pool=pool, start=start,
+                            end=end)[0]
 
 
 def test_gri_default_units_are_the_first_level_with_attention(N, sdxl):
@@ -59,7 +60,7 @@ def test_gri_refuses_units_the_layout_lacks(N, sdxl):
 def condconv_patch(N, model, **kw):
     args = dict(weights="none", units=condconv.DEFAULT_UNITS, experts=2, init="identity", seed=0)
     args.update(kw)
-    return N["ASDMMECondConv"]().patch(model, **args)[0]
+    return compat.call_node(N["ASDMMECondConv"], model=model, **args)[0]
 
 
 def test_condconv_on_sdxl_resnet_units(N, sdxl, xconds):

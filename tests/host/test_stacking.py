@@ -19,12 +19,13 @@ def rel_err(a, b):
 
 
 def fi(N, model, preset="CO6", period=2, tail=0.0, reuse="residual", forecast=False):
-    return N["ASDMFeatureInheritance"]().patch(model, preset, "", period, tail, reuse, forecast)[0]
+    return compat.call_node(N["ASDMFeatureInheritance"], model=model, preset=preset, units="", period=period,
+                            final_full_steps=tail, reuse=reuse, forecast=forecast)[0]
 
 
 def switch(N, m1, m2, boundary):
-    return N["ASDMUNetSwitch"]().switch("steps", model_1=m1, start_1=0.0, end_1=float(boundary),
-                                        model_2=m2, start_2=float(boundary), end_2=-1.0)[0]
+    return compat.call_node(N["ASDMUNetSwitch"], unit="steps", model_1=m1, start_1=0.0, end_1=float(boundary),
+                            model_2=m2, start_2=float(boundary), end_2=-1.0)[0]
 
 
 def test_inheritance_in_a_switch_range_with_easycache(N, conds):

@@ -4,6 +4,7 @@ import torch
 
 from conftest import holder_of, unload_all
 from sdxl_family import family_model, sdxl_conds
+from asdm import compat
 from asdm import hooks
 from asdm.switch import UNetSwitch
 
@@ -39,7 +40,7 @@ def switch(N, models, ends, unit="steps"):
     for i, (m, e) in enumerate(zip(models, ends), start=1):
         kw.update({f"model_{i}": m, f"start_{i}": float(start), f"end_{i}": float(e)})
         start = e
-    return N["ASDMUNetSwitch"]().switch(unit, **kw)[0]
+    return compat.call_node(N["ASDMUNetSwitch"], unit=unit, **kw)[0]
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
@@ -136,7 +137,8 @@ def test_lora_on_one_model_acts_only_in_its_range(N, models, conds768):
 def test_switch_stacks_with_feature_inheritance(N, models, conds768, reuse, forecast):
     sd, base = models
     preset = "CO6" if reuse == "residual" else "CO3"   # CO6 would replay the stored output in span-output reuse
-    fi = N["ASDMFeatureInheritance"]().patch(sd, preset, "", 2, 0, reuse, forecast)[0]
+    fi = compat.call_node(N["ASDMFeatureInheritance"], model=sd, preset=preset, units="", period=2,
+                          final_full_steps=0, reuse=reuse, forecast=forecast)[0]
     out = single(switch(N, [base, fi], [BOUNDARY, -1]), conds768)
     plain = single(switch(N, [base, sd], [BOUNDARY, -1]), conds768)
     assert not torch.equal(out, plain)
@@ -156,25 +158,26 @@ def test_switch_stacks_with_feature_inheritance(N, models, conds768, reuse, fore
 
 def test_switch_errors(N, models, conds768, sd2_tiny):
     sd, base = models
-    node = N["ASDMUNetSwitch"]()
+    node = N["ASDMUNetSwitch"]
     common = dict(model_1=base, model_2=sd)
     with pytest.raises(ValueError, match="overlap"):
-        node.switch("steps", **common, start_1=0.0, end_1=10.0, start_2=8.0, end_2=-1.0)
+        compat.call_node(node, unit="steps", **common, start_1=0.0, end_1=10.0, start_2=8.0, end_2=-1.0)
     with pytest.raises(ValueError, match="gap"):
-        node.switch("steps", **common, start_1=0.0, end_1=10.0, start_2=12.0, end_2=-1.0)
+        compat.call_node(node, unit="steps", **common, start_1=0.0, end_1=10.0, start_2=12.0, end_2=-1.0)
     with pytest.raises(ValueError, match="must start at 0"):
-        node.switch("steps", **common, start_1=2.0, end_1=10.0, start_2=10.0, end_2=-1.0)
+        compat.call_node(node, unit="steps", **common, start_1=2.0, end_1=10.0, start_2=10.0, end_2=-1.0)
     with pytest.raises(ValueError, match="whole steps"):
-        node.switch("steps", **common, start_1=0.0, end_1=2.5, start_2=2.5, end_2=-1.0)
+        compat.call_node(node, unit="steps", **common, start_1=0.0, end_1=2.5, start_2=2.5, end_2=-1.0)
     with pytest.raises(ValueError, match="within 0-1"):
-        node.switch("fraction", **common, start_1=0.0, end_1=10.0, start_2=10.0, end_2=-1.0)
+        compat.call_node(node, unit="fraction", **common, start_1=0.0, end_1=10.0, start_2=10.0, end_2=-1.0)
     v2 = sd2_tiny
     with pytest.raises(ValueError, match="model_2 does not match model_1: context width 1024 vs 768"):
-        node.switch("steps", model_1=base, model_2=v2, start_1=0.0, end_1=3.0, start_2=3.0, end_2=-1.0)
+        compat.call_node(node, unit="steps", model_1=base, model_2=v2, start_1=0.0, end_1=3.0, start_2=3.0,
+                         end_2=-1.0)
     with pytest.raises(ValueError, match="model_2 does not match model_1: latent format SDXL vs SD15"):
-        node.switch("steps", model_1=base, model_2=family_model("vega", 1), start_1=0.0, end_1=3.0, start_2=3.0,
-                    end_2=-1.0)
-    short = node.switch("steps", **common, start_1=0.0, end_1=3.0, start_2=3.0, end_2=5.0)[0]
+        compat.call_node(node, unit="steps", model_1=base, model_2=family_model("vega", 1), start_1=0.0, end_1=3.0,
+                         start_2=3.0, end_2=-1.0)
+    short = compat.call_node(node, unit="steps", **common, start_1=0.0, end_1=3.0, start_2=3.0, end_2=5.0)[0]
     with pytest.raises(ValueError, match="step 5 of a 8-step schedule is in no range"):
         single(short, conds768)
     unload_all()

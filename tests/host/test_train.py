@@ -36,7 +36,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(trainer_files, N, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the checkpoint is a UNet file the loader node reads, and it samples
     with model_folder(compat.unet_folder(), tmp_path / "full"):
-        m = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
+        m = compat.call_node(N["ASDMLoadCompressedUNet"], unet_name="unet.safetensors", prediction="auto")[0]
     out = ksample(m, (tm.conditioning(768, 1), tm.conditioning(768, 2)), steps=3)
     assert torch.isfinite(out).all()
 
@@ -72,8 +72,9 @@ def test_condconv_student_trains_its_experts_and_the_node_loads_them(trainer_fil
     trained = safetensors.torch.load_file(res["experts"])
     assert any(k.endswith(".experts") and v.abs().max() > 0 for k, v in trained.items())   # moved off zero
     with model_folder(compat.unet_folder(), tmp_path / "cc"), model_folder("asdm_condconv", tmp_path / "cc"):
-        unet = N["ASDMLoadCompressedUNet"]().load("unet.safetensors", "auto")[0]
-        m = N["ASDMMECondConv"]().patch(unet, "condconv.safetensors", condconv.DEFAULT_UNITS, 2, "identity", 0)[0]
+        unet = compat.call_node(N["ASDMLoadCompressedUNet"], unet_name="unet.safetensors", prediction="auto")[0]
+        m = compat.call_node(N["ASDMMECondConv"], model=unet, weights="condconv.safetensors",
+                             units=condconv.DEFAULT_UNITS, experts=2, init="identity", seed=0)[0]
     conds = (tm.conditioning(768, 1), tm.conditioning(768, 2))
     assert not torch.equal(ksample(m, conds, steps=3), ksample(unet, conds, steps=3))
     # train_unet = false: the experts move, the UNet is the layout it started from bit for bit

@@ -91,13 +91,13 @@ def made(monkeypatch):
     out: dict = {}
     for node_id in ("ASDMFeatureInheritance2", "ASDMAutoCache"):
         cls = nodes.NODE_CLASS_MAPPINGS[node_id]
-        func = getattr(cls, cls.FUNCTION)
+        func = cls.execute.__func__   # a V3 node: the executor calls its classmethod execute
 
-        def recording(self, *a, _func=func, _id=node_id, **k):
-            res = _func(self, *a, **k)
-            out.setdefault(_id, []).append(res[0])
+        def recording(c, *a, _func=func, _id=node_id, **k):
+            res = _func(c, *a, **k)
+            out.setdefault(_id, []).append(res.args[0])
             return res
-        monkeypatch.setattr(cls, cls.FUNCTION, recording)
+        monkeypatch.setattr(cls, "execute", classmethod(recording))
     return out
 
 
