@@ -353,7 +353,6 @@ def zero_terminal_snr(model) -> None:
     ``sampling_settings["zsnr"]`` (what its loader does for a file with a 'ztsnr' key, and its
     ModelSamplingDiscrete node with zsnr on)."""
     import comfy.model_base   # late: the host's modules exist once it runs (compat.start_host)
-    import comfy.model_sampling
     # also how the MODEL is seen to use it; a copy, since hosts declare sampling_settings on the
     # model config's class, where setting a key would give every later model of that class zsnr
     model.model_config.sampling_settings = dict(model.model_config.sampling_settings, zsnr=True)

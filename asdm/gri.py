@@ -301,11 +301,13 @@ def attention_flops(grid: tuple[int, int], window: int, pool: int, inner: int, b
 # The host's attention, called as the unpatched CrossAttention calls it
 # ---------------------------------------------------------------------------------------------
 
-def host_attention(q, k, v, extra_options: dict):
+def host_attention(q, k, v, extra_options: dict, preferred=None):
     """What the host's CrossAttention computes from q, k, v (bit-exact): its module-level
     ``optimized_attention`` (read at call time, as CrossAttention does), with the keyword
-    arguments that host passes (current ComfyUI: attn_precision and transformer_options, whose
-    optimized_attention_override it honours; the early host: none)."""
+    arguments that host passes: attn_precision and transformer_options (whose
+    optimized_attention_override it honours), and, on hosts whose layers carry their own
+    attention preference (``comfy_attention``), that layer's as ``preferred_attention``: the
+    patch's ``extra_options`` do not carry it, so the site found it on the module."""
     import comfy.ldm.modules.attention as attention   # late: the host's modules exist once it runs (compat.start_host)
     fn = attention.optimized_attention
     kwargs = {}
@@ -314,6 +316,8 @@ def host_attention(q, k, v, extra_options: dict):
         kwargs["attn_precision"] = extra_options.get("attn_precision")
     if "transformer_options" in params or "kwargs" in params:
         kwargs["transformer_options"] = extra_options
+    if preferred is not None:
+        kwargs["preferred_attention"] = preferred
     return fn(q, k, v, extra_options["n_heads"], **kwargs)
 
 
@@ -423,13 +427,15 @@ class Site:
     transformer_index: int
     order: int    # position among all chosen transformer blocks, in forward order
     level: int
+    preferred: object = None   # the layer's own attention preference (newer hosts: attn1.comfy_attention)
 
 
 def sites(unet: torch.nn.Module, topo: Topology, units: list[Unit]) -> list[Site]:
     out = []
     for u in units:
         for ti in range(len(unet.get_submodule(u.path).transformer_blocks)):
-            out.append(Site(u, ti, len(out), level_of(topo, u.block)))
+            attn1 = unet.get_submodule(u.path).transformer_blocks[ti].attn1
+            out.append(Site(u, ti, len(out), level_of(topo, u.block), getattr(attn1, "comfy_attention", None)))
     return out
 
 
@@ -502,7 +508,9 @@ class GRIHolder(hooks.Holder):
                     state.run.exact += 1
                 if not _fits(q, k, v, grid):
                     holder._fell_back(site, state)
-            return inner(q, k, v, extra_options) if inner is not None else host_attention(q, k, v, extra_options)
+            if inner is not None:
+                return inner(q, k, v, extra_options)
+            return host_attention(q, k, v, extra_options, site.preferred)
 
         return patch
 

@@ -11,6 +11,7 @@ from conftest import ksample, unload_all
 from asdm import compat
 from asdm import condconv
 from asdm import gri
+from asdm import topology
 from asdm.harness import models as tm
 from asdm.training import distill
 from references import full_attention, qkv
@@ -57,6 +58,29 @@ def test_region_covering_the_grid_is_full_attention():
     site = gri.Site(gri.Unit("dn0.0.A", "input_blocks.1.1", "A", "dn0"), 0, 0, 0)
     extra = {"n_heads": 2, "dim_head": 4, "attn_precision": None, "original_shape": [2, 4, 6, 5]}
     assert torch.equal(holder.attn1_patch(site, None)(q, k, v, extra), gri.host_attention(q, k, v, extra))
+
+
+def test_a_layers_own_attention_preference_reaches_the_hosts_attention(tiny, monkeypatch):
+    """Newer hosts give each CrossAttention its own attention preference (``comfy_attention``),
+    which CrossAttention passes as ``preferred_attention``; a replace patch's extra options do not
+    carry it, so where GRI computes the host's attention it passes the layer's own. (The tested
+    hosts have none: the preference is put on the module here.)"""
+    import comfy.ldm.modules.attention as attention
+    unet = tiny.model.diffusion_model
+    marker = object()
+    attn1 = unet.get_submodule("input_blocks.1.1").transformer_blocks[0].attn1
+    monkeypatch.setattr(attn1, "comfy_attention", marker, raising=False)
+    topo = topology.describe(unet)
+    site = gri.sites(unet, topo, gri.resolve_units(topo, "dn0.0.A"))[0]
+    seen = []
+    monkeypatch.setattr(attention, "optimized_attention",
+                        lambda q, k, v, heads, **kw: seen.append(kw.get("preferred_attention")) or q)
+    holder = gri.GRIHolder(gri.Settings(4, 2, 0.5, 1.0), [site], "test")   # step 0 is outside the range
+    holder.call = gri.CallState(False, 0, None)
+    q, k, v = qkv(1, 16, 8)
+    holder.attn1_patch(site, None)(q, k, v, {"n_heads": 2, "dim_head": 4, "attn_precision": None})
+    holder.call = None
+    assert seen == [marker]
 
 
 # ---------------------------------------------------------------------------------------------
