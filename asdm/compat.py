@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from .errors import HostModelError
+
 log = logging.getLogger("A-SDM")
 
 STEP_KEY = "asdm_step_tracking"
@@ -207,11 +209,25 @@ def bare_unet_call(base_model, x, t, c: dict):
     return base_model._apply_model(x, t, **c)
 
 
-def add_unet_wrapper(model, key: str, fn) -> None:
+def add_unet_wrapper(model, key: str, fn, patched: bool = False) -> None:
+    """Runs ``fn`` around every UNet call of ``model``. ``patched``: ``fn`` belongs to patches made
+    for this model's modules (object and attention patches). Newer hosts may rebuild a MODEL's
+    model object after the pack patched it (multi-GPU work units deep-clone it per device;
+    dynamic VRAM makes a new one for torch.compile or hooked conditioning) and copy the object
+    patches onto it by name, while the pack's patches still call the modules of the model they
+    were made for; the executor's ``class_obj`` (the model being called) tells, and such a call
+    is refused with what to change, never computed with the other model's modules."""
     pe = _pe()
+    built_on = model.model if patched else None
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
                 transformer_options={}, **kwargs):
+        if built_on is not None and getattr(executor, "class_obj", built_on) is not built_on:
+            raise HostModelError(
+                "A-SDM: ComfyUI rebuilt this MODEL after an A-SDM node patched it (multi-GPU work units, "
+                "or torch.compile / hooked conditioning with dynamic VRAM), and the A-SDM patches act on "
+                "the model they were made for; sample it on one GPU without those nodes, or start ComfyUI "
+                "with --disable-dynamic-vram")
         c = dict(kwargs, c_concat=c_concat, c_crossattn=c_crossattn, control=control,
                  transformer_options=transformer_options)
         return fn(_KeyedCall(executor, wrapper, transformer_options), x, t, c)

@@ -62,3 +62,7 @@ class EmbeddedModelError(ASDMError):
 
 class AutoCacheError(ASDMError):
     """Auto Cache settings (``autocache``)."""
+
+
+class HostModelError(ASDMError):
+    """A MODEL the host rebuilt after the pack patched it (hooks: compat's UNet call wrapper)."""

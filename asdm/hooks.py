@@ -124,7 +124,7 @@ def attach(model, holder: Holder) -> None:
     (stacked with every other wrapper: this pack's, the host's, other packs'), and the holder
     itself where ``holder_of`` finds it."""
     compat.add_step_tracking(model, holder)
-    compat.add_unet_wrapper(model, holder.KEY, holder.unet_call)
+    compat.add_unet_wrapper(model, holder.KEY, holder.unet_call, patched=True)
     model.model_options.setdefault("transformer_options", {})[holder.KEY] = holder
 
 

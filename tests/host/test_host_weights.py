@@ -256,3 +256,20 @@ def test_unet_calls_on_another_thread_keep_their_step(N, tiny, conds):
         assert torch.equal(here, there) and holder_of(q).last_run.calls == calls, sampler
     assert threading.get_ident() not in threads and threads
     pool.shutdown()
+
+
+def test_a_model_the_host_rebuilt_after_patching_is_refused_with_the_fix(N, tiny, conds):
+    """Newer hosts rebuild a MODEL's model object for multi-GPU work units and for torch.compile
+    on dynamic VRAM, copying object patches by name; the patches still call the original
+    modules, so such a run stops with what to change instead of computing wrongly. (Rebuilt here
+    as those hosts do it: a clone whose model is a new object.)"""
+    import copy
+    p = MODEL_NODES["ASDMFeatureInheritance2"](N, tiny)
+    rebuilt = p.clone()
+    rebuilt.model = copy.deepcopy(p.model)
+    with pytest.raises(ValueError, match="rebuilt this MODEL"):
+        ksample(rebuilt, conds, steps=4)
+    unload_all()
+    plain = tiny.clone()
+    plain.model = copy.deepcopy(tiny.model)   # no A-SDM patch: nothing to refuse
+    assert torch.equal(ksample(plain, conds, steps=4), ksample(tiny, conds, steps=4))
