@@ -38,7 +38,12 @@ SHOTS = os.path.abspath(os.environ.get("ASDM_SCREENSHOTS") or os.path.join(
 THUMBS = os.path.abspath(os.environ.get("ASDM_THUMBNAILS") or os.path.join(SHOTS, "thumbnails"))
 THUMB_WIDTH = 512   # the template card is 256 px wide; twice that for high-density screens
 WORKFLOWS = graphs.bundled()
-CURRENT_FRONT_END = os.environ.get("ASDM_HOST_KIND") != "early"
+# The host's own front end, and the newest comfyui-frontend-package (what users of current ComfyUI
+# get; scripts/setup_browser.sh installs it into the cache), served with --front-end-root.
+NEWEST_FRONT_END = os.environ.get("ASDM_NEWEST_FRONT_END") or os.path.join(
+    os.environ.get("ASDM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "asdm-comfyui"),
+    "frontend-1.58.1", "comfyui_frontend_package", "static")
+FRONT_ENDS = ["host", "newest"]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -54,9 +59,12 @@ def get_json(url, timeout=10):
         return json.load(r)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """ComfyUI's own main.py on 127.0.0.1, the pack in a custom_nodes folder of its own."""
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def server(request, tmp_path_factory):
+    """ComfyUI's own main.py on 127.0.0.1, the pack in a custom_nodes folder of its own, serving
+    the host's front end or the newest one."""
+    if request.param == "newest" and not os.path.isfile(os.path.join(NEWEST_FRONT_END, "index.html")):
+        pytest.skip(f"the newest front end is not installed at {NEWEST_FRONT_END} (scripts/setup_browser.sh)")
     ckpt, unet = tm.random_sd15_checkpoint(), tm.random_bksdm_unet("base")
     work = tmp_path_factory.mktemp("comfy-server")
     os.makedirs(work / "custom_nodes")
@@ -80,6 +88,8 @@ def server(tmp_path_factory):
            "--disable-auto-launch", "--extra-model-paths-config", str(work / "paths.yaml"),
            "--output-directory", str(work / "output"), "--input-directory", str(work / "input"),
            "--temp-directory", str(work)]
+    if request.param == "newest":
+        cmd += ["--front-end-root", NEWEST_FRONT_END]
     cmd[1] = os.path.join(compat.host_path(), "main.py")
     proc = subprocess.Popen(cmd, cwd=work / "cwd", stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -96,7 +106,9 @@ def server(tmp_path_factory):
                 if time.time() > deadline:
                     raise RuntimeError("ComfyUI did not answer within 180 s:\n" + (work / "server.log").read_text()[-3000:])
                 time.sleep(1)
-        yield {"url": url, "ckpt": ckpt, "unet": unet, "log": work / "server.log"}
+        shots = SHOTS if request.param == "host" else os.path.join(SHOTS, "newest-front-end")
+        yield {"url": url, "ckpt": ckpt, "unet": unet, "log": work / "server.log", "shots": shots,
+               "front_end": request.param}
     finally:
         proc.terminate()
         try:
@@ -111,7 +123,7 @@ def server(tmp_path_factory):
 
 def close_dialogs(pg):
     """The current front end opens its template browser over the canvas on the first visit
-    (it may appear a moment after the page is ready); Escape closes it. The early one has none."""
+    (it may appear a moment after the page is ready); Escape closes it."""
     for _ in range(10):
         pg.wait_for_timeout(500)
         if pg.locator(".p-dialog-mask").count() == 0:
@@ -191,11 +203,9 @@ def test_new_nodes_show_their_widgets_with_defaults(page, object_info):
             default = opts["default"] if "default" in opts else (listed[0] if listed else None)
             want.append([w, default])
         assert got == want, name
-        # the inputs a typical user does not change reach the widgets as advanced (the early
-        # front end has no such flag; 0.3.64's keeps it in the widget's options but still draws
-        # the widget: folding came to the front end later)
-        if CURRENT_FRONT_END:
-            assert advanced == [bool((info["input"].get("required", {}).get(w) or info["input"]["optional"][w])[1].get("advanced"))
+        # the inputs a typical user does not change reach the widgets as advanced (0.3.64's front
+        # end keeps it in the widget's options but still draws the widget: folding came later)
+        assert advanced == [bool((info["input"].get("required", {}).get(w) or info["input"]["optional"][w])[1].get("advanced"))
                                 for w in widget_inputs(info)], name
 
 
@@ -223,7 +233,7 @@ def test_example_graph_loads_renders_and_runs(page, server, object_info, name):
     notes = [n for n in loaded["nodes"] if n["type"] == graphs.NOTE]
     assert [[w[1] for w in n["widgets"]] for n in notes] == [[graphs.NOTES[name]]]
     loaded["nodes"] = [n for n in loaded["nodes"] if n["type"] != graphs.NOTE]
-    assert sorted(n["id"] for n in loaded["nodes"]) == sorted(int(k) for k in api)
+    assert sorted(int(n["id"]) for n in loaded["nodes"]) == sorted(int(k) for k in api)   # newer front ends: string ids
     for n in loaded["nodes"]:
         inputs = api[str(n["id"])]["inputs"]
         info = object_info[n["type"]]
@@ -236,9 +246,10 @@ def test_example_graph_loads_renders_and_runs(page, server, object_info, name):
         for wname, value in n["widgets"]:
             if wname in inputs:
                 assert value == inputs[wname], (n["type"], wname, value, inputs[wname])
-    os.makedirs(SHOTS, exist_ok=True)
-    page.screenshot(path=os.path.join(SHOTS, name.replace(".json", ".png")))
-    save_thumbnail(page, loaded["clip"], os.path.join(THUMBS, name.replace(".json", ".jpg")))
+    os.makedirs(server["shots"], exist_ok=True)
+    page.screenshot(path=os.path.join(server["shots"], name.replace(".json", ".png")))
+    if server["front_end"] == "host":   # the bundled thumbnails are the host front end's
+        save_thumbnail(page, loaded["clip"], os.path.join(THUMBS, name.replace(".json", ".jpg")))
 
     # Queue it from the page, shrunk to what this CPU runs quickly, on the project-made models.
     # The SDXL graphs queue on the SD1.5 ones (SDXL through the checkpoint, BK-SDM Base in SSD-1B's
@@ -334,11 +345,7 @@ def test_saved_graphs_keep_their_settings(page, case):
     shown = {k: v for k, v in got["widgets"].items() if k != "control_after_generate"}
     assert shown == want, case
     if node_type == "ASDMMECondConv":
-        # its seed is not a sampling seed: the current front end adds no randomize widget; the
-        # early front end adds one to any input named seed whatever the node says
-        if CURRENT_FRONT_END:
-            assert "control_after_generate" not in got["widgets"]
-        else:
-            assert "control_after_generate" in got["widgets"]
+        # its seed is not a sampling seed: the front end adds no randomize widget
+        assert "control_after_generate" not in got["widgets"]
     if node_type == "ASDMUNetSwitch":
         assert got["edited"] == 0.4 and got["precision"] >= 1, got
