@@ -353,10 +353,22 @@ def ensure_loaded(patcher) -> None:
     import comfy.model_management as mm   # late: the host's modules exist once it runs (compat.start_host)
     for lm in mm.current_loaded_models:
         m = lm.model
-        if m is patcher or (m is not None and m.is_clone(patcher) and m.clone_has_same_weights(patcher)
-                            and m.object_patches == patcher.object_patches):
+        if m is patcher or (m is not None and _same_weights(m, patcher) and m.object_patches == patcher.object_patches):
             return
     mm.load_models_gpu([patcher])
+
+
+def _same_weights(m, patcher) -> bool:
+    """The loaded clone ``m`` computes with ``patcher``'s weights: the host's
+    ``clone_has_same_weights``, or the same model with the same weight patches where that check
+    fails only on what does not touch weights: it also compares wrappers, callbacks and the models
+    loaded beside, which a switch MODEL has and its first model lacks. (Reloading that first model
+    there made 0.3.64 apply a LoRA twice to layers it had loaded partially: patched in place and
+    patched again at cast.)"""
+    if m.clone_has_same_weights(patcher):
+        return True
+    same_patches = m.patches_uuid == patcher.patches_uuid or (not m.patches and not patcher.patches)
+    return m.is_clone(patcher) and same_patches and not m.hook_patches and not patcher.hook_patches
 
 
 # ---------------------------------------------------------------------------------------------

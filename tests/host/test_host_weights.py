@@ -90,20 +90,7 @@ MODEL_NODES = {
 }
 
 
-def _host_version() -> str:
-    import comfyui_version
-    return comfyui_version.__version__
-
-
-# Known gap on 0.3.64 only, kept visible: a switch whose first model carries a LoRA samples
-# differently when that host loads it partially (the other ranges' LoRAs act alike both ways);
-# on 0.3.75 it samples alike, so the difference lies in 0.3.64's loading of a clone's patches.
-KNOWN = {"ASDMUNetSwitch": "0.3.64: a LoRA on the switch's first model acts differently partially loaded"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    condition=_host_version() == "0.3.64", reason=KNOWN[n], strict=True)) if n in KNOWN else n
-    for n in sorted(MODEL_NODES)])
+@pytest.mark.parametrize("name", sorted(MODEL_NODES))
 def test_a_partially_loaded_lora_model_samples_as_fully_loaded(N, tiny, conds, name):
     """The node's MODEL with a LoRA under it (and, for the patch nodes, over it), loaded partially
     and fully: the same samples, bit for bit, and the LoRA acts."""
