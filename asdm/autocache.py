@@ -941,6 +941,6 @@ def patch_model(model, holder: AutoCacheHolder):
     unet = model.model.diffusion_model
     for path in holder.roles:
         key = f"diffusion_model.{path}.forward"
-        m.add_object_patch(key, holder.atom_forward(path, m.object_patches.get(key, unet.get_submodule(path).forward)))
+        m.add_object_patch(key, holder.atom_forward(path, m.get_model_object(key)))
     hooks.attach(m, holder)
     return m

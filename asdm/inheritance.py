@@ -533,7 +533,9 @@ def apply_inheritance(model, preset: str, units: str, period: int, tail: float, 
              8 * reference_latent(unet))
     for path, make in patched:
         key = f"diffusion_model.{path}.forward"
-        m.add_object_patch(key, make(m.object_patches.get(key, unet.get_submodule(path).forward)))
+        # what this MODEL runs there, as the host gives it: its own earlier patch, else the
+        # module's own forward (the host's backup of it while the model is patched)
+        m.add_object_patch(key, make(m.get_model_object(key)))
     hooks.attach(m, holder)
     return m
 

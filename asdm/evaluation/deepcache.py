@@ -96,7 +96,7 @@ def apply_deepcache(model, depth: int, interval: int):
     children = [f"{seq}.{k}" for seq in deep for k in range(len(unet.get_submodule(seq)))]
     for path in children:
         key = f"diffusion_model.{path}.forward"
-        inner = m.object_patches.get(key, unet.get_submodule(path).forward)
+        inner = m.get_model_object(key)
         last = path == children[-1]   # the last child of output_blocks[N-2-depth]: the junction
         m.add_object_patch(key, holder.junction(inner) if last else holder.skipped(path, inner))
     hooks.attach(m, holder)

@@ -251,12 +251,18 @@ def test_a_model_the_host_rebuilt_after_patching_is_refused_with_the_fix(N, tiny
     modules, so such a run stops with what to change instead of computing wrongly. (Rebuilt here
     as those hosts do it: a clone whose model is a new object.)"""
     import copy
-    p = MODEL_NODES["ASDMFeatureInheritance2"](N, tiny)
-    rebuilt = p.clone()
-    rebuilt.model = copy.deepcopy(p.model)
-    with pytest.raises(ValueError, match="rebuilt this MODEL"):
-        ksample(rebuilt, conds, steps=4)
+    own = tm.sd_model(seed=0)   # its own model: the clones below share the host's per-model state with it
     unload_all()
-    plain = tiny.clone()
-    plain.model = copy.deepcopy(tiny.model)   # no A-SDM patch: nothing to refuse
-    assert torch.equal(ksample(plain, conds, steps=4), ksample(tiny, conds, steps=4))
+
+    def rebuild(m):
+        out = m.clone()
+        out.model = copy.deepcopy(m.model)
+        out.object_patches_backup = {}   # the rebuilt model's own (clones share the dict)
+        return out
+
+    p = MODEL_NODES["ASDMFeatureInheritance2"](N, own)
+    with pytest.raises(ValueError, match="rebuilt this MODEL"):
+        ksample(rebuild(p), conds, steps=4)
+    unload_all()
+    assert torch.equal(ksample(rebuild(own), conds, steps=4), ksample(own, conds, steps=4))   # no A-SDM patch
+    unload_all()

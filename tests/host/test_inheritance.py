@@ -274,3 +274,4 @@ def test_final_full_steps_hold_for_every_sampler_of_the_host(N, tiny, conds):
                 or not any(modes[s] == {"inherit"} for s in steps):
             failures.append((name, run.total, "".join("I" if modes[s] == {"inherit"} else "F" for s in steps)))
     assert not failures
+
