@@ -938,7 +938,6 @@ def apply_auto_cache(model, speed: float, start_percent: float = 0.0, end_percen
 def patch_model(model, holder: AutoCacheHolder):
     """A clone of ``model`` with ``holder``'s atom forwards (object patches) and hooks."""
     m = model.clone()
-    unet = model.model.diffusion_model
     for path in holder.roles:
         key = f"diffusion_model.{path}.forward"
         m.add_object_patch(key, holder.atom_forward(path, m.get_model_object(key)))
